@@ -1,0 +1,125 @@
+"""The `aio` block: settings of the async-IO engine."""
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from infinity.config._values import Problems, as_bool, as_count, did_you_mean
+from infinity.errors import ConfigError
+
+log = logging.getLogger("infinity.config")
+
+DIRECT_ALIGNMENT = 4096
+# Older or tool-written spellings of intra_op_parallelism: the Transformers guide writes
+# thread_count; DeepSpeed's own NVMe tuner prints num_threads (which DeepSpeed then ignores).
+THREAD_ALIASES = ("thread_count", "num_threads")
+
+
+class Backend(enum.Enum):
+    """Which engine moves the bytes."""
+
+    AUTO = "auto"  # libaio when it loads and nvme_path takes O_DIRECT, else posix (with a warning)
+    LIBAIO = "libaio"
+    POSIX = "posix"  # thread pool over preadv/pwritev through the page cache
+
+
+@dataclass(frozen=True)
+class AioConfig:
+    """Settings of one async-IO handle, validated on construction."""
+
+    block_size: int = 1048576
+    queue_depth: int = 8
+    intra_op_parallelism: int = 1
+    single_submit: bool = False
+    overlap_events: bool = True
+    use_gds: bool = False
+    backend: Backend = Backend.AUTO
+
+    def __post_init__(self) -> None:
+        problems = Problems()
+        check_values(self, problems, "aio")
+        if problems:
+            raise ConfigError(problems.items, source="aio")
+
+    @property
+    def thread_count(self) -> int:
+        return self.intra_op_parallelism
+
+    def to_dict(self) -> dict[str, Any]:
+        """The block as DeepSpeed's config takes it (backend only when not auto)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("backend", "use_gds")}
+        if self.backend is not Backend.AUTO:
+            out["backend"] = self.backend.value
+        return out
+
+    @classmethod
+    def from_dict(cls, block: Mapping[str, Any], prefix: str = "aio") -> "AioConfig":
+        problems = Problems()
+        config = parse_aio(block, problems, prefix)
+        if problems or config is None:
+            raise ConfigError(problems.items, source=prefix)
+        return config
+
+
+def check_values(cfg: AioConfig, problems: Problems, prefix: str) -> None:
+    bs = cfg.block_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0 or bs % DIRECT_ALIGNMENT:
+        problems.add(f"{prefix}.block_size", f"must be a positive multiple of {DIRECT_ALIGNMENT}, got {bs!r}",
+                     "use a size such as 262144 (256K) or 1048576 (1M)")
+    for name, value in (("queue_depth", cfg.queue_depth), ("intra_op_parallelism", cfg.intra_op_parallelism)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.add(f"{prefix}.{name}", f"must be an integer of at least 1, got {value!r}",
+                         f"set {prefix}.{name} to 1 or more")
+    if not isinstance(cfg.backend, Backend):
+        problems.add(f"{prefix}.backend", f"must be a Backend, got {cfg.backend!r}",
+                     f"one of {', '.join(b.value for b in Backend)}")
+    if cfg.use_gds:
+        problems.add(f"{prefix}.use_gds", "GPUDirect Storage is not supported by infinity",
+                     f"set {prefix}.use_gds to false")
+
+
+def parse_aio(block: Mapping[str, Any], problems: Problems, prefix: str = "aio") -> AioConfig | None:
+    """Reads an `aio` block, adding every problem found to `problems`."""
+    if not isinstance(block, Mapping):
+        problems.add(prefix, f"must be an object, got {type(block).__name__}", "write it as {...}")
+        return None
+    known = [f.name for f in fields(AioConfig)]
+    values: dict[str, Any] = {}
+    for key, value in block.items():
+        path = f"{prefix}.{key}"
+        name = key
+        if key in THREAD_ALIASES:
+            log.warning("%s is the older name of %s.intra_op_parallelism; it was taken as that", path, prefix)
+            if "intra_op_parallelism" in block or any(a in block for a in THREAD_ALIASES if a != key):
+                problems.add(path, "given together with another spelling of intra_op_parallelism",
+                             "keep only intra_op_parallelism")
+                continue
+            name = "intra_op_parallelism"
+        if name not in known:
+            problems.add(path, "unknown key", did_you_mean(key, known + list(THREAD_ALIASES)))
+            continue
+        parsed = _parse_field(name, value, path, problems)
+        if parsed is not None:
+            values[name] = parsed
+    if problems:
+        return None
+    try:
+        return AioConfig(**values)
+    except ConfigError as err:
+        problems.items.extend(err.problems)
+        return None
+
+
+def _parse_field(name: str, value: Any, path: str, problems: Problems) -> Any:
+    if name in ("single_submit", "overlap_events", "use_gds"):
+        return as_bool(value, path, problems)
+    if name == "backend":
+        try:
+            return Backend(str(value).lower())
+        except ValueError:
+            problems.add(path, f"unknown backend {value!r}", f"one of {', '.join(b.value for b in Backend)}")
+            return None
+    # Ranges are checked once, by AioConfig itself.
+    return as_count(value, path, problems)

@@ -1,0 +1,94 @@
+"""infinity's error types.  Each carries the context a user needs to act: the key,
+path, offset or size involved and the setting to change."""
+from __future__ import annotations
+
+import errno as _errno
+import os
+from dataclasses import dataclass
+
+
+class InfinityError(Exception):
+    """Base of every error infinity raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a configuration: where, what, and how to fix it."""
+
+    key: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" + (f" ({self.fix})" if self.fix else "")
+
+
+class ConfigError(InfinityError, ValueError):
+    """A configuration, or a command-line setting, is wrong.  Lists every problem at once."""
+
+    def __init__(self, problems: list[Problem] | tuple[Problem, ...], source: str = "config"):
+        self.problems = tuple(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(p.key for p in self.problems)
+
+
+class NvmePathError(ConfigError):
+    """nvme_path is missing, not a folder, not writable, or on a file system that cannot serve it."""
+
+    def __init__(self, path: str, message: str, fix: str, key: str = "nvme_path"):
+        self.path = path
+        super().__init__([Problem(key, f"{path!r} {message}", fix)], source=key)
+
+
+class CapacityError(InfinityError):
+    """Not enough room on a tier (disk, host memory, buffers) for what was asked."""
+
+    def __init__(self, what: str, needed: int, available: int, fix: str):
+        self.needed, self.available = needed, available
+        super().__init__(f"{what}: needs {needed} bytes, {available} available; {fix}")
+
+
+class NativeUnavailable(InfinityError, ImportError):
+    """The native libaio engine cannot be loaded here; says why and how to get it."""
+
+
+class AioError(InfinityError, OSError):
+    """An I/O operation failed.  Carries errno, operation, path, offset and size."""
+
+    def __init__(self, err: int, op: str, path: str, offset: int, nbytes: int, detail: str = "", fix: str = ""):
+        self.op, self.path, self.offset, self.nbytes, self.fix = op, path, offset, nbytes, fix
+        name = _errno.errorcode.get(err, str(err))
+        message = f"{op} of {nbytes} bytes at offset {offset} of {path} failed: {os.strerror(err)} ({name})"
+        message += (f"; {detail}" if detail else "") + (f"; {fix}" if fix else "")
+        OSError.__init__(self, err, message, path)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ShortTransferError(AioError):
+    """A read or write moved fewer bytes than asked (for reads: past the end of the file)."""
+
+    def __init__(self, op: str, path: str, offset: int, nbytes: int, expected: int, actual: int, fix: str = ""):
+        self.expected, self.actual = expected, actual
+        detail = f"short {op}: expected {expected} bytes, got {actual} at file offset {offset}"
+        super().__init__(_errno.EIO, op, path, offset, nbytes, detail, fix)
+
+
+class AlignmentError(AioError):
+    """O_DIRECT was required but the buffer address or file offset is not aligned."""
+
+    def __init__(self, op: str, path: str, offset: int, nbytes: int, address: int, alignment: int):
+        self.address, self.alignment = address, alignment
+        detail = (f"O_DIRECT needs buffer address and file offset aligned to {alignment} bytes; "
+                  f"buffer is at 0x{address:x} (address % {alignment} = {address % alignment}), "
+                  f"offset % {alignment} = {offset % alignment}")
+        fix = ("allocate the buffer with infinity.memory.HostBuffer (aligned), use an aligned offset, "
+               "or open the handle with direct=DirectPolicy.AUTO to let unaligned transfers use the page cache")
+        super().__init__(_errno.EINVAL, op, path, offset, nbytes, detail, fix)

@@ -1,0 +1,90 @@
+"""Files opened for the engine: an O_DIRECT descriptor for the aligned body and a
+buffered one for unaligned tails, on the same file."""
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from infinity.errors import AioError, NvmePathError
+from infinity.io.align import logical_block_size
+
+log = logging.getLogger("infinity.io")
+
+FILE_MODE = 0o600  # swap and benchmark files are private to the run's user
+
+
+class Access(enum.Enum):
+    READ = os.O_RDONLY
+    WRITE = os.O_WRONLY | os.O_CREAT  # never truncates: callers write extents of a file
+    READ_WRITE = os.O_RDWR | os.O_CREAT
+
+
+@dataclass
+class AioFile:
+    """An open file: direct_fd is -1 where the file system refuses O_DIRECT."""
+
+    path: str
+    access: Access
+    buffered_fd: int
+    direct_fd: int
+    alignment: int
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fd in (self.direct_fd, self.buffered_fd):
+            if fd >= 0:
+                os.close(fd)
+
+    def size(self) -> int:
+        return os.fstat(self.buffered_fd).st_size
+
+    def __enter__(self) -> "AioFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def open_file(path: str | os.PathLike[str], access: Access = Access.READ_WRITE) -> AioFile:
+    """Opens path twice: buffered, and with O_DIRECT where the file system allows it."""
+    path = os.fspath(path)
+    try:
+        buffered = os.open(path, access.value | os.O_CLOEXEC, FILE_MODE)
+    except OSError as err:
+        fix = "check the path; reads need an existing file" if err.errno == errno.ENOENT else ""
+        raise AioError(err.errno or errno.EIO, "open", path, 0, 0, fix=fix) from None
+    try:
+        direct = os.open(path, (access.value & ~os.O_CREAT) | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            os.close(buffered)
+            raise AioError(err.errno or errno.EIO, "open (O_DIRECT)", path, 0, 0) from None
+        direct = -1
+    return AioFile(path, access, buffered, direct, logical_block_size(path))
+
+
+def direct_io_refusal(folder: str | os.PathLike[str]) -> str | None:
+    """None when files in folder take O_DIRECT; else why not (tmpfs, for one, refuses it)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".infinity-odirect-", dir=folder)
+    except OSError as err:
+        raise NvmePathError(os.fspath(folder), f"cannot hold a file: {err.strerror}",
+                            "choose a writable folder on the NVMe drive") from None
+    os.close(fd)
+    try:
+        os.close(os.open(probe, os.O_RDWR | os.O_DIRECT))
+        return None
+    except OSError as err:
+        return f"the file system under {os.fspath(folder)!r} refuses O_DIRECT ({err.strerror})"
+    finally:
+        os.unlink(probe)

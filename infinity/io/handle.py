@@ -1,0 +1,164 @@
+"""The interface every backend offers: blocking pread/pwrite and submit_read/submit_write
+returning futures, over a tensor, array or buffer and a path or open AioFile."""
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import threading
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+from infinity.config.aio import AioConfig, Backend
+from infinity.errors import AioError, AlignmentError, ShortTransferError
+from infinity.io.files import Access, AioFile, open_file
+from infinity.io.span import Span, as_span
+
+log = logging.getLogger("infinity.io")
+
+
+class Op(enum.Enum):
+    READ = 0
+    WRITE = 1
+
+
+class DirectPolicy(enum.Enum):
+    """What to do when a transfer cannot use O_DIRECT."""
+
+    AUTO = "auto"  # aligned parts bypass the page cache; unaligned ones go through it, with one warning
+    REQUIRE = "require"  # an unaligned buffer or offset, or a file system without O_DIRECT, is an error
+
+
+class IoFuture(Protocol):
+    def done(self) -> bool: ...
+
+    def wait(self) -> int: ...
+
+
+class Transfer:
+    """What one request is about, for error messages and for releasing its resources."""
+
+    def __init__(self, op: Op, span: Span, file: AioFile, offset: int, owns_file: bool):
+        self.op, self.span, self.file, self.offset, self.owns_file = op, span, file, offset, owns_file
+
+    @property
+    def opname(self) -> str:
+        return "read" if self.op is Op.READ else "write"
+
+    def finish(self) -> None:
+        if self.owns_file:
+            self.file.close()
+
+    def short(self, offset: int, expected: int, actual: int) -> ShortTransferError:
+        fix = ("the file ends before offset + size; read fewer bytes or check the offset"
+               if self.op is Op.READ else "check free space and the file system's limits")
+        return ShortTransferError(self.opname, self.file.path, offset, self.span.nbytes, expected, actual, fix)
+
+    def failed(self, err: int, offset: int) -> AioError:
+        fix = {errno.ENOSPC: "free space on the drive or choose another nvme_path",
+               errno.EINVAL: "check alignment of buffer, offset and aio.block_size"}.get(err, "")
+        return AioError(err, self.opname, self.file.path, offset, self.span.nbytes, fix=fix)
+
+
+class IoHandle(ABC):
+    """An async-IO handle built from an AioConfig."""
+
+    backend: Backend
+
+    def __init__(self, config: AioConfig, direct: DirectPolicy = DirectPolicy.AUTO):
+        self.config = config
+        self.direct = direct
+        self._warned_unaligned = False
+        self._closed = False
+
+    # ---- public API ------------------------------------------------------
+    def pread(self, buffer: Any, file: AioFile | str | os.PathLike[str], offset: int = 0) -> int:
+        """Reads len(buffer) bytes of file at offset into buffer; returns the byte count."""
+        return self.submit_read(buffer, file, offset).wait()
+
+    def pwrite(self, buffer: Any, file: AioFile | str | os.PathLike[str], offset: int = 0) -> int:
+        """Writes buffer into file at offset; returns the byte count."""
+        return self.submit_write(buffer, file, offset).wait()
+
+    def submit_read(self, buffer: Any, file: AioFile | str | os.PathLike[str], offset: int = 0) -> IoFuture:
+        return self._start(Op.READ, buffer, file, offset)
+
+    def submit_write(self, buffer: Any, file: AioFile | str | os.PathLike[str], offset: int = 0) -> IoFuture:
+        return self._start(Op.WRITE, buffer, file, offset)
+
+    def close(self) -> None:
+        """Waits for transfers in flight, then frees the engine's threads and contexts."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> "IoHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- backend hooks -----------------------------------------------------
+    @abstractmethod
+    def _submit(self, transfer: Transfer) -> IoFuture: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    # ---- shared checks -----------------------------------------------------
+    def _start(self, op: Op, buffer: Any, file: AioFile | str | os.PathLike[str], offset: int) -> IoFuture:
+        if self._closed:
+            raise AioError(errno.EBADF, op.name.lower(), str(file), offset, 0, fix="the handle is closed")
+        span = as_span(buffer, writable=op is Op.READ)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise AioError(errno.EINVAL, op.name.lower(), str(file), -1, span.nbytes,
+                           detail=f"offset must be a non-negative integer, got {offset!r}")
+        owns = not isinstance(file, AioFile)
+        handle_file = open_file(file, Access.READ if op is Op.READ else Access.WRITE) if owns else file
+        transfer = Transfer(op, span, handle_file, offset, owns)
+        try:
+            self._check_direct(transfer)
+            return self._submit(transfer)
+        except BaseException:
+            transfer.finish()
+            raise
+
+    def _check_direct(self, t: Transfer) -> None:
+        align = t.file.alignment
+        aligned = t.span.address % align == 0 and t.offset % align == 0
+        if self.direct is DirectPolicy.REQUIRE:
+            if t.file.direct_fd < 0:
+                raise AioError(errno.EINVAL, t.opname, t.file.path, t.offset, t.span.nbytes,
+                               detail="the file system refuses O_DIRECT",
+                               fix="put nvme_path on a file system that supports O_DIRECT (not tmpfs)")
+            if not aligned and t.span.nbytes >= align:
+                raise AlignmentError(t.opname, t.file.path, t.offset, t.span.nbytes, t.span.address, align)
+        elif not aligned and t.span.nbytes >= align and not self._warned_unaligned:
+            self._warned_unaligned = True
+            log.warning("%s of %d bytes at offset %d of %s is not %d-byte aligned (buffer at 0x%x): it goes "
+                        "through the page cache; allocate with infinity.memory.HostBuffer for O_DIRECT",
+                        t.opname, t.span.nbytes, t.offset, t.file.path, align, t.span.address)
+
+
+class Once:
+    """Runs a completion exactly once, whichever thread asks first, and remembers its outcome."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._outcome: int | BaseException | None = None
+
+    def get(self, complete: Any) -> int:
+        with self._lock:
+            if self._outcome is None:
+                try:
+                    self._outcome = complete()
+                except BaseException as err:  # kept and raised to every waiter
+                    self._outcome = err
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+    @property
+    def finished(self) -> bool:
+        return self._outcome is not None

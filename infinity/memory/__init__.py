@@ -1,0 +1,4 @@
+"""Host memory and (later) the tiered memory manager."""
+from infinity.memory.host_buffer import HostBuffer, PinPolicy
+
+__all__ = ["HostBuffer", "PinPolicy"]
