@@ -39,7 +39,7 @@ class AioConfig:
 
     def __post_init__(self) -> None:
         problems = Problems()
-        check_values(self, problems, "aio")
+        check_values({f.name: getattr(self, f.name) for f in fields(self)}, problems, "aio")
         if problems:
             raise ConfigError(problems.items, source="aio")
 
@@ -63,19 +63,21 @@ class AioConfig:
         return config
 
 
-def check_values(cfg: AioConfig, problems: Problems, prefix: str) -> None:
-    bs = cfg.block_size
+def check_values(values: Mapping[str, Any], problems: Problems, prefix: str) -> None:
+    """Range checks of a complete set of aio values (defaults filled in)."""
+    bs = values["block_size"]
     if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0 or bs % DIRECT_ALIGNMENT:
         problems.add(f"{prefix}.block_size", f"must be a positive multiple of {DIRECT_ALIGNMENT}, got {bs!r}",
                      "use a size such as 262144 (256K) or 1048576 (1M)")
-    for name, value in (("queue_depth", cfg.queue_depth), ("intra_op_parallelism", cfg.intra_op_parallelism)):
+    for name in ("queue_depth", "intra_op_parallelism"):
+        value = values[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.add(f"{prefix}.{name}", f"must be an integer of at least 1, got {value!r}",
                          f"set {prefix}.{name} to 1 or more")
-    if not isinstance(cfg.backend, Backend):
-        problems.add(f"{prefix}.backend", f"must be a Backend, got {cfg.backend!r}",
+    if not isinstance(values["backend"], Backend):
+        problems.add(f"{prefix}.backend", f"must be a Backend, got {values['backend']!r}",
                      f"one of {', '.join(b.value for b in Backend)}")
-    if cfg.use_gds:
+    if values["use_gds"]:
         problems.add(f"{prefix}.use_gds", "GPUDirect Storage is not supported by infinity",
                      f"set {prefix}.use_gds to false")
 
@@ -86,6 +88,7 @@ def parse_aio(block: Mapping[str, Any], problems: Problems, prefix: str = "aio")
         problems.add(prefix, f"must be an object, got {type(block).__name__}", "write it as {...}")
         return None
     known = [f.name for f in fields(AioConfig)]
+    before = len(problems.items)  # problems may already hold those of other blocks
     values: dict[str, Any] = {}
     for key, value in block.items():
         path = f"{prefix}.{key}"
@@ -103,13 +106,9 @@ def parse_aio(block: Mapping[str, Any], problems: Problems, prefix: str = "aio")
         parsed = _parse_field(name, value, path, problems)
         if parsed is not None:
             values[name] = parsed
-    if problems:
-        return None
-    try:
-        return AioConfig(**values)
-    except ConfigError as err:
-        problems.items.extend(err.problems)
-        return None
+    defaults = {f.name: f.default for f in fields(AioConfig)}
+    check_values({**defaults, **values}, problems, prefix)
+    return None if len(problems.items) > before else AioConfig(**values)
 
 
 def _parse_field(name: str, value: Any, path: str, problems: Problems) -> Any:

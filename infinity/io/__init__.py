@@ -13,13 +13,13 @@ import os
 from infinity._native import available as native_refusal
 from infinity.config.aio import AioConfig, Backend
 from infinity.errors import ConfigError, Problem
-from infinity.io.files import Access, AioFile, direct_io_refusal, open_file
-from infinity.io.handle import DirectPolicy, IoFuture, IoHandle, Op
+from infinity.io.files import Access, AioFile, check_nvme_path, direct_io_refusal, open_file
+from infinity.io.handle import DirectPolicy, IoFuture, IoHandle, IoStats, Op
 
 log = logging.getLogger("infinity.io")
 
-__all__ = ["Access", "AioFile", "DirectPolicy", "IoFuture", "IoHandle", "Op", "open_file", "open_handle",
-           "choose_backend"]
+__all__ = ["Access", "AioFile", "DirectPolicy", "IoFuture", "IoHandle", "IoStats", "Op", "check_nvme_path",
+           "choose_backend", "open_file", "open_handle"]
 
 
 def choose_backend(requested: Backend, nvme_path: str | os.PathLike[str] | None = None) -> tuple[Backend, str]:
@@ -47,6 +47,8 @@ def open_handle(config: AioConfig | None = None, nvme_path: str | os.PathLike[st
                 direct: DirectPolicy = DirectPolicy.AUTO) -> IoHandle:
     """A handle for config.backend (auto: see choose_backend), checked against nvme_path when given."""
     config = config or AioConfig()
+    if nvme_path is not None:
+        check_nvme_path(nvme_path)
     backend, _ = choose_backend(config.backend, nvme_path)
     if backend is Backend.POSIX:
         if direct is DirectPolicy.REQUIRE:

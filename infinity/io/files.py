@@ -9,7 +9,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from infinity.errors import AioError, NvmePathError
+from infinity.errors import AioError, CapacityError, NvmePathError
 from infinity.io.align import logical_block_size
 
 log = logging.getLogger("infinity.io")
@@ -73,13 +73,33 @@ def open_file(path: str | os.PathLike[str], access: Access = Access.READ_WRITE) 
     return AioFile(path, access, buffered, direct, logical_block_size(path))
 
 
+def check_nvme_path(folder: str | os.PathLike[str], need_bytes: int = 0, key: str = "nvme_path") -> str:
+    """The folder, checked: it exists, is a folder, takes a new file, and has need_bytes free."""
+    path = os.fspath(folder)
+    if not os.path.exists(path):
+        raise NvmePathError(path, "does not exist", f"create it (mkdir -p {path}) or point {key} at a folder "
+                            "on the NVMe drive", key=key)
+    if not os.path.isdir(path):
+        raise NvmePathError(path, "is not a folder", f"point {key} at a folder on the NVMe drive", key=key)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".infinity-probe-", dir=path)
+    except OSError as err:
+        raise NvmePathError(path, f"is not writable ({err.strerror})",
+                            f"fix its permissions or point {key} at a writable folder", key=key) from None
+    os.close(fd)
+    os.unlink(probe)
+    if need_bytes > 0:
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+        if free < need_bytes:
+            raise CapacityError(f"free space under {path!r} ({key})", need_bytes, free,
+                                f"free space there, point {key} at a larger drive, or ask for fewer bytes")
+    return path
+
+
 def direct_io_refusal(folder: str | os.PathLike[str]) -> str | None:
     """None when files in folder take O_DIRECT; else why not (tmpfs, for one, refuses it)."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".infinity-odirect-", dir=folder)
-    except OSError as err:
-        raise NvmePathError(os.fspath(folder), f"cannot hold a file: {err.strerror}",
-                            "choose a writable folder on the NVMe drive") from None
+    fd, probe = tempfile.mkstemp(prefix=".infinity-odirect-", dir=check_nvme_path(folder))
     os.close(fd)
     try:
         os.close(os.open(probe, os.O_RDWR | os.O_DIRECT))

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from infinity.config.aio import AioConfig, Backend
@@ -61,6 +62,17 @@ class Transfer:
         return AioError(err, self.opname, self.file.path, offset, self.span.nbytes, fix=fix)
 
 
+@dataclass
+class IoStats:
+    """What a handle has moved so far.  direct_bytes went through O_DIRECT, bypassing the page cache."""
+
+    requests: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    direct_bytes: int = 0
+    errors: int = 0
+
+
 class IoHandle(ABC):
     """An async-IO handle built from an AioConfig."""
 
@@ -71,6 +83,25 @@ class IoHandle(ABC):
         self.direct = direct
         self._warned_unaligned = False
         self._closed = False
+        self._stats = IoStats()
+        self._stats_lock = threading.Lock()
+
+    @property
+    def stats(self) -> IoStats:
+        """A copy of the counters, consistent at the moment of the call."""
+        with self._stats_lock:
+            return replace(self._stats)
+
+    def _record(self, op: "Op", nbytes: int, direct_bytes: int, failed: bool) -> None:
+        with self._stats_lock:
+            s = self._stats
+            s.requests += 1
+            s.errors += failed
+            s.direct_bytes += direct_bytes
+            if op is Op.READ:
+                s.bytes_read += nbytes
+            else:
+                s.bytes_written += nbytes
 
     # ---- public API ------------------------------------------------------
     def pread(self, buffer: Any, file: AioFile | str | os.PathLike[str], offset: int = 0) -> int:

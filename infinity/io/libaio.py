@@ -18,8 +18,9 @@ AIO_MAX_NR = "/proc/sys/fs/aio-max-nr"
 class LibaioFuture:
     """One request in flight in the native engine."""
 
-    def __init__(self, ffi: Any, lib: Any, request: Any, transfer: Transfer):
-        self._ffi, self._lib, self._request, self._transfer = ffi, lib, request, transfer
+    def __init__(self, handle: "LibaioHandle", request: Any, transfer: Transfer):
+        self._handle, self._request, self._transfer = handle, request, transfer
+        self._ffi, self._lib = handle._ffi, handle._lib
         self._once = Once()
 
     def done(self) -> bool:
@@ -36,6 +37,7 @@ class LibaioFuture:
         self._request = None
         t = self._transfer
         t.finish()
+        self._handle._record(t.op, int(result.bytes_done), int(result.direct_bytes), result.status != 0)
         if result.status == 0:
             return int(result.bytes_done)
         if result.short_transfer:
@@ -79,7 +81,7 @@ class LibaioHandle(IoHandle):
                                       t.span.nbytes, t.offset, out)
         if rc < 0:
             raise t.failed(-rc, t.offset)
-        return LibaioFuture(self._ffi, self._lib, out[0], t)
+        return LibaioFuture(self, out[0], t)
 
     def _close(self) -> None:
         self._lib.inf_aio_destroy(self._handle)

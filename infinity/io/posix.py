@@ -14,8 +14,8 @@ MAX_WORKERS = 32
 
 
 class PosixFuture:
-    def __init__(self, parts: list[Future[tuple[int, int, int]]], transfer: Transfer):
-        self._parts, self._transfer = parts, transfer
+    def __init__(self, handle: IoHandle, parts: list[Future[tuple[int, int, int]]], transfer: Transfer):
+        self._handle, self._parts, self._transfer = handle, parts, transfer
         self._once = Once()
 
     def done(self) -> bool:
@@ -30,6 +30,9 @@ class PosixFuture:
             outcomes = [p.result() for p in self._parts]
         finally:
             t.finish()
+        moved = sum(max(actual, 0) for _, _, actual in outcomes)
+        failed = any(actual < expected for _, expected, actual in outcomes)
+        self._handle._record(t.op, moved, 0, failed)
         total = 0
         for offset, expected, actual in outcomes:
             if actual < 0:
@@ -69,7 +72,7 @@ class PosixHandle(IoHandle):
         bounds = sorted({n * i // parts for i in range(parts + 1)})
         futures = [self._pool.submit(_move, t.op, t.file.buffered_fd, t.span.view[a:b], t.offset + a,
                                      self.config.block_size) for a, b in zip(bounds, bounds[1:])]
-        return PosixFuture(futures, t)
+        return PosixFuture(self, futures, t)
 
     def _close(self) -> None:
         self._pool.shutdown(wait=True)
