@@ -1,4 +1,4 @@
 """Host memory and (later) the tiered memory manager."""
-from infinity.memory.host_buffer import HostBuffer, PinPolicy
+from infinity.memory.host_buffer import HostBuffer, PagePolicy, PinPolicy
 
-__all__ = ["HostBuffer", "PinPolicy"]
+__all__ = ["HostBuffer", "PagePolicy", "PinPolicy"]

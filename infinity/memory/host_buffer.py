@@ -46,17 +46,22 @@ class PinPolicy(enum.Enum):
     PAGEABLE = "pageable"
 
 
+class PagePolicy(enum.Enum):
+    HUGE = "huge"  # buffers of HUGE_PAGE bytes or more: 2 MiB-aligned and advised MADV_HUGEPAGE
+    BASE = "base"  # the kernel's default pages (for comparison; slower for large transfers)
+
+
 class HostBuffer:
     """nbytes of host memory aligned to `alignment`, as a uint8 tensor (.tensor) or numpy array (.numpy())."""
 
     def __init__(self, nbytes: int, alignment: int = DEFAULT_ALIGNMENT, pin: PinPolicy = PinPolicy.AUTO,
-                 zero: bool = True):
+                 zero: bool = True, pages: PagePolicy = PagePolicy.HUGE):
         if nbytes < 0 or alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"HostBuffer needs nbytes >= 0 and a power-of-two alignment, got {nbytes}, {alignment}")
         pinned = pin is PinPolicy.PINNED or (pin is PinPolicy.AUTO and torch.cuda.is_available())
         if pinned and not torch.cuda.is_available():
             raise ValueError("PinPolicy.PINNED needs CUDA; use PinPolicy.AUTO on a machine without a GPU")
-        huge = not pinned and nbytes >= HUGE_PAGE
+        huge = pages is PagePolicy.HUGE and not pinned and nbytes >= HUGE_PAGE
         base = max(alignment, HUGE_PAGE) if huge else alignment
         raw = torch.empty(nbytes + base, dtype=torch.uint8, pin_memory=pinned)
         skip = (-raw.data_ptr()) % base

@@ -1,0 +1,121 @@
+"""Swap files on NVMe: key -> aligned extent of a region file, in a per-run, per-rank folder.
+
+Layout: <nvme_path>/infinity-swap/rank-<rank>/run-<pid>/<region>.swp, folders 0700, files 0600.
+Each region (say "param" or "optimizer") is one file; extents are laid end to end, each starting on
+an ALIGNMENT boundary so every transfer of a whole extent can use O_DIRECT.  The run folder is
+removed at close; folders of runs whose process is gone are removed when the next store opens.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from infinity.errors import CapacityError, InfinityError
+from infinity.io.align import DEFAULT_ALIGNMENT, round_up
+from infinity.io.files import check_nvme_path
+
+log = logging.getLogger("infinity.memory")
+
+ALIGNMENT = DEFAULT_ALIGNMENT
+SWAP_DIR = "infinity-swap"
+
+
+@dataclass(frozen=True)
+class Extent:
+    """nbytes of data at offset in path; capacity is nbytes rounded up to the alignment."""
+
+    path: str
+    offset: int
+    nbytes: int
+    capacity: int
+
+
+class NvmeStore:
+    def __init__(self, nvme_path: str | os.PathLike[str], rank: int = 0, key: str = "nvme_path"):
+        root = Path(check_nvme_path(nvme_path, key=key))
+        self.rank_dir = root / SWAP_DIR / f"rank-{rank}"
+        self.rank_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        remove_dead_runs(self.rank_dir)
+        self.folder = self.rank_dir / f"run-{os.getpid()}"
+        self.folder.mkdir(mode=0o700)
+        self._extents: dict[str, Extent] = {}
+        self._ends: dict[str, int] = {}  # region -> bytes laid out so far
+        self.key = key
+
+    def allocate(self, key: str, nbytes: int, region: str = "param") -> Extent:
+        """Lays out an extent for key at the end of region's file (sizes are fixed once allocated)."""
+        if key in self._extents:
+            raise InfinityError(f"swap extent {key!r} is already allocated")
+        path = str(self.folder / f"{region}.swp")
+        if region not in self._ends:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            self._ends[region] = 0
+        extent = Extent(path, self._ends[region], nbytes, round_up(nbytes, ALIGNMENT))
+        self._ends[region] += extent.capacity
+        self._extents[key] = extent
+        return extent
+
+    def extent(self, key: str) -> Extent:
+        try:
+            return self._extents[key]
+        except KeyError:
+            raise InfinityError(f"no swap extent for {key!r}; it was never allocated") from None
+
+    @property
+    def planned_bytes(self) -> int:
+        return sum(self._ends.values())
+
+    def reserve(self) -> None:
+        """Checks that the drive has room for every extent laid out, then reserves it (fallocate)."""
+        st = os.statvfs(self.folder)
+        used = sum(os.stat(p).st_blocks * 512 for p in self.folder.iterdir())
+        free = st.f_bavail * st.f_frsize + used
+        if free < self.planned_bytes:
+            raise CapacityError(f"swap files under {str(self.folder)!r}", self.planned_bytes, free,
+                                f"free space or point {self.key} at a larger drive")
+        for region, end in self._ends.items():
+            fd = os.open(self.folder / f"{region}.swp", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fallocate(fd, 0, end)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Removes this run's swap files."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._extents.clear()
+        self._ends.clear()
+
+    def __enter__(self) -> "NvmeStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def remove_dead_runs(rank_dir: Path) -> list[Path]:
+    """Removes run-<pid> folders whose process no longer exists; returns what it removed."""
+    removed = []
+    for run in rank_dir.glob("run-*"):
+        try:
+            pid = int(run.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(run, ignore_errors=True)
+            log.info("removed swap files of an earlier run that did not exit cleanly: %s", run)
+            removed.append(run)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
