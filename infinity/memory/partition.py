@@ -27,11 +27,13 @@ class State(enum.Enum):
 
 S = State
 LEGAL: dict[State, frozenset[State]] = {
-    S.ON_NVME: frozenset({S.READING}),
+    # HOST_DIRTY: new values replace the partition wholesale (initial weights, a fresh gradient)
+    S.ON_NVME: frozenset({S.READING, S.HOST_DIRTY}),
     S.READING: frozenset({S.HOST_CLEAN, S.ON_NVME}),  # ON_NVME: the read failed or was abandoned
     S.HOST_CLEAN: frozenset({S.ON_COMPUTE, S.HOST_DIRTY, S.ON_NVME}),  # ON_NVME: dropped, no write needed
     S.HOST_DIRTY: frozenset({S.WRITING, S.ON_COMPUTE}),
-    S.ON_COMPUTE: frozenset({S.HOST_CLEAN, S.HOST_DIRTY}),  # released unchanged, or with new values
+    # ON_NVME: dropped unchanged, the swap file still holds it; HOST_DIRTY: came back with new values
+    S.ON_COMPUTE: frozenset({S.ON_NVME, S.HOST_CLEAN, S.HOST_DIRTY}),
     S.WRITING: frozenset({S.HOST_CLEAN, S.HOST_DIRTY}),  # HOST_DIRTY: the write failed
 }
 """[Note: clean data is never written back]

@@ -1,0 +1,1 @@
+"""Swappers: parameters and optimizer states between NVMe and the tiers that use them."""

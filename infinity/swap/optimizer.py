@@ -1,0 +1,190 @@
+"""AdamW over flat fp32 sub-groups, with the states on NVMe (pipelined) or in host memory.
+
+The update itself is torch's fused CPU AdamW (torch.optim.adamw.adamw, fused=True) on one flat
+vector per sub-group: fp32 master weights, gradient, exp_avg and exp_avg_sq.  No hand-written Adam.
+
+[Note: the NVMe pipeline]
+Sub-group i needs four buffers (master, grad, exp_avg, exp_avg_sq).  With pipeline_read the reads of
+i+1 start before i is updated; with pipeline_write the writes of i are left in flight while i+1
+updates.  Before reads start, writes of earlier sub-groups are completed until four buffers are free,
+so the pipeline is as deep as offload_optimizer.buffer_count allows (4: none, 8: reads overlap,
+12: reads and writes overlap) and never waits on a buffer nobody will release.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.optim.adamw import adamw
+
+from infinity.errors import CapacityError
+from infinity.memory.manager import MemoryManager
+from infinity.memory.pool import BufferPool
+from infinity.swap.layout import FP32, Group, Slice, padded
+
+log = logging.getLogger("infinity.swap")
+
+STATES = ("master", "exp_avg", "exp_avg_sq")
+KINDS = STATES + ("grad",)
+BUFFERS_PER_GROUP = len(KINDS)
+
+# Called with a slice and its updated fp32 master values (padded to 4096 bytes); returns the keys of
+# write_part transfers that read from those values, to be flushed before the buffer is reused.
+ParamWriter = Callable[[Slice, torch.Tensor], set[str]]
+
+
+@dataclass(frozen=True)
+class AdamSettings:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    read: bool = True
+    write: bool = True
+
+
+def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 step: torch.Tensor, settings: AdamSettings, lr: float) -> None:
+    adamw([master], [grad], [exp_avg], [exp_avg_sq], [], [step], foreach=False, fused=True, amsgrad=False,
+          beta1=settings.betas[0], beta2=settings.betas[1], lr=lr, weight_decay=settings.weight_decay,
+          eps=settings.eps, maximize=False)
+
+
+def key(group: int, kind: str) -> str:
+    return f"optimizer/{group}/{kind}"
+
+
+class NvmeOptimizer:
+    """Sub-group states in swap files; steps stream them through the optimizer's buffer pool."""
+
+    def __init__(self, manager: MemoryManager, groups: tuple[Group, ...], pool: BufferPool,
+                 settings: AdamSettings, pipeline: Pipeline):
+        self.manager, self.groups, self.pool = manager, groups, pool
+        self.settings, self.pipeline = settings, pipeline
+        self.steps = [torch.zeros((), dtype=torch.float32) for _ in groups]
+        self._written: list[set[int]] = [set() for _ in groups]  # slices that got a gradient this step
+        for g in groups:
+            for kind in KINDS:
+                manager.add(key(g.index, kind), g.numel, torch.float32, region=kind, pool=pool)
+        if pool.buffer_count < BUFFERS_PER_GROUP:
+            raise CapacityError("optimizer buffer pool", BUFFERS_PER_GROUP, pool.buffer_count,
+                                "set offload_optimizer.buffer_count to at least 4 (8 or more to pipeline)")
+
+    def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
+        """Writes the initial fp32 master weights.  Moments and gradients start as the zeros of new files."""
+        for g in self.groups:
+            flat = self.manager.stage(key(g.index, "master"), torch.zeros(g.numel))
+            for s in g.slices:
+                flat[s.offset:s.end].copy_(values(s).reshape(-1))
+            self.manager.start_write(key(g.index, "master"))
+            self.manager.finish_write(key(g.index, "master"))
+            self.manager.drop(key(g.index, "master"))
+
+    def put_grad(self, s: Slice, grad: torch.Tensor) -> None:
+        """Sends a parameter's final fp32 gradient to its sub-group's swap file (asynchronously)."""
+        self.manager.write_part(key(s.group, "grad"), s.offset * FP32, grad, staging=self.pool)
+        self._written[s.group].add(s.index)
+
+    def step(self, lr: float, grad_coef: float, write_params: ParamWriter) -> None:
+        """One AdamW step of every sub-group; grad_coef unscales and clips the gradients."""
+        self.manager.flush()  # every gradient is on NVMe before any is read back
+        writing: deque[tuple[int, set[str]]] = deque()
+        self._start_reads(0, writing)
+        for g in self.groups:
+            views = self._finish_reads(g)
+            following = g.index + 1
+            ahead = self.pipeline.read and self._start_reads(following, writing)
+            self._update(g, views, lr, grad_coef)
+            param_keys = write_params_of(g, views["master"], write_params)
+            self._start_writes(g)
+            writing.append((g.index, param_keys))
+            if not self.pipeline.write:
+                self._finish_writes(writing.popleft())
+            if not ahead:
+                self._start_reads(following, writing)
+        while writing:
+            self._finish_writes(writing.popleft())
+
+    # ---- one sub-group -----------------------------------------------------
+    def _start_reads(self, index: int, writing: deque[tuple[int, set[str]]]) -> bool:
+        """Starts reading sub-group index, completing earlier writes for room; False if it could not."""
+        if index >= len(self.groups):
+            return False
+        while self.pool.buffer_count - self.pool.in_use < BUFFERS_PER_GROUP and writing:
+            self._finish_writes(writing.popleft())
+        if self.pool.buffer_count - self.pool.in_use < BUFFERS_PER_GROUP:
+            return False
+        for kind in KINDS:
+            self.manager.start_read(key(index, kind))
+        return True
+
+    def _finish_reads(self, g: Group) -> dict[str, torch.Tensor]:
+        views = {kind: self.manager.finish_read(key(g.index, kind)) for kind in KINDS}
+        stale = [s for s in g.slices if s.index not in self._written[g.index]]
+        for s in stale:  # no gradient this step: the file still holds last step's
+            views["grad"][s.offset:s.end].zero_()
+        self._written[g.index].clear()
+        return views
+
+    def _update(self, g: Group, v: dict[str, torch.Tensor], lr: float, grad_coef: float) -> None:
+        if grad_coef != 1.0:
+            v["grad"].mul_(grad_coef)
+        adamw_update(v["master"], v["grad"], v["exp_avg"], v["exp_avg_sq"], self.steps[g.index], self.settings, lr)
+
+    def _start_writes(self, g: Group) -> None:
+        for kind in STATES:
+            self.manager.stage(key(g.index, kind))  # updated in place: newer than the file
+            self.manager.start_write(key(g.index, kind))
+        self.manager.drop(key(g.index, "grad"))  # read, never changed on NVMe's behalf: no write back
+
+    def _finish_writes(self, item: tuple[int, set[str]]) -> None:
+        index, param_keys = item
+        self.manager.flush(param_keys)  # parameter writes read from the master buffer
+        for kind in STATES:
+            self.manager.finish_write(key(index, kind))
+            self.manager.drop(key(index, kind))
+
+
+class HostOptimizer:
+    """Sub-group states in host memory (offload_optimizer none or cpu)."""
+
+    def __init__(self, groups: tuple[Group, ...], settings: AdamSettings):
+        self.groups, self.settings = groups, settings
+        self.steps = [torch.zeros((), dtype=torch.float32) for _ in groups]
+        self.flat = [{kind: torch.zeros(g.numel) for kind in KINDS} for g in groups]
+        self._written: list[set[int]] = [set() for _ in groups]
+
+    def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
+        for g, flat in zip(self.groups, self.flat):
+            for s in g.slices:
+                flat["master"][s.offset:s.end].copy_(values(s).reshape(-1))
+
+    def put_grad(self, s: Slice, grad: torch.Tensor) -> None:
+        self.flat[s.group]["grad"][s.offset:s.end].copy_(grad.reshape(-1))
+        self._written[s.group].add(s.index)
+
+    def step(self, lr: float, grad_coef: float, write_params: ParamWriter) -> None:
+        for g, v in zip(self.groups, self.flat):
+            for s in g.slices:
+                if s.index not in self._written[g.index]:
+                    v["grad"][s.offset:s.end].zero_()
+            self._written[g.index].clear()
+            if grad_coef != 1.0:
+                v["grad"].mul_(grad_coef)
+            adamw_update(v["master"], v["grad"], v["exp_avg"], v["exp_avg_sq"], self.steps[g.index],
+                         self.settings, lr)
+            write_params_of(g, v["master"], write_params)
+
+
+def write_params_of(g: Group, master: torch.Tensor, write_params: ParamWriter) -> set[str]:
+    keys: set[str] = set()
+    for s in g.slices:
+        keys |= write_params(s, master[s.offset:s.offset + padded(s.numel)])
+    return keys
