@@ -1,0 +1,142 @@
+"""`infinity-bench`: the aio tuner to run on the NVMe folder before training.
+
+    infinity-bench --nvme_path /local_nvme [--io_size 1G] [--block_size 256K,1M,4M] [--queue_depth 8,32,64]
+                   [--thread_count 1,2] [--single_submit false] [--overlap_events true] [--read_only|--write_only]
+                   [--repeat N] [--json FILE] [--plot FILE.png] [--compare-fio]
+
+Times sequential O_DIRECT writes and reads of --io_size through the native engine for every setting,
+checks in /proc/diskstats that the device moved the bytes, and prints the best `aio` block.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from infinity.bench import (OpSelection, SweepPlan, check_plan, choose_best, parse_axes, parse_size, run_sweep,
+                            table, to_json, warnings)
+from infinity.bench.axes import DEFAULT_BLOCK_SIZES, DEFAULT_QUEUE_DEPTHS, DEFAULT_THREAD_COUNTS
+from infinity.bench.fio import fio_binary
+from infinity.bench.interrupt import DeferredInterrupt
+from infinity.bench.plan import FioPolicy, check_output_file, check_plot_available
+from infinity.bench.progress import ProgressBar
+from infinity.bench.report import summary
+from infinity.bench.sizes import format_size
+from infinity.errors import InfinityError
+
+PROG = "infinity-bench"
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@dataclass(frozen=True)
+class Outputs:
+    json_path: str | None
+    plot_path: str | None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--nvme_path", "--nvme-path", required=True, metavar="DIR",
+                        help="folder on the NVMe drive (the one nvme_path of your config will name)")
+    parser.add_argument("--io_size", "--io-size", default="1G", metavar="SIZE",
+                        help="bytes per run, such as 256M or 1G (K, M, G are powers of 1024)")
+    parser.add_argument("--block_size", "--block-size", default=DEFAULT_BLOCK_SIZES, metavar="LIST",
+                        help="block sizes to sweep, multiples of 4K")
+    parser.add_argument("--queue_depth", "--queue-depth", default=DEFAULT_QUEUE_DEPTHS, metavar="LIST",
+                        help="queue depths to sweep (requests in flight per engine thread)")
+    parser.add_argument("--thread_count", "--thread-count", default=DEFAULT_THREAD_COUNTS, metavar="LIST",
+                        help="engine threads (aio.intra_op_parallelism)")
+    parser.add_argument("--single_submit", "--single-submit", default="false", metavar="LIST",
+                        help="true, false or both (false,true)")
+    parser.add_argument("--overlap_events", "--overlap-events", default="true", metavar="LIST",
+                        help="true, false or both (true,false)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--read_only", "--read-only", action="store_true", help="time reads only")
+    only.add_argument("--write_only", "--write-only", action="store_true", help="time writes only")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N", help="runs per setting; the median counts")
+    parser.add_argument("--json", metavar="FILE", help="write every result and the best block as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw a heat map of the sweep (needs matplotlib)")
+    parser.add_argument("--compare-fio", "--compare_fio", action="store_true", dest="compare_fio",
+                        help="run fio with the same settings beside each result")
+    return parser
+
+
+def plan_from_args(ns: argparse.Namespace) -> tuple[SweepPlan, Outputs]:
+    """The checked plan; raises ConfigError or CapacityError naming the flag to change."""
+    axes = parse_axes(ns.block_size, ns.queue_depth, ns.thread_count, ns.single_submit, ns.overlap_events)
+    ops = OpSelection.READ_ONLY if ns.read_only else OpSelection.WRITE_ONLY if ns.write_only else OpSelection.BOTH
+    plan = SweepPlan(ns.nvme_path, axes, parse_size(ns.io_size, "--io_size"), ops, ns.repeat,
+                     FioPolicy.COMPARE if ns.compare_fio else FioPolicy.SKIP)
+    check_plan(plan)
+    if ns.json:
+        check_output_file(ns.json, "--json")
+    if ns.plot:
+        check_output_file(ns.plot, "--plot")
+        check_plot_available()
+    return plan, Outputs(ns.json, ns.plot)
+
+
+def sweep_and_report(plan: SweepPlan, outputs: Outputs) -> None:
+    settings = len(plan.axes.settings())
+    print(f"{PROG}: {settings} settings × {', '.join(op.name.lower() for op in plan.ops.ops)} of "
+          f"{format_size(plan.io_size)} each on {plan.nvme_path} (O_DIRECT, libaio), repeat {plan.repeat}")
+    bar = ProgressBar(plan.run_count(with_fio=plan.fio is FioPolicy.COMPARE and fio_binary() is not None),
+                      sys.stderr)
+
+    def say_stopping() -> None:
+        print(f"\n{PROG}: stopping after the run in progress (Ctrl-C again to stop now)", file=sys.stderr)
+
+    def step(label: str) -> None:
+        bar.advance(label)
+        interrupt.check()
+
+    try:
+        with DeferredInterrupt(on_first=say_stopping) as interrupt:
+            outcome = run_sweep(plan, progress=step)
+    finally:
+        bar.close()
+    best = choose_best(outcome.measurements)
+    print(table(outcome, best))
+    for line in warnings(outcome):
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
+    if outputs.json_path:
+        with open(outputs.json_path, "w") as out:
+            json.dump(to_json(outcome, best), out, indent=2)
+            out.write("\n")
+    if outputs.plot_path:
+        from infinity.bench.plot import write_heatmap
+
+        write_heatmap(outcome, outputs.plot_path)
+    print(summary(outcome, best))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse's own errors (exit 2, message printed) and --help (exit 0)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_INVALID
+    try:
+        plan, outputs = plan_from_args(ns)
+    except InfinityError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    try:
+        sweep_and_report(plan, outputs)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; the bench file was removed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (InfinityError, OSError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
