@@ -2,6 +2,7 @@
 booleans as the strings "true"/"false" that DeepSpeed's tuner prints."""
 from __future__ import annotations
 
+import enum
 import logging
 from typing import Any
 
@@ -21,6 +22,12 @@ class Problems:
 
     def __bool__(self) -> bool:
         return bool(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def keys(self) -> set[str]:
+        return {p.key for p in self.items}
 
 
 def as_count(value: Any, key: str, problems: Problems, minimum: int | None = None) -> int | None:
@@ -55,3 +62,28 @@ def did_you_mean(key: str, known: list[str] | tuple[str, ...]) -> str:
 
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+
+
+def as_number(value: Any, key: str, problems: Problems) -> float | None:
+    """A real number (int or float); None (and a problem) when it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.add(key, f"must be a number, got {value!r}", "write a number such as 0.001 or 1e-8")
+        return None
+    return float(value)
+
+
+def as_text(value: Any, key: str, problems: Problems) -> str | None:
+    if not isinstance(value, str):
+        problems.add(key, f"must be a string, got {value!r}", "write it in double quotes")
+        return None
+    return value
+
+
+def as_choice(value: Any, key: str, problems: Problems, choices: type[enum.Enum]) -> enum.Enum | None:
+    """A member of `choices`, matched on its value without regard to case."""
+    for member in choices:
+        if isinstance(value, str) and value.lower() == str(member.value).lower():
+            return member
+    names = ", ".join(str(m.value) for m in choices)
+    problems.add(key, f"must be one of {names}, got {value!r}", f"use one of {names}")
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 from infinity.config._values import Problems, as_bool, as_count, did_you_mean
@@ -23,6 +24,19 @@ class Backend(enum.Enum):
     AUTO = "auto"  # libaio when it loads and nvme_path takes O_DIRECT, else posix (with a warning)
     LIBAIO = "libaio"
     POSIX = "posix"  # thread pool over preadv/pwritev through the page cache
+    IO_URING = "io_uring"  # only when this build ships infinity/io/io_uring.py; see io_uring_refusal()
+
+
+def io_uring_refusal() -> str:
+    """Why the io_uring backend cannot be chosen here, or "" when it can.
+
+    [Note: config is a leaf and must not import infinity.io, so presence is judged by the
+    module file the io layer would ship, not by importing it.  Until that module exists,
+    choose_backend() has no io_uring branch, and letting the value through would quietly
+    run another engine.]
+    """
+    module = Path(__file__).resolve().parent.parent / "io" / "io_uring.py"
+    return "" if module.is_file() else "this build of infinity has no io_uring backend"
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,9 @@ def check_values(values: Mapping[str, Any], problems: Problems, prefix: str) -> 
     if not isinstance(values["backend"], Backend):
         problems.add(f"{prefix}.backend", f"must be a Backend, got {values['backend']!r}",
                      f"one of {', '.join(b.value for b in Backend)}")
+    elif values["backend"] is Backend.IO_URING and io_uring_refusal():
+        problems.add(f"{prefix}.backend", f"io_uring was asked for but {io_uring_refusal()}",
+                     "set aio.backend to auto, libaio or posix")
     if values["use_gds"]:
         problems.add(f"{prefix}.use_gds", "GPUDirect Storage is not supported by infinity",
                      f"set {prefix}.use_gds to false")
