@@ -184,8 +184,9 @@ class Once:
             if self._outcome is None:
                 try:
                     self._outcome = complete()
-                except BaseException as err:  # kept and raised to every waiter
+                except Exception as err:  # kept and raised to every waiter
                     self._outcome = err
+                # A KeyboardInterrupt is not an outcome: it propagates, and the next wait completes.
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         return self._outcome

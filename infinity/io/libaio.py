@@ -31,13 +31,19 @@ class LibaioFuture:
         return self._once.get(self._complete)
 
     def _complete(self) -> int:
-        result = self._ffi.new("inf_aio_result *")
-        self._lib.inf_aio_wait(self._request, result)  # cffi releases the GIL for the call
-        self._lib.inf_aio_release(self._request)
-        self._request = None
-        t = self._transfer
-        t.finish()
-        self._handle._record(t.op, int(result.bytes_done), int(result.direct_bytes), result.status != 0)
+        if self._request is not None:
+            result = self._ffi.new("inf_aio_result *")
+            try:
+                self._lib.inf_aio_wait(self._request, result)  # cffi releases the GIL for the call
+            finally:
+                # Also after Ctrl-C: release waits for the request itself, so its buffer is free after.
+                self._lib.inf_aio_release(self._request)
+                self._request = None
+                self._result = result
+                t = self._transfer
+                t.finish()
+                self._handle._record(t.op, int(result.bytes_done), int(result.direct_bytes), result.status != 0)
+        result, t = self._result, self._transfer
         if result.status == 0:
             return int(result.bytes_done)
         if result.short_transfer:

@@ -186,16 +186,23 @@ class MemoryManager:
         self._complete(chosen)
 
     def _borrow_for_write(self, pool: BufferPool, nbytes: int) -> Slot:
-        """A staging buffer for write_part; when the pool is empty, first completes this pool's oldest write."""
+        """A staging buffer for write_part."""
+        self._make_room(pool)
+        index, buffer = pool.acquire(nbytes)
+        self.ledger.add("host", buffer.nbytes)
+        return Slot(pool, index, buffer)
+
+    def _make_room(self, pool: BufferPool) -> None:
+        """While the pool is empty, completes its oldest write_part, whose buffer then comes back.
+
+        [Note: why every borrow does this] write_part buffers return only when their write is
+        completed here; a borrower that just waited on the pool would wait for itself."""
         while pool.in_use >= pool.buffer_count:
             with self._lock:
                 oldest = next((p for p in self._pending if p[2] is not None and p[2].pool is pool), None)
             if oldest is None:
-                break  # the buffers are out elsewhere; acquire waits for them
+                return  # the buffers are out elsewhere; acquire waits for them
             self._complete([oldest])
-        index, buffer = pool.acquire(nbytes)
-        self.ledger.add("host", buffer.nbytes)
-        return Slot(pool, index, buffer)
 
     def _complete(self, pending: list[tuple[str, IoFuture, Slot | None]]) -> None:
         finished = {id(p) for p in pending}
@@ -240,6 +247,7 @@ class MemoryManager:
             raise InfinityError(f"the memory manager has no partition {key!r}") from None
 
     def _borrow(self, e: Entry, timeout: float | None) -> Slot:
+        self._make_room(e.pool)
         index, buffer = e.pool.acquire(e.extent.nbytes, timeout)
         self.ledger.add("host", e.extent.nbytes)
         return Slot(e.pool, index, buffer)

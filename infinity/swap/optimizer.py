@@ -92,6 +92,12 @@ class NvmeOptimizer:
         self.manager.write_part(key(s.group, "grad"), s.offset * FP32, grad, staging=self.pool)
         self._written[s.group].add(s.index)
 
+    def discard_grads(self) -> None:
+        """A skipped step (fp16 overflow): the gradients sent are forgotten."""
+        self.manager.flush()
+        for written in self._written:
+            written.clear()
+
     def step(self, lr: float, grad_coef: float, write_params: ParamWriter) -> None:
         """One AdamW step of every sub-group; grad_coef unscales and clips the gradients."""
         self.manager.flush()  # every gradient is on NVMe before any is read back
@@ -169,6 +175,10 @@ class HostOptimizer:
     def put_grad(self, s: Slice, grad: torch.Tensor) -> None:
         self.flat[s.group]["grad"][s.offset:s.end].copy_(grad.reshape(-1))
         self._written[s.group].add(s.index)
+
+    def discard_grads(self) -> None:
+        for written in self._written:
+            written.clear()
 
     def step(self, lr: float, grad_coef: float, write_params: ParamWriter) -> None:
         for g, v in zip(self.groups, self.flat):

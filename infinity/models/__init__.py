@@ -1,0 +1,1 @@
+"""Models shipped with infinity for its main job, tests and benchmarks."""

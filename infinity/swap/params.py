@@ -1,0 +1,121 @@
+"""Where a parameter's values live between uses, and how they reach the compute tier.
+
+Three homes, one interface: the compute tier itself (offload_param none, and small persistent
+parameters), host memory (cpu) and NVMe (nvme, through the memory manager).  The coordinator calls
+`fetch` before a module runs and `release` after; the optimizer calls `write` with new values.
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+
+import torch
+
+from infinity.memory.manager import MemoryManager
+from infinity.memory.partition import State
+from infinity.memory.pool import BufferPool
+
+
+class Tier(enum.Enum):
+    """A place for partitions, named as the config's offload `device` names it."""
+
+    COMPUTE = "none"
+    HOST = "cpu"
+    NVME = "nvme"
+
+
+class ParamHome(ABC):
+    """Values of the parameters one home holds, by index in the engine's parameter list."""
+
+    @abstractmethod
+    def fetch(self, index: int) -> torch.Tensor:
+        """The values on the compute tier, shaped as the parameter."""
+
+    @abstractmethod
+    def release(self, index: int) -> None:
+        """The compute-tier copy is no longer needed (values unchanged)."""
+
+    @abstractmethod
+    def write(self, index: int, values: torch.Tensor) -> set[str]:
+        """New values (flat, fp32, possibly padded); returns memory-manager keys still being written."""
+
+    def start_fetch(self, index: int) -> None:
+        """Begins moving the values towards the compute tier; a later fetch finishes it."""
+
+
+class ComputeHome(ParamHome):
+    """The parameter keeps its own storage on the compute tier."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self._params = params
+
+    def fetch(self, index: int) -> torch.Tensor:
+        return self._params[index].data
+
+    def release(self, index: int) -> None:
+        pass
+
+    def write(self, index: int, values: torch.Tensor) -> set[str]:
+        p = self._params[index]
+        p.data.copy_(values[: p.numel()].view_as(p))
+        return set()
+
+
+class HostHome(ParamHome):
+    """Host copies in the compute dtype; fetch copies them to the compute tier."""
+
+    def __init__(self, shapes: dict[int, torch.Size], dtype: torch.dtype, device: torch.device, pin: bool):
+        self._host = {i: torch.empty(shape, dtype=dtype, pin_memory=pin) for i, shape in shapes.items()}
+        self._device = device
+
+    def put(self, index: int, values: torch.Tensor) -> None:
+        self._host[index].copy_(values.reshape(self._host[index].shape))
+
+    def fetch(self, index: int) -> torch.Tensor:
+        return self._host[index].to(self._device, copy=True)
+
+    def release(self, index: int) -> None:
+        pass
+
+    def write(self, index: int, values: torch.Tensor) -> set[str]:
+        host = self._host[index]
+        host.copy_(values[: host.numel()].view_as(host))
+        return set()
+
+
+class NvmeHome(ParamHome):
+    """Values in swap files, staged through the parameter buffer pool (offload_param.buffer_count)."""
+
+    def __init__(self, manager: MemoryManager, pool: BufferPool, names: dict[int, str],
+                 shapes: dict[int, torch.Size], dtype: torch.dtype):
+        self.manager, self.pool, self.dtype = manager, pool, dtype
+        self._keys = {i: f"param/{names[i]}" for i in names}
+        self._shapes = shapes
+        for i, k in self._keys.items():
+            manager.add(k, int(torch.Size(shapes[i]).numel()), dtype, region="param", pool=pool)
+
+    def key(self, index: int) -> str:
+        return self._keys[index]
+
+    def put(self, index: int, values: torch.Tensor) -> None:
+        self.manager.write_through(self._keys[index], values.to(self.dtype))
+
+    def start_fetch(self, index: int) -> None:
+        self.manager.start_read(self._keys[index])
+
+    def fetch(self, index: int) -> torch.Tensor:
+        k = self._keys[index]
+        if self.manager.state(k) is State.ON_NVME:
+            self.start_fetch(index)
+        self.manager.finish_read(k)
+        return self.manager.to_compute(k).view(self._shapes[index])
+
+    def release(self, index: int) -> None:
+        self.manager.drop_compute(self._keys[index])
+
+    def write(self, index: int, values: torch.Tensor) -> set[str]:
+        k = self._keys[index]
+        numel = int(torch.Size(self._shapes[index]).numel())
+        source = values if self.dtype == torch.float32 else values[:numel].to(self.dtype)
+        self.manager.write_part(k, 0, source, staging=self.pool)
+        return {k}

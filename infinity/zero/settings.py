@@ -1,0 +1,46 @@
+"""What the engine needs to know, as one frozen object (built from a Config by infinity.zero.from_config)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from infinity.config.aio import AioConfig
+from infinity.swap.optimizer import AdamSettings, Pipeline
+from infinity.swap.params import Tier
+from infinity.zero.loss_scale import LossScaleSettings
+from infinity.zero.schedule import LrSchedule
+
+
+class Precision(enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    param_tier: Tier = Tier.COMPUTE
+    optimizer_tier: Tier = Tier.COMPUTE
+    param_nvme_path: str | None = None
+    optimizer_nvme_path: str | None = None
+    param_buffer_count: int = 5
+    param_buffer_size: int = 100_000_000  # elements, as DeepSpeed counts them
+    optimizer_buffer_count: int = 4
+    pin_memory: bool = True
+    sub_group_size: int = 1_000_000_000
+    pipeline: Pipeline = field(default_factory=Pipeline)
+    aio: AioConfig = field(default_factory=AioConfig)
+    precision: Precision = Precision.FP32
+    adam: AdamSettings = field(default_factory=AdamSettings)
+    schedule: LrSchedule | None = None  # None: adam.lr throughout
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 0.0
+    loss_scale: LossScaleSettings = field(default_factory=LossScaleSettings)
+    persistence_threshold: int = 0  # parameters of at most this many elements stay on the compute tier
+    rank: int = 0

@@ -1,0 +1,37 @@
+"""A small GPT, its data, and the plain-PyTorch reference run the training tests compare against."""
+from __future__ import annotations
+
+import torch
+
+from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
+from infinity.swap.optimizer import AdamSettings
+
+SPEC = GptSpec(vocab=256, context=32, hidden=64, layers=2, heads=4)
+ADAM = AdamSettings(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def make_batches():
+    return synthetic_batches(SPEC, batch=4, steps=20)
+
+
+def fresh_model() -> Gpt:
+    torch.manual_seed(0)
+    return Gpt(SPEC)
+
+
+def plain_torch_run(batches, clip: float = 1.0, accumulation: int = 1):
+    """The reference: the same model and seed with torch.optim.AdamW and clip_grad_norm_."""
+    model = fresh_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=ADAM.lr, betas=ADAM.betas, eps=ADAM.eps,
+                            weight_decay=ADAM.weight_decay)
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        loss = model(x, y)
+        (loss / accumulation).backward()
+        losses.append(loss.item())
+        if (i + 1) % accumulation == 0:
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad()
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
