@@ -57,6 +57,16 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
           eps=settings.eps, maximize=False)
 
 
+def prepare_grad(g: Group, grad: torch.Tensor, written: set[int], coef: float) -> None:
+    """Zeroes the slices that got no gradient this step (they hold an old one), scales the rest; clears written."""
+    for s in g.slices:
+        if s.index not in written:
+            grad[s.offset:s.end].zero_()
+    written.clear()
+    if coef != 1.0:
+        grad.mul_(coef)
+
+
 def key(group: int, kind: str) -> str:
     return f"optimizer/{group}/{kind}"
 
@@ -132,16 +142,10 @@ class NvmeOptimizer:
         return True
 
     def _finish_reads(self, g: Group) -> dict[str, torch.Tensor]:
-        views = {kind: self.manager.finish_read(key(g.index, kind)) for kind in KINDS}
-        stale = [s for s in g.slices if s.index not in self._written[g.index]]
-        for s in stale:  # no gradient this step: the file still holds last step's
-            views["grad"][s.offset:s.end].zero_()
-        self._written[g.index].clear()
-        return views
+        return {kind: self.manager.finish_read(key(g.index, kind)) for kind in KINDS}
 
     def _update(self, g: Group, v: dict[str, torch.Tensor], lr: float, grad_coef: float) -> None:
-        if grad_coef != 1.0:
-            v["grad"].mul_(grad_coef)
+        prepare_grad(g, v["grad"], self._written[g.index], grad_coef)
         adamw_update(v["master"], v["grad"], v["exp_avg"], v["exp_avg_sq"], self.steps[g.index], self.settings, lr)
 
     def _start_writes(self, g: Group) -> None:
@@ -182,12 +186,7 @@ class HostOptimizer:
 
     def step(self, lr: float, grad_coef: float, write_params: ParamWriter) -> None:
         for g, v in zip(self.groups, self.flat):
-            for s in g.slices:
-                if s.index not in self._written[g.index]:
-                    v["grad"][s.offset:s.end].zero_()
-            self._written[g.index].clear()
-            if grad_coef != 1.0:
-                v["grad"].mul_(grad_coef)
+            prepare_grad(g, v["grad"], self._written[g.index], grad_coef)
             adamw_update(v["master"], v["grad"], v["exp_avg"], v["exp_avg_sq"], self.steps[g.index],
                          self.settings, lr)
             write_params_of(g, v["master"], write_params)
