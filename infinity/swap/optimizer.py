@@ -7,8 +7,9 @@ vector per sub-group: fp32 master weights, gradient, exp_avg and exp_avg_sq.  No
 Sub-group i needs four buffers (master, grad, exp_avg, exp_avg_sq).  With pipeline_read the reads of
 i+1 start before i is updated; with pipeline_write the writes of i are left in flight while i+1
 updates.  Before reads start, writes of earlier sub-groups are completed until four buffers are free,
-so the pipeline is as deep as offload_optimizer.buffer_count allows (4: none, 8: reads overlap,
-12: reads and writes overlap) and never waits on a buffer nobody will release.
+so the pipeline is as deep as the pool allows (4 buffers: none, 8: reads overlap, 12: reads and writes
+overlap) and never waits on a buffer nobody will release.  The engine sizes the pool as
+offload_optimizer.buffer_count × (1 + pipeline_read + pipeline_write), as config/zero.py defines it.
 """
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ class Engine:
         if s.optimizer_tier is Tier.NVME and s.optimizer_buffer_count < BUFFERS_PER_GROUP:
             problems.append(Problem("zero_optimization.offload_optimizer.buffer_count",
                                     f"{s.optimizer_buffer_count} buffers cannot hold one sub-group's "
-                                    f"{BUFFERS_PER_GROUP} states", "set it to 4, or 8-12 to pipeline"))
+                                    f"{BUFFERS_PER_GROUP} states", "set it to at least 4"))
         if problems:
             raise ConfigError(problems)
 
@@ -183,7 +183,10 @@ class Engine:
         self._slice = {sl.index: sl for g in self.groups for sl in g.slices}
         if s.optimizer_tier is not Tier.NVME:
             return HostOptimizer(self.groups, s.adam)
-        self._optimizer_pool = BufferPool("optimizer", s.optimizer_buffer_count, max(g.nbytes for g in self.groups),
+        # buffer_count counts buffers per sub-group in flight (see config/zero.py); the pipeline holds
+        # one sub-group updating, plus the next read (pipeline_read) and the last written (pipeline_write).
+        depth = 1 + s.pipeline.read + s.pipeline.write
+        self._optimizer_pool = BufferPool("optimizer", s.optimizer_buffer_count * depth, max(g.nbytes for g in self.groups),
                                           "zero_optimization.offload_optimizer.buffer_count", self._pin())
         return NvmeOptimizer(self._manager(str(s.optimizer_nvme_path)), self.groups, self._optimizer_pool, s.adam,
                              s.pipeline)

@@ -22,7 +22,7 @@ TIERS = [(Tier.NVME, Tier.NVME), (Tier.NVME, Tier.HOST), (Tier.HOST, Tier.NVME),
 def settings(tmp_path, param: Tier, optimizer: Tier, **extra) -> EngineSettings:
     base = dict(param_tier=param, optimizer_tier=optimizer, param_nvme_path=str(tmp_path),
                 optimizer_nvme_path=str(tmp_path), adam=ADAM, gradient_clipping=1.0, sub_group_size=20_000,
-                optimizer_buffer_count=12)
+                optimizer_buffer_count=4)
     return EngineSettings(**{**base, **extra})
 
 
