@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import types
-import warnings
 from typing import Callable
 
 import torch
@@ -21,13 +20,16 @@ from infinity.zero.linear import zero_linear_forward
 
 log = logging.getLogger("infinity.zero")
 
-# [Note: an expected warning] torch warns when a full backward hook fires on a module none of whose inputs
-# require gradients, which is every embedding layer (its inputs are token ids).  The backward pre-hook
-# only gathers the module's parameters, so firing on the outputs' gradients is exactly what it needs.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
-                        "respect to module outputs since no inputs require gradients", category=UserWarning)
 
 GradHandler = Callable[[int, torch.Tensor], None]
+
+
+EXPECTED_HOOK_WARNING = ("Full backward hook is firing when gradients are computed with respect to module outputs "
+                         "since no inputs require gradients")
+"""[Note: an expected warning] torch warns when a full backward hook fires on a module none of whose
+inputs require gradients, which is every embedding layer (its inputs are token ids).  The backward
+pre-hook only gathers the module's parameters, so firing on the outputs' gradients is exactly what it
+needs; Engine.backward silences this one message."""
 
 
 class Coordinator:

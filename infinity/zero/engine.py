@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from infinity.memory.report import MemoryReport
 from infinity.swap.layout import plan_groups
 from infinity.swap.optimizer import BUFFERS_PER_GROUP, HostOptimizer, NvmeOptimizer
 from infinity.swap.params import ComputeHome, HostHome, NvmeHome, ParamHome, Tier
-from infinity.zero.coordinator import Coordinator
+from infinity.zero.coordinator import EXPECTED_HOOK_WARNING, Coordinator
 from infinity.zero.loss_scale import LossScaler
 from infinity.zero.settings import EngineSettings, Precision
 
@@ -71,7 +72,9 @@ class Engine:
         scaled = loss.float() / gas
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale
-        scaled.backward()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=EXPECTED_HOOK_WARNING, category=UserWarning)
+            scaled.backward()
         self.coordinator.release_all()
         self.micro_steps += 1
         self._pending_backward = True
