@@ -22,7 +22,7 @@ from infinity.swap.optimizer import BUFFERS_PER_GROUP, HostOptimizer, NvmeOptimi
 from infinity.swap.params import ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING, Coordinator
 from infinity.zero.loss_scale import LossScaler
-from infinity.zero.settings import EngineSettings, Precision
+from infinity.zero.settings import EngineSettings, Precision, dtype_of
 
 log = logging.getLogger("infinity.zero")
 
@@ -196,7 +196,7 @@ class Engine:
 
     def _build_param_homes(self) -> tuple[list[ParamHome], set[int]]:
         s = self.settings
-        dtype = s.precision.dtype
+        dtype = dtype_of(s.precision)
         offloaded = {i for i, p in enumerate(self.params)
                      if s.param_tier is not Tier.COMPUTE and p.numel() > s.persistence_threshold}
         homes: list[ParamHome] = [ComputeHome(self.params)] * len(self.params)
@@ -215,7 +215,7 @@ class Engine:
         return homes, offloaded
 
     def _place_params(self) -> None:
-        dtype = self.settings.precision.dtype
+        dtype = dtype_of(self.settings.precision)
         for i, p in enumerate(self.params):
             if i in self.offloaded:
                 self.homes[i].put(i, p.detach())  # type: ignore[attr-defined]

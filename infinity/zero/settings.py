@@ -1,26 +1,24 @@
 """What the engine needs to know, as one frozen object (built from a Config by infinity.zero.from_config)."""
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
 
 from infinity.config.aio import AioConfig
+from infinity.config.training import Precision
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
 from infinity.zero.loss_scale import LossScaleSettings
 from infinity.zero.schedule import LrSchedule
 
 
-class Precision(enum.Enum):
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
+DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+
+def dtype_of(precision: Precision) -> torch.dtype:
+    """The dtype of parameters and gradients on the compute tier."""
+    return DTYPES[precision]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import torch
 from infinity.errors import ConfigError
 from infinity.swap.params import Tier
 from infinity.zero import Engine, EngineSettings, Precision, UsageError
+from infinity.zero.settings import dtype_of
 
 from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run
 
@@ -108,7 +109,7 @@ def test_half_precision_trains(tmp_path, batches, precision):
                                             adam=type(ADAM)(lr=3e-3)))
     try:
         losses = train(engine, batches)
-        assert all(p.dtype == precision.dtype for p in engine.params)
+        assert all(p.dtype == dtype_of(precision) for p in engine.params)
     finally:
         engine.close()
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
