@@ -67,9 +67,8 @@ class DiskProbe:
             known = parse_diskstats(Path(source).read_text())
         except OSError as err:
             return cls(None, f"{source} cannot be read ({err.strerror})", source)
-        # [Note: block_device_name resolves /sys/dev/block/MAJ:MIN, and for a file system with no block
-        # device (tmpfs, overlay, btrfs subvolumes, NFS) that link is missing and it answers "0:27"; only
-        # a name that /proc/diskstats lists is one whose counters can be read.]
+        # [Note: a file system with no block device (tmpfs, overlay, NFS) gives None; a device that
+        # /proc/diskstats does not list (some btrfs subvolume devices) has no counters to read either.]
         if name is None or name not in known:
             return cls(None, f"{os.fspath(path)!r} is on no block device listed in {source} (tmpfs, overlay, "
                              "btrfs or a network file system?), so device bytes cannot be counted and nothing "

@@ -24,7 +24,7 @@ def block_device_name(path: str | os.PathLike[str]) -> str | None:
     dev = os.stat(path).st_dev
     link = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
     try:
-        return link.resolve().name
+        return link.resolve(strict=True).name  # strict: a file system with no block device has no such link
     except OSError:
         return None
 

@@ -99,7 +99,11 @@ def check_nvme_path(folder: str | os.PathLike[str], need_bytes: int = 0, key: st
 
 def direct_io_refusal(folder: str | os.PathLike[str]) -> str | None:
     """None when files in folder take O_DIRECT; else why not (tmpfs, for one, refuses it)."""
-    fd, probe = tempfile.mkstemp(prefix=".infinity-odirect-", dir=check_nvme_path(folder))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".infinity-odirect-", dir=folder)
+    except OSError:
+        check_nvme_path(folder)  # says why, as a typed error; callers have usually checked already
+        raise
     os.close(fd)
     try:
         os.close(os.open(probe, os.O_RDWR | os.O_DIRECT))
