@@ -83,11 +83,8 @@ class DeepSpeedWorker:
 
 
 def drop_cache(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    with open_file(path, Access.READ) as f:
+        f.drop_cached_pages()
 
 
 def measure(op: str, nbytes: int, probe: DiskProbe, go: Callable[[], float]) -> tuple[float, float | None]:

@@ -137,7 +137,7 @@ def _timed(handle: IoHandle, op: Op, file: AioFile, buffer: HostBuffer, probe: D
     if op is Op.READ:
         # O_DIRECT already bypasses the cache; dropping the file's pages as well means a kernel that
         # quietly fell back to buffered I/O still could not serve the read from memory.
-        os.posix_fadvise(file.buffered_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        file.drop_cached_pages()
     before = probe.snapshot()
     start = time.perf_counter()
     moved = handle.pread(buffer.tensor, file, 0) if op is Op.READ else handle.pwrite(buffer.tensor, file, 0)
@@ -155,7 +155,7 @@ def _with_fio(measured: list[Measurement], fio: str, plan: SweepPlan, file: AioF
     out = []
     for m in measured:
         if m.op is Op.READ:
-            os.posix_fadvise(file.buffered_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            file.drop_cached_pages()
         try:
             out.append(replace(m, fio_gbps=run_fio(fio, m.aio, m.op, plan.file_path, plan.io_size)))
         except FioError as err:

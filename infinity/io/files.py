@@ -45,6 +45,10 @@ class AioFile:
     def size(self) -> int:
         return os.fstat(self.buffered_fd).st_size
 
+    def drop_cached_pages(self) -> None:
+        """Evicts the file's clean pages from the page cache, so the next read comes from the drive."""
+        os.posix_fadvise(self.buffered_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def __enter__(self) -> "AioFile":
         return self
 
