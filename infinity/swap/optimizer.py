@@ -1,7 +1,8 @@
 """AdamW over flat fp32 sub-groups, with the states on NVMe (pipelined) or in host memory.
 
-The update itself is torch's fused CPU AdamW (torch.optim.adamw.adamw, fused=True) on one flat
-vector per sub-group: fp32 master weights, gradient, exp_avg and exp_avg_sq.  No hand-written Adam.
+The update itself is torch's fused CPU Adam (torch.optim.adam.adam, fused=True, with decoupled weight
+decay for AdamW, L2 for Adam with adam_w_mode false) on one flat vector per sub-group: fp32 master
+weights, gradient, exp_avg and exp_avg_sq.  No hand-written Adam.
 
 [Note: the NVMe pipeline]
 Sub-group i needs four buffers (master, grad, exp_avg, exp_avg_sq).  With pipeline_read the reads of
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.optim.adamw import adamw
+from torch.optim.adam import adam
 
 from infinity.errors import CapacityError
 from infinity.memory.manager import MemoryManager
@@ -43,6 +44,7 @@ class AdamSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.01
+    decoupled: bool = True  # AdamW's decoupled weight decay; False: Adam with L2 added to the gradient
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,9 @@ class Pipeline:
 
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  step: torch.Tensor, settings: AdamSettings, lr: float) -> None:
-    adamw([master], [grad], [exp_avg], [exp_avg_sq], [], [step], foreach=False, fused=True, amsgrad=False,
-          beta1=settings.betas[0], beta2=settings.betas[1], lr=lr, weight_decay=settings.weight_decay,
-          eps=settings.eps, maximize=False)
+    adam([master], [grad], [exp_avg], [exp_avg_sq], [], [step], foreach=False, fused=True, amsgrad=False,
+         beta1=settings.betas[0], beta2=settings.betas[1], lr=lr, weight_decay=settings.weight_decay,
+         eps=settings.eps, maximize=False, decoupled_weight_decay=settings.decoupled)
 
 
 def prepare_grad(g: Group, grad: torch.Tensor, written: set[int], coef: float) -> None:
