@@ -2,7 +2,10 @@
 
 The public API lives here; everything else is reached through its subpackages.
 """
+from typing import Any
+
 from infinity.config import Config
+from infinity.config.auto import TrainingArgs
 from infinity.config.aio import AioConfig, Backend
 from infinity.errors import (
     AioError,
@@ -13,11 +16,24 @@ from infinity.errors import (
     NativeUnavailable,
     NvmePathError,
     ShortTransferError,
+    UsageError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "Config", "ConfigError", "InfinityError",
-    "NativeUnavailable", "NvmePathError", "ShortTransferError", "__version__",
+    "NativeUnavailable", "NvmePathError", "ShortTransferError", "TrainingArgs", "UsageError", "__version__",
+    "initialize", "zero",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """initialize and zero import torch; the config and bench tools do without it, so they load lazily."""
+    if name == "initialize":
+        from infinity.zero.initialize import initialize
+        return initialize
+    if name == "zero":
+        import infinity.zero as zero
+        return zero
+    raise AttributeError(f"module 'infinity' has no attribute {name!r}")

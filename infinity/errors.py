@@ -92,3 +92,7 @@ class AlignmentError(AioError):
         fix = ("allocate the buffer with infinity.memory.HostBuffer (aligned), use an aligned offset, "
                "or open the handle with direct=DirectPolicy.AUTO to let unaligned transfers use the page cache")
         super().__init__(_errno.EINVAL, op, path, offset, nbytes, detail, fix)
+
+
+class UsageError(InfinityError):
+    """The engine was driven out of order (step before backward, a parameter added after initialize)."""

@@ -69,6 +69,13 @@ class MemoryManager:
         self.ledger.add("nvme", extent.nbytes)
         return partition
 
+    def lend_pool(self, key: str, pool: BufferPool) -> None:
+        """From now on key's host copies come from pool (zero.Init wrote it through a staging pool)."""
+        e = self._entry(key)
+        if e.slot is not None:
+            raise InfinityError(f"partition {key!r} holds a buffer of pool {e.pool.name!r}; it cannot change pools now")
+        e.pool = pool
+
     def state(self, key: str) -> State:
         return self._entry(key).partition.state
 

@@ -87,12 +87,17 @@ class NvmeHome(ParamHome):
     """Values in swap files, staged through the parameter buffer pool (offload_param.buffer_count)."""
 
     def __init__(self, manager: MemoryManager, pool: BufferPool, names: dict[int, str],
-                 shapes: dict[int, torch.Size], dtype: torch.dtype):
+                 shapes: dict[int, torch.Size], dtype: torch.dtype, adopted: dict[int, str] | None = None):
+        """adopted: partitions already in manager (written by zero.Init), by index."""
         self.manager, self.pool, self.dtype = manager, pool, dtype
-        self._keys = {i: f"param/{names[i]}" for i in names}
+        adopted = adopted or {}
+        self._keys = {i: adopted.get(i, f"param/{names[i]}") for i in names}
         self._shapes = shapes
         for i, k in self._keys.items():
-            manager.add(k, int(torch.Size(shapes[i]).numel()), dtype, region="param", pool=pool)
+            if i in adopted:
+                manager.lend_pool(k, pool)
+            else:
+                manager.add(k, int(torch.Size(shapes[i]).numel()), dtype, region="param", pool=pool)
 
     def key(self, index: int) -> str:
         return self._keys[index]

@@ -1,5 +1,8 @@
-"""ZeRO stage 3 on one process: the engine, its settings and its hooks."""
-from infinity.zero.engine import Engine, UsageError
+"""ZeRO stage 3 on one process: the engine, its settings, its hooks, zero.Init and initialize."""
+from infinity.errors import UsageError
+from infinity.zero.engine import Engine
+from infinity.zero.init import Init
+from infinity.zero.initialize import initialize
 from infinity.zero.settings import EngineSettings, Precision
 
-__all__ = ["Engine", "EngineSettings", "Precision", "UsageError"]
+__all__ = ["Engine", "EngineSettings", "Init", "Precision", "UsageError", "initialize"]

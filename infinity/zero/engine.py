@@ -10,25 +10,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from infinity.errors import ConfigError, InfinityError, Problem
-from infinity.io import DirectPolicy, open_handle
+from infinity.config import Config
+from infinity.errors import ConfigError, Problem, UsageError
 from infinity.memory.host_buffer import PinPolicy
 from infinity.memory.manager import MemoryManager
-from infinity.memory.nvme_store import NvmeStore
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import MemoryReport
 from infinity.swap.layout import plan_groups
 from infinity.swap.optimizer import BUFFERS_PER_GROUP, HostOptimizer, NvmeOptimizer
 from infinity.swap.params import ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING, Coordinator
+from infinity.zero.init import placed
 from infinity.zero.loss_scale import LossScaler
+from infinity.zero.placement import open_manager
 from infinity.zero.settings import EngineSettings, Precision, dtype_of
 
 log = logging.getLogger("infinity.zero")
-
-
-class UsageError(InfinityError):
-    """The engine was driven out of order (step before backward, a parameter added after initialize)."""
 
 
 class Engine:
@@ -45,17 +42,20 @@ class Engine:
         self._overflow = False
         self._pending_backward = False
         self._param_count = len(list(model.parameters()))
-        self._check(named)
-        self.groups = plan_groups([(n, p.numel()) for n, p in named], settings.sub_group_size)
+        self.shapes = [_shape_of(p) for p in self.params]
+        self._check()
+        self._adopted = self._adopt_init()
+        self.groups = plan_groups([(n, s.numel()) for n, s in zip(self.names, self.shapes)], settings.sub_group_size)
         self.optimizer = self._build_optimizer()
-        self.optimizer.set_master(lambda s: self.params[s.index].detach().float())
         self.homes, self.offloaded = self._build_param_homes()
+        self.optimizer.set_master(self._initial_values)
         for m in self._managers.values():
             m.store.reserve()
         self._place_params()
         self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, self._on_grad)
         self.coordinator.install()
         self.lr = self._lr()
+        self.config: Config | None = None  # set by infinity.initialize
 
     # ---- the DeepSpeed-shaped API -----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -106,6 +106,18 @@ class Engine:
     def eval(self) -> "Engine":
         return self.train(False)
 
+    def get_lr(self) -> list[float]:
+        return [self.lr]
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.settings.gradient_accumulation_steps
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return int(self.config.train_micro_batch_size_per_gpu) if self.config is not None else 1
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.settings.gradient_accumulation_steps == 0
+
     def zero_grad(self) -> None:
         """Gradients leave the compute tier as they are made; nothing to clear."""
 
@@ -153,7 +165,7 @@ class Engine:
         return schedule.lr(self.global_steps) if schedule else self.settings.adam.lr
 
     # ---- construction -----------------------------------------------------------
-    def _check(self, named: list[tuple[str, nn.Parameter]]) -> None:
+    def _check(self) -> None:
         s = self.settings
         problems = []
         for tier, path, key in ((s.param_tier, s.param_nvme_path, "offload_param"),
@@ -161,13 +173,12 @@ class Engine:
             if tier is Tier.NVME and not path:
                 problems.append(Problem(f"zero_optimization.{key}.nvme_path", "device is nvme but no nvme_path is "
                                         "given", "set nvme_path to a folder on the NVMe drive"))
-        if s.param_tier is Tier.NVME and named:
-            name, largest = max(named, key=lambda np: np[1].numel())
-            if largest.numel() > s.param_buffer_size:
+        if s.param_tier is Tier.NVME and self.params:
+            largest, name = max((shape.numel(), name) for name, shape in zip(self.names, self.shapes))
+            if largest > s.param_buffer_size:
                 problems.append(Problem("zero_optimization.offload_param.buffer_size",
                                         f"{s.param_buffer_size} elements cannot hold parameter {name!r} of "
-                                        f"{largest.numel()} elements", f"set buffer_size to at least "
-                                        f"{largest.numel()}"))
+                                        f"{largest} elements", f"set buffer_size to at least {largest}"))
         if s.optimizer_tier is Tier.NVME and s.optimizer_buffer_count < BUFFERS_PER_GROUP:
             problems.append(Problem("zero_optimization.offload_optimizer.buffer_count",
                                     f"{s.optimizer_buffer_count} buffers cannot hold one sub-group's "
@@ -177,9 +188,34 @@ class Engine:
 
     def _manager(self, path: str) -> MemoryManager:
         if path not in self._managers:
-            handle = open_handle(self.settings.aio, nvme_path=path, direct=DirectPolicy.AUTO)
-            self._managers[path] = MemoryManager(handle, NvmeStore(path, rank=self.settings.rank), self.device)
+            self._managers[path] = open_manager(self.settings, path, self.device)
         return self._managers[path]
+
+    def _adopt_init(self) -> dict[int, str]:
+        """Parameters built under zero.Init are on NVMe already: take over their swap store."""
+        records = {i: r for i, r in ((i, placed(p)) for i, p in enumerate(self.params)) if r is not None}
+        runs = {id(r.run): r.run for r in records.values()}
+        if not records:
+            return {}
+        if len(runs) > 1:
+            raise UsageError("the model's parameters come from more than one zero.Init; build the whole model "
+                             "under one zero.Init context")
+        if self.settings.param_tier is not Tier.NVME:
+            raise UsageError("the model was built under zero.Init with offload_param nvme, but initialize's config "
+                             f"puts parameters on {self.settings.param_tier.value}; pass the same config to both")
+        manager = next(iter(runs.values())).take(self.settings)
+        manager.device = self.device
+        self._managers[str(self.settings.param_nvme_path)] = manager
+        return {i: r.key for i, r in records.items()}
+
+    def _initial_values(self, s: Any) -> torch.Tensor:
+        """A parameter's values for the fp32 master: its own, or for one built under zero.Init, read back."""
+        i = s.index
+        if i not in self._adopted:
+            return self.params[i].detach().float()
+        values = self.homes[i].fetch(i).detach().float().cpu()
+        self.homes[i].release(i)
+        return values
 
     def _build_optimizer(self) -> HostOptimizer | NvmeOptimizer:
         s = self.settings
@@ -197,19 +233,20 @@ class Engine:
     def _build_param_homes(self) -> tuple[list[ParamHome], set[int]]:
         s = self.settings
         dtype = dtype_of(s.precision)
-        offloaded = {i for i, p in enumerate(self.params)
-                     if s.param_tier is not Tier.COMPUTE and p.numel() > s.persistence_threshold}
+        offloaded = {i for i, shape in enumerate(self.shapes)
+                     if s.param_tier is not Tier.COMPUTE and (shape.numel() > s.persistence_threshold
+                                                              or i in self._adopted)}
         homes: list[ParamHome] = [ComputeHome(self.params)] * len(self.params)
-        shapes = {i: self.params[i].shape for i in offloaded}
+        shapes = {i: self.shapes[i] for i in offloaded}
         if offloaded and s.param_tier is Tier.HOST:
             home: ParamHome = HostHome(shapes, dtype, self.device, pin=self._pin() is not PinPolicy.PAGEABLE
                                        and torch.cuda.is_available())
         elif offloaded:
-            largest = max(self.params[i].numel() for i in offloaded) * torch.empty(0, dtype=dtype).element_size()
+            largest = max(self.shapes[i].numel() for i in offloaded) * torch.empty(0, dtype=dtype).element_size()
             self._param_pool = BufferPool("param", s.param_buffer_count, largest,
                                           "zero_optimization.offload_param.buffer_count", self._pin())
             home = NvmeHome(self._manager(str(s.param_nvme_path)), self._param_pool,
-                            {i: self.names[i] for i in offloaded}, shapes, dtype)
+                            {i: self.names[i] for i in offloaded}, shapes, dtype, adopted=self._adopted)
         for i in offloaded:
             homes[i] = home
         return homes, offloaded
@@ -217,6 +254,8 @@ class Engine:
     def _place_params(self) -> None:
         dtype = dtype_of(self.settings.precision)
         for i, p in enumerate(self.params):
+            if i in self._adopted:
+                continue
             if i in self.offloaded:
                 self.homes[i].put(i, p.detach())  # type: ignore[attr-defined]
                 p.data = torch.empty(0, dtype=dtype, device=self.device)
@@ -235,3 +274,9 @@ class Engine:
         if len(list(self.module.parameters())) != self._param_count:
             raise UsageError("the model has parameters that were added after infinity.initialize; build the "
                              "whole model first, then call initialize")
+
+
+def _shape_of(p: nn.Parameter) -> torch.Size:
+    """The parameter's shape, or for one built under zero.Init (its storage emptied), the shape it had."""
+    record = placed(p)
+    return record.shape if record is not None else p.shape

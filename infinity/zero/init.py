@@ -1,0 +1,197 @@
+"""`infinity.zero.Init`: build a model with its parameters sent to NVMe one module at a time.
+
+    with infinity.zero.Init(config="configs/nvme-local.json"):
+        model = MyModel()          # never whole in host memory
+    engine, *_ = infinity.initialize(model=model, config="configs/nvme-local.json")
+
+[Note: when a parameter leaves]  Inside the context every nn.Module subclass's __init__ is wrapped.
+When a module's constructor returns, the parameters of its *children* are written to swap files and
+their storage freed; the module's own parameters follow when its parent's constructor returns (or
+at once, for the outermost module).  The delay of one level is what keeps the initial values equal
+to a plain build: constructors commonly re-initialise a child's weight right after making it
+(`self.head = nn.Linear(...); nn.init.normal_(self.head.weight)`), and that must happen before the
+values leave.  Construction itself is untouched (same device, same random draws in the same order),
+so the values written are bit for bit those of a build without the context.  Peak host memory is one
+module with its direct children, not the model.
+
+A weight changed after its parent's constructor returned (say by `model.apply(init_fn)` on the
+finished model) would change an empty placeholder: do such initialisation inside the constructors.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from infinity.config import Config
+from infinity.config.config import ConfigSource
+from infinity.errors import UsageError
+from infinity.io.align import round_up
+from infinity.memory.manager import MemoryManager
+from infinity.memory.nvme_store import ALIGNMENT
+from infinity.memory.pool import BufferPool
+from infinity.swap.params import Tier
+from infinity.zero.from_config import settings_from_config
+from infinity.zero.placement import open_manager
+from infinity.zero.settings import EngineSettings, dtype_of
+
+log = logging.getLogger("infinity.zero")
+
+ATTR = "_infinity_placed"
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where zero.Init put a parameter: a partition of run's memory manager, and the shape it had."""
+
+    run: "InitRun"
+    key: str
+    shape: torch.Size
+
+
+def placed(p: torch.Tensor) -> Placed | None:
+    return getattr(p, ATTR, None)
+
+
+class InitRun:
+    """The swap store the parameters were written to; the engine takes it over at initialize."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.dtype = dtype_of(settings.precision)
+        self.manager: MemoryManager | None = open_manager(settings, str(settings.param_nvme_path),
+                                                          torch.device("cpu"))
+        self._staging: BufferPool | None = None
+        self.count = 0
+
+    def place(self, p: nn.Parameter) -> None:
+        if placed(p) is not None or self.manager is None:
+            return
+        key = f"param/init-{self.count}"
+        self.count += 1
+        nbytes = p.numel() * torch.empty(0, dtype=self.dtype).element_size()
+        self.manager.add(key, p.numel(), self.dtype, region="param", pool=self._staging_for(nbytes))
+        self.manager.write_through(key, p.detach().to(self.dtype).reshape(-1))
+        setattr(p, ATTR, Placed(self, key, p.shape))
+        p.data = torch.empty(0, dtype=self.dtype, device=p.device)
+
+    def _staging_for(self, nbytes: int) -> BufferPool:
+        """One host buffer as large as the largest parameter so far (replaced when a larger one comes)."""
+        if self._staging is None or self._staging.buffer_bytes < nbytes:
+            self._staging = BufferPool("zero.Init staging", 1, round_up(max(nbytes, 1), ALIGNMENT),
+                                       "zero_optimization.offload_param.buffer_size")
+        return self._staging
+
+    def take(self, settings: EngineSettings) -> MemoryManager:
+        """Hands the manager to the engine, once; its settings must name the same place and dtype."""
+        if self.manager is None:
+            raise UsageError("these parameters were built under a zero.Init whose swap files were already taken "
+                             "by another engine or closed; build the model again under a new zero.Init")
+        mine, theirs = self.settings, settings
+        if (theirs.param_tier, str(theirs.param_nvme_path), theirs.precision) != \
+                (mine.param_tier, str(mine.param_nvme_path), mine.precision):
+            raise UsageError(f"the model was built under zero.Init with offload_param nvme at "
+                             f"{mine.param_nvme_path!r} in {mine.precision.value}, but initialize was given "
+                             f"{theirs.param_tier.value} at {theirs.param_nvme_path!r} in {theirs.precision.value}; "
+                             f"pass the same config to both")
+        manager, self.manager, self._staging = self.manager, None, None
+        return manager
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+            self.manager = None
+
+
+class Init:
+    """Context manager; see the module docstring.  With a config whose offload_param is not nvme it
+    changes nothing (the model is built as usual and placed by initialize)."""
+
+    def __init__(self, config: ConfigSource | Config | None = None, *, enabled: bool = True,
+                 config_dict_or_path: ConfigSource | None = None, rank: int = 0):
+        source = config if config is not None else config_dict_or_path
+        if source is None and enabled:
+            raise UsageError("zero.Init needs config= (a path, JSON string, dict or infinity.Config)")
+        self.enabled = enabled
+        self.settings = None
+        if enabled:
+            cfg = source if isinstance(source, Config) else Config.load(source)  # type: ignore[arg-type]
+            self.settings = settings_from_config(cfg, rank=rank)
+        self.run: InitRun | None = None
+        self._stack: list[nn.Module] = []
+        self._wrapped: list[tuple[type, Callable[..., None]]] = []
+        self._subclass_hook: Any = None
+
+    def __enter__(self) -> "Init":
+        if not self.enabled or self.settings is None or self.settings.param_tier is not Tier.NVME:
+            if self.enabled:
+                log.info("zero.Init: offload_param is not nvme, the model is built as usual")
+            return self
+        self.run = InitRun(self.settings)
+        for cls in _module_classes():
+            self._wrap(cls)
+        self._subclass_hook = nn.Module.__dict__.get("__init_subclass__")
+        nn.Module.__init_subclass__ = classmethod(lambda cls, **kw: self._wrap(cls))  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        if self.run is None:
+            return
+        for cls, original in reversed(self._wrapped):
+            cls.__init__ = original  # type: ignore[misc]
+        self._wrapped.clear()
+        if self._subclass_hook is None:
+            del nn.Module.__init_subclass__
+        else:
+            nn.Module.__init_subclass__ = self._subclass_hook  # type: ignore[assignment]
+        if kind is not None:
+            self.run.close()  # the build failed: its swap files go
+
+    # ---- wrapping constructors ----------------------------------------------------
+    def _wrap(self, cls: type) -> None:
+        original = cls.__dict__.get("__init__")
+        if original is None or getattr(original, "_infinity_wrapped", False):
+            return
+
+        @functools.wraps(original)
+        def init(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+            outermost_call = not self._stack or self._stack[-1] is not module
+            if outermost_call:
+                self._stack.append(module)
+            try:
+                original(module, *args, **kwargs)
+            finally:
+                if outermost_call:
+                    self._stack.pop()
+            if outermost_call:
+                self._built(module)
+
+        init._infinity_wrapped = True  # type: ignore[attr-defined]
+        try:
+            cls.__init__ = init  # type: ignore[misc]
+        except (TypeError, AttributeError):  # a class that forbids it (an extension type): built as usual
+            return
+        self._wrapped.append((cls, original))
+
+    def _built(self, module: nn.Module) -> None:
+        run = self.run
+        if run is None:
+            return
+        finished = [module] if not self._stack else list(module.children())
+        for m in finished:
+            for p in m.parameters():
+                run.place(p)
+
+
+def _module_classes() -> list[type]:
+    seen: list[type] = []
+    stack = [nn.Module]
+    while stack:
+        cls = stack.pop()
+        seen.append(cls)
+        stack.extend(c for c in cls.__subclasses__() if c not in seen)
+    return seen
