@@ -1,10 +1,18 @@
 """A progress bar for long sweeps, drawn on a stream the caller gives (the CLI gives stderr)."""
 from __future__ import annotations
 
+import enum
 import time
 from typing import TextIO
 
 WIDTH = 30
+
+
+class Cadence(enum.Enum):
+    """How often a bar off a terminal writes a line (on a terminal it redraws at every advance)."""
+
+    TENTHS = "tenths"  # at every tenth of the way: long sweeps
+    EVERY = "every"  # at every advance: training steps, each worth reading
 
 
 class ProgressBar:
@@ -13,8 +21,8 @@ class ProgressBar:
     On a terminal the line is redrawn in place; elsewhere (a log file, CI) a line is written at
     every tenth of the way, so logs stay readable."""
 
-    def __init__(self, total: int, stream: TextIO):
-        self.total, self.stream = max(total, 1), stream
+    def __init__(self, total: int, stream: TextIO, cadence: Cadence = Cadence.TENTHS):
+        self.total, self.stream, self.cadence = max(total, 1), stream, cadence
         self.done = 0
         self._start = time.monotonic()
         self._tty = bool(getattr(stream, "isatty", lambda: False)())
@@ -27,7 +35,7 @@ class ProgressBar:
         if self._tty:
             self.stream.write("\r" + line.ljust(self._width))
             self._width = max(self._width, len(line))
-        elif self.done * 10 // self.total != self._last_tenth:
+        elif self.cadence is Cadence.EVERY or self.done * 10 // self.total != self._last_tenth:
             self._last_tenth = self.done * 10 // self.total
             self.stream.write(line + "\n")
         self.stream.flush()

@@ -2,6 +2,7 @@
 states on the tiers the settings name.  Shaped like DeepSpeed's engine so users switch by an import."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -12,6 +13,7 @@ from torch import nn
 
 from infinity.config import Config
 from infinity.errors import ConfigError, Problem, UsageError
+from infinity.io.handle import IoStats
 from infinity.memory.host_buffer import PinPolicy
 from infinity.memory.manager import MemoryManager
 from infinity.memory.pool import BufferPool
@@ -120,6 +122,11 @@ class Engine:
 
     def zero_grad(self) -> None:
         """Gradients leave the compute tier as they are made; nothing to clear."""
+
+    def io_stats(self) -> IoStats:
+        """Bytes and requests the engine's async-IO handles have moved since initialize (all NVMe paths)."""
+        stats = [m.handle.stats for m in self._managers.values()]
+        return IoStats(*(sum(getattr(s, f.name) for s in stats) for f in dataclasses.fields(IoStats)))
 
     def memory_report(self) -> MemoryReport:
         reports = [m.ledger.report() for m in self._managers.values()]

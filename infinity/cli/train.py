@@ -1,0 +1,113 @@
+"""`infinity-train`: train a GPT with parameters and optimizer states where a DeepSpeed-style config puts them.
+
+    infinity-train                                   # configs/nvme-local.json: both on NVMe under ./swap
+    infinity-train --config configs/cpu-offload.json --steps 50 --hidden 1024 --layers 8
+    infinity-train --nvme_path /local_nvme --batch 8 --seq 256 --json run.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from infinity.bench.progress import Cadence, ProgressBar
+from infinity.errors import InfinityError
+from infinity.models.gpt import GptSpec
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "nvme-local.json"
+DEFAULT_SPEC = GptSpec(vocab=8192, context=128, hidden=512, layers=4, heads=8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infinity-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="DeepSpeed-style JSON (default: %(default)s)")
+    p.add_argument("--nvme_path", "--nvme-path", help="folder for swap files; overrides both offload blocks")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch", type=int, help="micro-batch size (default: the config's "
+                   "train_micro_batch_size_per_gpu)")
+    p.add_argument("--seq", type=int, default=DEFAULT_SPEC.context, help="sequence length (default %(default)s)")
+    p.add_argument("--hidden", type=int, default=DEFAULT_SPEC.hidden, help="model width (default %(default)s)")
+    p.add_argument("--layers", type=int, default=DEFAULT_SPEC.layers, help="blocks (default %(default)s)")
+    p.add_argument("--heads", type=int, default=DEFAULT_SPEC.heads, help="attention heads (default %(default)s)")
+    p.add_argument("--vocab", type=int, default=DEFAULT_SPEC.vocab, help="vocabulary (default %(default)s)")
+    p.add_argument("--hf-config", metavar="NAME_OR_PATH", help="train a Transformers causal LM built from this "
+                   "config instead of the built-in GPT (needs the transformers package)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write every step's figures and the summary as JSON")
+    return p
+
+
+def job_from_args(ns: argparse.Namespace):  # -> TrainJob (imported late: torch loads slowly)
+    from infinity.train import TrainJob
+    problems = [f"--{name} must be at least 1, got {value}" for name, value in
+                (("steps", ns.steps), ("seq", ns.seq), ("hidden", ns.hidden), ("layers", ns.layers),
+                 ("heads", ns.heads), ("vocab", ns.vocab), ("batch", ns.batch or 1)) if value < 1]
+    if ns.hidden % max(ns.heads, 1):
+        problems.append(f"--hidden {ns.hidden} must be a multiple of --heads {ns.heads}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    spec = GptSpec(vocab=ns.vocab, context=ns.seq, hidden=ns.hidden, layers=ns.layers, heads=ns.heads)
+    return TrainJob(config=ns.config, spec=spec, steps=ns.steps, micro_batch=ns.batch, nvme_path=ns.nvme_path,
+                    seed=ns.seed, hf_config=ns.hf_config)
+
+
+def describe(stats) -> str:
+    return (f"loss {stats.loss:7.4f}  {stats.step_s:6.2f} s/step  {stats.tokens_per_s:8.0f} tok/s  "
+            f"read {stats.bytes_read / 1e9:6.3f} GB  written {stats.bytes_written / 1e9:6.3f} GB  "
+            f"lr {stats.lr:.2e}")
+
+
+def summary(steps: list) -> dict:
+    steady = steps[1:] or steps  # the first step also pays for first touches and the page cache
+    seconds = sum(s.step_s for s in steady)
+    return {"steps": len(steps), "first_loss": steps[0].loss, "last_loss": steps[-1].loss,
+            "mean_step_s": seconds / len(steady), "tokens_per_s": sum(s.tokens for s in steady) / seconds,
+            "gb_read_per_step": sum(s.bytes_read for s in steady) / len(steady) / 1e9,
+            "gb_written_per_step": sum(s.bytes_written for s in steady) / len(steady) / 1e9,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def train(ns: argparse.Namespace) -> dict:
+    from infinity.train import run
+    job = job_from_args(ns)
+    bar = ProgressBar(job.steps, sys.stderr, Cadence.EVERY)
+    steps = []
+    try:
+        for stats in run(job):
+            steps.append(stats)
+            bar.advance(describe(stats))
+    finally:
+        bar.close()
+    result = summary(steps)
+    if ns.json:
+        Path(ns.json).write_text(json.dumps({"summary": result, "steps": [asdict(s) for s in steps]}, indent=2))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ns = build_parser().parse_args(argv)
+    try:
+        result = train(ns)
+    except ValueError as err:
+        print(f"infinity-train: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    except InfinityError as err:
+        print(f"infinity-train: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{result['steps']} steps: loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
+          f"{result['mean_step_s']:.2f} s/step, {result['tokens_per_s']:.0f} tokens/s, "
+          f"{result['gb_read_per_step']:.3f} GB read and {result['gb_written_per_step']:.3f} GB written per step, "
+          f"peak RSS {result['peak_rss_gib']:.2f} GiB")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

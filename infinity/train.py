@@ -1,0 +1,127 @@
+"""The main job: train a GPT (or a Transformers model) on synthetic tokens through infinity.initialize.
+
+`run(job)` yields one StepStats per optimizer step; infinity-train (cli/train.py) draws them.  The
+model is built under infinity.zero.Init when parameters go to NVMe, so it never has to fit in RAM.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from infinity.config import Config
+from infinity.config.zero import OffloadDevice
+from infinity.errors import UsageError
+from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
+from infinity.zero import Engine, Init, initialize
+
+log = logging.getLogger("infinity.train")
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    config: str | Mapping[str, Any]  # a path, JSON string or dict, DeepSpeed-style
+    spec: GptSpec = field(default_factory=GptSpec)
+    steps: int = 10
+    micro_batch: int | None = None  # None: the config's train_micro_batch_size_per_gpu
+    nvme_path: str | None = None  # overrides both offload blocks' nvme_path
+    seed: int = 0
+    hf_config: str | None = None  # a Transformers config (name or path) instead of the repo's GPT
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int  # optimizer steps done
+    loss: float  # mean of the window's micro-batch losses
+    step_s: float
+    tokens: int
+    bytes_read: int  # NVMe, this step
+    bytes_written: int
+    lr: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_s if self.step_s > 0 else 0.0
+
+
+def load_config(job: TrainJob) -> Config:
+    overrides: dict[str, Any] = {}
+    if job.nvme_path is not None:
+        overrides = {"zero_optimization.offload_param.nvme_path": job.nvme_path,
+                     "zero_optimization.offload_optimizer.nvme_path": job.nvme_path}
+    if job.micro_batch is not None:
+        overrides["train_micro_batch_size_per_gpu"] = job.micro_batch
+    return Config.load(job.config, overrides=overrides)
+
+
+def build_model(job: TrainJob, config: Config) -> nn.Module:
+    """The GPT, built under zero.Init when parameters are offloaded to NVMe.
+
+    [Note: Transformers models are built plainly] their constructors end with post_init(), which
+    re-initialises every weight of the finished model; under zero.Init those weights would already be
+    placeholders.  So a Transformers model is built in host memory and placed by initialize.
+    """
+    torch.manual_seed(job.seed)
+    if job.hf_config:
+        return _hf_model(job.hf_config)
+    on_nvme = config.zero_optimization.offload_param.device is OffloadDevice.NVME
+    with Init(config=config, enabled=on_nvme):
+        return Gpt(job.spec)
+
+
+def run(job: TrainJob) -> Iterator[StepStats]:
+    config = load_config(job)
+    model = build_model(job, config)
+    engine, *_ = initialize(model=model, config=config)
+    try:
+        yield from _loop(engine, job, config, model)
+    finally:
+        engine.close()
+
+
+def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module) -> Iterator[StepStats]:
+    micro = int(config.train_micro_batch_size_per_gpu)
+    window = engine.gradient_accumulation_steps()
+    spec = _data_spec(job, model)
+    batches = synthetic_batches(spec, batch=micro, steps=job.steps * window, seed=job.seed + 1)
+    engine.train()
+    for step in range(job.steps):
+        before, start, losses = engine.io_stats(), time.perf_counter(), []
+        for x, y in batches[step * window:(step + 1) * window]:
+            loss = _forward(engine, x, y, hf=job.hf_config is not None)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+        after = engine.io_stats()
+        yield StepStats(step=step + 1, loss=sum(losses) / len(losses), step_s=time.perf_counter() - start,
+                        tokens=window * micro * spec.context, bytes_read=after.bytes_read - before.bytes_read,
+                        bytes_written=after.bytes_written - before.bytes_written, lr=engine.get_lr()[0])
+
+
+def _forward(engine: Engine, x: torch.Tensor, y: torch.Tensor, hf: bool) -> torch.Tensor:
+    if not hf:
+        return engine(x, y)
+    logits = engine(input_ids=x).logits
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+def _data_spec(job: TrainJob, model: nn.Module) -> GptSpec:
+    """Token data shaped for the model: the GPT's own spec, or vocabulary and context of a Transformers one."""
+    if job.hf_config is None:
+        return job.spec
+    vocab = int(getattr(model.config, "vocab_size"))
+    return replace(job.spec, vocab=vocab)
+
+
+def _hf_model(name: str) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError(f"--hf-config {name}: the transformers package is not installed; pip install "
+                         "transformers, or train the built-in GPT (leave out --hf-config)") from None
+    hf_config = transformers.AutoConfig.from_pretrained(name)
+    return transformers.AutoModelForCausalLM.from_config(hf_config)
