@@ -59,6 +59,7 @@ class MemoryManager:
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
         self._pending: list[tuple[str, IoFuture, Slot | None]] = []
+        self._h2d: torch.cuda.Stream | None = None  # host-to-device copies on CUDA (to_compute)
 
     # ---- registration ------------------------------------------------------
     def add(self, key: str, numel: int, dtype: torch.dtype, region: str, pool: BufferPool) -> Partition:
@@ -107,13 +108,36 @@ class MemoryManager:
         host = self.host_view(key)
         if self.device.type == "cpu":
             e.compute = host.clone()
+        elif self.device.type == "cuda":
+            e.compute = self._copy_to_cuda(host)
         else:
-            e.compute = host.to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()  # the buffer is reused at once
+            e.compute = host.to(self.device, copy=True)
         e.partition.move_to(State.ON_COMPUTE)
         self._give_back(e)
         self.ledger.add("compute", e.extent.nbytes)
         return e.compute
+
+    def _copy_to_cuda(self, host: torch.Tensor) -> torch.Tensor:
+        """host's values on the device, copied on a side stream; returns once the copy has read host.
+
+        [Note: the side stream, and what waits for what]
+        The copy runs on the manager's own stream, so it does not queue behind the compute stream's
+        work, and the caller waits for the copy alone (its host buffer goes back to the pool at once),
+        not for every kernel queued before it.  The compute stream waits on the copy's event before it
+        reads the values.  The copy is allocated on the side stream and used on the compute stream:
+        record_stream keeps the caching allocator from handing its memory to the next copy while
+        kernels queued on the compute stream still read it (tests/gpu/test_manager_cuda.py)."""
+        compute = torch.cuda.current_stream(self.device)
+        if self._h2d is None:
+            self._h2d = torch.cuda.Stream(self.device)
+        copied = torch.cuda.Event()
+        with torch.cuda.stream(self._h2d):
+            values = host.to(self.device, non_blocking=True)
+            copied.record(self._h2d)
+        compute.wait_event(copied)
+        values.record_stream(compute)
+        copied.synchronize()
+        return values
 
     def drop_compute(self, key: str) -> None:
         """Forgets the compute-tier copy; the NVMe extent still holds the values."""

@@ -1,0 +1,96 @@
+"""MemoryManager.to_compute on CUDA: the copy has left the host buffer before the buffer is reused, the
+compute stream reads the copied values, and the caller does not wait for compute work queued earlier.
+
+Delays are injected with torch.cuda._sleep on the compute stream (a kernel that spins for a number of
+clock cycles), so that a missing wait shows up as wrong values, not as a timing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinity.config.aio import AioConfig
+from infinity.io import DirectPolicy, open_handle
+from infinity.memory.manager import MemoryManager
+from infinity.memory.nvme_store import NvmeStore
+from infinity.memory.partition import State
+from infinity.memory.pool import BufferPool
+
+pytestmark = pytest.mark.gpu
+
+N = 1 << 20
+BUSY_CYCLES = 500_000_000  # about a quarter of a second of one spinning kernel at H100 clocks
+
+
+@pytest.fixture
+def manager(tmp_path):
+    pool = BufferPool("param", 1, N * 4, "offload_param.buffer_count")  # one buffer: reused at once
+    with open_handle(AioConfig(), direct=DirectPolicy.AUTO) as handle:
+        m = MemoryManager(handle, NvmeStore(tmp_path), torch.device("cuda"))
+        try:
+            yield m, pool
+        finally:
+            m.close()
+
+
+def fetch(m: MemoryManager, key: str) -> torch.Tensor:
+    m.start_read(key)
+    m.finish_read(key)
+    return m.to_compute(key)
+
+
+def test_buffer_reused_after_to_compute_does_not_change_the_copy(manager):
+    """The host buffer goes back to the pool only after the copy has read it, even a copy that runs late."""
+    m, pool = manager
+    values = torch.arange(N, dtype=torch.float32)
+    m.add("w", N, torch.float32, region="param", pool=pool)
+    m.write_through("w", values)
+    fetch(m, "w")
+    m.drop_compute("w")
+    assert m._h2d is not None  # the side stream the copies run on
+    with torch.cuda.stream(m._h2d):
+        torch.cuda._sleep(BUSY_CYCLES)  # the next copy waits behind this
+    torch.cuda._sleep(BUSY_CYCLES)  # and so does whatever reads it on the compute stream
+    on_device = fetch(m, "w")
+    assert m.state("w") is State.ON_COMPUTE and on_device.device.type == "cuda"
+    with pool.borrowed(N * 4) as buffer:  # the pool's only buffer, the one the copy came from
+        buffer.tensor.fill_(0xFF)
+    assert torch.equal(on_device.cpu(), values)
+    m.drop_compute("w")
+
+
+def test_to_compute_does_not_wait_for_queued_compute_work(manager):
+    m, pool = manager
+    m.add("w", N, torch.float32, region="param", pool=pool)
+    m.write_through("w", torch.ones(N))
+    m.start_read("w")
+    m.finish_read("w")
+    torch.cuda._sleep(BUSY_CYCLES)
+    on_device = m.to_compute("w")
+    still_busy = not torch.cuda.current_stream().query()
+    assert float(on_device.sum()) == N
+    assert still_busy, "to_compute waited for the compute stream's earlier work, not for its own copy"
+    m.drop_compute("w")
+
+
+def test_freed_copies_are_not_reused_while_the_compute_stream_reads_them(manager):
+    """A copy dropped while a queued kernel still reads it must not be overwritten by the next copy."""
+    m, pool = manager
+    a_values, b_values = torch.arange(N, dtype=torch.float32), -torch.arange(N, dtype=torch.float32) - 1
+    for key, values in (("a", a_values), ("b", b_values)):
+        m.add(key, N, torch.float32, region="param", pool=pool)
+        m.write_through(key, values)
+    acc_a, acc_b = torch.zeros(N, device="cuda"), torch.zeros(N, device="cuda")
+    rounds = 3
+    for _ in range(rounds):
+        a = fetch(m, "a")
+        torch.cuda._sleep(BUSY_CYCLES // 5)
+        acc_a += a  # queued behind the sleep
+        del a
+        m.drop_compute("a")  # a's memory is free now as far as Python knows
+        b = fetch(m, "b")
+        acc_b += b
+        del b
+        m.drop_compute("b")
+    torch.cuda.synchronize()
+    assert torch.equal(acc_a.cpu(), rounds * a_values)
+    assert torch.equal(acc_b.cpu(), rounds * b_values)
