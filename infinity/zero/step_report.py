@@ -1,0 +1,110 @@
+"""The per-step breakdown: where a step's time went, what it moved, and how well prefetch did.
+
+`engine.step_report()` returns the last optimizer step's StepReport.  The StepClock collects it while
+the step runs: the coordinator adds read waits and prefetch outcomes, the engine adds write waits and
+the optimizer's figures.  compute_s is what is left of the step once every wait and the optimizer are
+taken out: the time the compute tier was busy (or at least not waiting on infinity).
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class Wait(enum.Enum):
+    READ = "read"  # a module waited for its parameters
+    WRITE = "write"  # backward waited for gradient writes (a full staging pool, a flush)
+    OPTIMIZER_IO = "optimizer_io"  # the optimizer waited for its sub-groups' reads or writes
+
+
+class Outcome(enum.Enum):
+    """How a partition that a module needed had been fetched."""
+
+    HIT = "hit"  # resident, or its read had finished, when the module came
+    LATE = "late"  # its read was in flight: the module waited for the rest
+    MISS = "miss"  # nobody had asked for it: fetched on demand
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    step_s: float
+    compute_s: float
+    read_wait_s: float
+    write_wait_s: float
+    optimizer_s: float
+    optimizer_io_wait_s: float
+    bytes_read: int
+    bytes_written: int
+    prefetch_hits: int
+    prefetch_late: int
+    prefetch_misses: int
+    peak_live_elements: int
+    trace_invalidations: int
+
+    @property
+    def stall_s(self) -> float:
+        """Seconds the step waited on I/O (reads, writes, the optimizer's I/O)."""
+        return self.read_wait_s + self.write_wait_s + self.optimizer_io_wait_s
+
+    @property
+    def stall_ratio(self) -> float:
+        return self.stall_s / self.step_s if self.step_s > 0 else 0.0
+
+    @property
+    def hit_ratio(self) -> float:
+        """(hits + late hits) / partitions needed; 1.0 when nothing was needed."""
+        total = self.prefetch_hits + self.prefetch_late + self.prefetch_misses
+        return (self.prefetch_hits + self.prefetch_late) / total if total else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "stall_s": self.stall_s, "stall_ratio": self.stall_ratio,
+                "hit_ratio": self.hit_ratio}
+
+    def line(self) -> str:
+        return (f"step {self.step}: {self.step_s:.3f} s = compute {self.compute_s:.3f} + read wait "
+                f"{self.read_wait_s:.3f} + write wait {self.write_wait_s:.3f} + optimizer {self.optimizer_s:.3f} "
+                f"(of which I/O wait {self.optimizer_io_wait_s:.3f}); stall {100 * self.stall_ratio:.1f}%; "
+                f"read {self.bytes_read / 1e9:.3f} GB, written {self.bytes_written / 1e9:.3f} GB; prefetch "
+                f"{self.prefetch_hits} hit / {self.prefetch_late} late / {self.prefetch_misses} miss; peak live "
+                f"{self.peak_live_elements} elements")
+
+
+class StepClock:
+    """One step's figures, filled in as it runs (a step: every micro-batch of one accumulation window)."""
+
+    def __init__(self) -> None:
+        self.live = 0  # carried across steps: it is what is resident, not a per-step sum
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.waits = {w: 0.0 for w in Wait}
+        self.outcomes = {o: 0 for o in Outcome}
+        self.optimizer_s = 0.0
+        self.peak_live = self.live
+
+    def add_wait(self, kind: Wait, seconds: float) -> None:
+        self.waits[kind] += seconds
+
+    def count(self, outcome: Outcome, n: int = 1) -> None:
+        self.outcomes[outcome] += n
+
+    def live_changed(self, delta: int) -> None:
+        """Elements of offloaded parameters resident on the compute tier went up or down by delta."""
+        self.live += delta
+        self.peak_live = max(self.peak_live, self.live)
+
+    def report(self, step: int, bytes_read: int, bytes_written: int, invalidations: int) -> StepReport:
+        step_s = time.perf_counter() - self.start
+        # The optimizer's I/O waits are part of optimizer_s; compute is what remains of the step.
+        busy = self.waits[Wait.READ] + self.waits[Wait.WRITE] + self.optimizer_s
+        return StepReport(step=step, step_s=step_s, compute_s=max(step_s - busy, 0.0),
+                          read_wait_s=self.waits[Wait.READ], write_wait_s=self.waits[Wait.WRITE],
+                          optimizer_s=self.optimizer_s, optimizer_io_wait_s=self.waits[Wait.OPTIMIZER_IO],
+                          bytes_read=bytes_read, bytes_written=bytes_written,
+                          prefetch_hits=self.outcomes[Outcome.HIT], prefetch_late=self.outcomes[Outcome.LATE],
+                          prefetch_misses=self.outcomes[Outcome.MISS], peak_live_elements=self.peak_live,
+                          trace_invalidations=invalidations)
