@@ -12,7 +12,8 @@ to a plain build: constructors commonly re-initialise a child's weight right aft
 (`self.head = nn.Linear(...); nn.init.normal_(self.head.weight)`), and that must happen before the
 values leave.  Construction itself is untouched (same device, same random draws in the same order),
 so the values written are bit for bit those of a build without the context.  Peak host memory is one
-module with its direct children, not the model.
+module with its direct children, not the model.  Parameters of at most stage3_param_persistence_threshold
+elements are not written: they stay as built, and the engine keeps them on the compute tier.
 
 A weight changed after its parent's constructor returned (say by `model.apply(init_fn)` on the
 finished model) would change an empty placeholder: do such initialisation inside the constructors.
@@ -71,6 +72,8 @@ class InitRun:
     def place(self, p: nn.Parameter) -> None:
         if placed(p) is not None or self.manager is None:
             return
+        if p.numel() <= self.settings.persistence_threshold:
+            return  # stays resident (stage3_param_persistence_threshold): the engine keeps it on the compute tier
         key = f"param/init-{self.count}"
         self.count += 1
         nbytes = p.numel() * torch.empty(0, dtype=self.dtype).element_size()

@@ -128,6 +128,28 @@ def test_zero_init_writes_the_values_a_plain_build_makes(tmp_path):
         assert torch.equal(got[name], p.detach()), name
 
 
+def test_zero_init_leaves_parameters_under_the_persistence_threshold_resident(tmp_path, batches):
+    want_losses, want_weights = plain_torch_run(batches)
+    threshold = 2 * SPEC.hidden  # layer norms and most biases stay; the matrices go to NVMe
+    cfg = config(tmp_path)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    torch.manual_seed(0)
+    with infinity.zero.Init(config=cfg):
+        model = Gpt(SPEC)
+    small = {n for n, p in model.named_parameters() if placed(p) is None}
+    assert small and all(p.numel() <= threshold and p.numel() > 0 for n, p in model.named_parameters() if n in small)
+    assert all(p.numel() == 0 for n, p in model.named_parameters() if n not in small)
+    engine, *_ = infinity.initialize(model=model, config=cfg)
+    try:
+        assert {engine.names[i] for i in engine.offloaded} == {n for n, _ in model.named_parameters()} - small
+        losses = train(engine, batches)
+        weights = final_weights(engine)
+    finally:
+        engine.close()
+    assert close_to(losses, want_losses)
+    assert_same_weights(weights, want_weights, len(batches))
+
+
 def test_zero_init_model_trains_like_plain_pytorch(tmp_path, batches):
     want_losses, want_weights = plain_torch_run(batches)
     cfg = config(tmp_path)
