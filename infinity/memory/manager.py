@@ -6,6 +6,15 @@ of that buffer (host work such as the optimizer step) or copies it to the comput
 buffer back at once (ON_COMPUTE).  New values come in through `stage` (HOST_DIRTY) and go out through
 `start_write` (WRITING -> HOST_CLEAN); `drop` returns the buffer.  Every change of place goes through
 the partition's state table.
+
+A partition may keep its host copy (`keep_host_copy`, offload_param.max_in_cpu): its first read goes
+into a buffer of its own rather than the pool's, which it keeps after `to_compute`, so it rests in
+HOST_CLEAN and later uses skip NVMe.  New values reach it through `write_kept`, which updates the host
+copy and writes it through, so both places hold the same bytes whenever nothing is in flight.
+
+Any error in a transfer, at submit or at completion, latches: from then on every call that moves
+bytes raises EngineFailed naming the first error (`fail` latches one from outside, such as an
+optimizer step stopped midway).
 """
 from __future__ import annotations
 
@@ -28,14 +37,22 @@ log = logging.getLogger("infinity.memory")
 
 
 class EngineFailed(InfinityError):
-    """An earlier I/O error left the swapped state unreliable; the run refuses to go on."""
+    """An earlier error (a failed transfer, a step stopped midway) left the swapped state unreliable;
+    the run refuses to go on."""
+
+    @classmethod
+    def of(cls, cause: BaseException) -> "EngineFailed":
+        failed = cls(f"an earlier error left the swapped state unreliable, so this run refuses to go on; start "
+                     f"again from a checkpoint. Cause: {type(cause).__name__}: {cause}")
+        failed.__cause__ = cause
+        return failed
 
 
 @dataclass
 class Slot:
-    """A host buffer of a pool, lent to one partition."""
+    """A host buffer of a pool, lent to one partition; pool None: the partition's own kept buffer."""
 
-    pool: BufferPool
+    pool: BufferPool | None
     index: int
     buffer: HostBuffer
 
@@ -49,6 +66,7 @@ class Entry:
     slot: Slot | None = None
     future: IoFuture | None = None
     compute: torch.Tensor | None = field(default=None, repr=False)
+    kept: bool = False  # keeps its host copy between uses (keep_host_copy)
 
 
 class MemoryManager:
@@ -88,7 +106,7 @@ class MemoryManager:
         e = self._entry(key)
         e.partition.move_to(State.READING)
         e.slot = self._borrow(e, timeout)
-        e.future = self.handle.submit_read(self._host_bytes(e), e.extent.path, e.extent.offset)
+        e.future = self._submit(True, self._host_bytes(e), e, 0)
 
     def finish_read(self, key: str) -> torch.Tensor:
         """Waits for the read; returns the host copy as a tensor of the partition's dtype."""
@@ -103,7 +121,8 @@ class MemoryManager:
         return e.slot.buffer.view(e.dtype, e.partition.numel)
 
     def to_compute(self, key: str) -> torch.Tensor:
-        """Copies the host copy to the compute tier and gives the host buffer back."""
+        """Copies the host copy to the compute tier and gives the host buffer back (a kept one stays)."""
+        self.check_healthy()
         e = self._entry(key)
         host = self.host_view(key)
         if self.device.type == "cpu":
@@ -113,7 +132,8 @@ class MemoryManager:
         else:
             e.compute = host.to(self.device, copy=True)
         e.partition.move_to(State.ON_COMPUTE)
-        self._give_back(e)
+        if not e.kept:
+            self._give_back(e)
         self.ledger.add("compute", e.extent.nbytes)
         return e.compute
 
@@ -140,9 +160,9 @@ class MemoryManager:
         return values
 
     def drop_compute(self, key: str) -> None:
-        """Forgets the compute-tier copy; the NVMe extent still holds the values."""
+        """Forgets the compute-tier copy; the NVMe extent (and a kept host copy) still hold the values."""
         e = self._entry(key)
-        e.partition.move_to(State.ON_NVME)
+        e.partition.move_to(State.HOST_CLEAN if e.slot is not None else State.ON_NVME)
         e.compute = None
         self.ledger.add("compute", -e.extent.nbytes)
 
@@ -162,7 +182,7 @@ class MemoryManager:
         self.check_healthy()
         e = self._entry(key)
         e.partition.move_to(State.WRITING)
-        e.future = self.handle.submit_write(self._host_bytes(e), e.extent.path, e.extent.offset)
+        e.future = self._submit(False, self._host_bytes(e), e, 0)
 
     def finish_write(self, key: str) -> None:
         self._settle(self._entry(key), State.HOST_CLEAN, State.HOST_DIRTY, "write")
@@ -206,12 +226,36 @@ class MemoryManager:
             source = slot.buffer.tensor[:length]
             source[nbytes:].zero_()
             source[:nbytes].view(values.dtype).copy_(flat)
-        future = self.handle.submit_write(source, e.extent.path, e.extent.offset + byte_offset)
+        future = self._submit(False, source, e, byte_offset)
         with self._lock:
             self._pending.append((key, future, slot))
 
+    # ---- host copies kept between uses (offload_param.max_in_cpu) ----------------
+    def keep_host_copy(self, key: str) -> None:
+        """From its next read on, key keeps its host copy in a buffer of its own, counted as host bytes."""
+        e = self._entry(key)
+        if e.partition.state is not State.ON_NVME:
+            raise InfinityError(f"partition {key!r} is {e.partition.state.value}; only one on NVMe can start "
+                                f"keeping its host copy")
+        e.kept = True
+
+    def write_kept(self, key: str, values: torch.Tensor) -> None:
+        """New values of a kept partition: copied into its host copy (HOST_DIRTY) and written from there
+        (WRITING); `flush` completes the write (HOST_CLEAN), and host and NVMe hold the same bytes again."""
+        self.check_healthy()
+        self.flush({key})
+        e = self._entry(key)
+        if not e.kept or e.partition.state not in (State.ON_NVME, State.HOST_CLEAN):
+            raise InfinityError(f"partition {key!r} is {e.partition.state.value}"
+                                f"{'' if e.kept else ', not kept'}; write_kept needs a kept partition at rest")
+        self.stage(key, values.reshape(-1)[: e.partition.numel])
+        e.partition.move_to(State.WRITING)
+        e.future = self._submit(False, self._host_bytes(e), e, 0)
+        with self._lock:
+            self._pending.append((key, e.future, None))
+
     def flush(self, keys: set[str] | None = None) -> None:
-        """Waits for write_part transfers (of keys, or all), giving back their buffers."""
+        """Waits for write_part and write_kept transfers (of keys, or all), giving back their buffers."""
         with self._lock:
             chosen = [p for p in self._pending if keys is None or p[0] in keys]
         self._complete(chosen)
@@ -240,11 +284,18 @@ class MemoryManager:
         with self._lock:
             self._pending = [p for p in self._pending if id(p) not in finished]
         first_error: InfinityError | None = None
-        for _, future, slot in pending:
+        for key, future, slot in pending:
+            ok = True
             try:
                 future.wait()
             except InfinityError as err:
-                self._failure = first_error = first_error or err
+                ok = False
+                self.fail(err)
+                first_error = first_error or err
+            e = self._entries[key]
+            if e.future is future:  # a write_kept: its host copy is clean again, or still dirty
+                e.future = None
+                e.partition.move_to(State.HOST_CLEAN if ok else State.HOST_DIRTY)
             if slot is not None:
                 slot.pool.release(slot.index)
                 self.ledger.add("host", -slot.buffer.nbytes)
@@ -254,8 +305,12 @@ class MemoryManager:
     # ---- health ------------------------------------------------------------
     def check_healthy(self) -> None:
         if self._failure is not None:
-            raise EngineFailed(f"an earlier transfer failed, so swapped state may be wrong; refusing to go on. "
-                               f"Cause: {self._failure}") from self._failure
+            raise EngineFailed.of(self._failure)
+
+    def fail(self, cause: BaseException) -> None:
+        """Latches cause (the first one stays): every later call that moves bytes raises EngineFailed."""
+        if self._failure is None:
+            self._failure = cause
 
     def close(self) -> None:
         try:
@@ -277,15 +332,30 @@ class MemoryManager:
         except KeyError:
             raise InfinityError(f"the memory manager has no partition {key!r}") from None
 
+    def _submit(self, read: bool, source: torch.Tensor, e: Entry, byte_offset: int) -> IoFuture:
+        """Starts a transfer of e's extent through the store's open file; an error here latches too."""
+        submit = self.handle.submit_read if read else self.handle.submit_write
+        try:
+            return submit(source, self.store.file(e.extent), e.extent.offset + byte_offset)
+        except InfinityError as err:
+            self.fail(err)
+            raise
+
     def _borrow(self, e: Entry, timeout: float | None) -> Slot:
+        if e.kept:
+            buffer = HostBuffer(round_up(e.extent.nbytes, ALIGNMENT), pin=e.pool.pin, zero=False)
+            self.ledger.add("host", e.extent.nbytes)
+            return Slot(None, -1, buffer)
         self._make_room(e.pool)
         index, buffer = e.pool.acquire(e.extent.nbytes, timeout)
         self.ledger.add("host", e.extent.nbytes)
         return Slot(e.pool, index, buffer)
 
     def _give_back(self, e: Entry) -> None:
+        """Returns the host buffer to its pool, or frees the partition's own kept one."""
         if e.slot is not None:
-            e.slot.pool.release(e.slot.index)
+            if e.slot.pool is not None:
+                e.slot.pool.release(e.slot.index)
             self.ledger.add("host", -e.extent.nbytes)
             e.slot = None
 
@@ -301,7 +371,7 @@ class MemoryManager:
         try:
             future.wait()
         except InfinityError as err:
-            self._failure = err
+            self.fail(err)
             e.partition.move_to(failed)
             if failed is State.ON_NVME:
                 self._give_back(e)

@@ -4,6 +4,15 @@ Layout: <nvme_path>/infinity-swap/rank-<rank>/run-<pid>/<region>.swp, folders 07
 Each region (say "param" or "optimizer") is one file; extents are laid end to end, each starting on
 an ALIGNMENT boundary so every transfer of a whole extent can use O_DIRECT.  The run folder is
 removed at close; folders of runs whose process is gone are removed when the next store opens.
+
+[Note: the files stay open for the run]
+Each region file is opened once, when its first extent is laid out, and every transfer goes through
+that open file (`file`), never through its path again.  So a run whose folder is deleted under it
+(rm -rf of nvme_path, or a cleanup from another pid namespace that took it for a dead run) keeps
+reading and writing the same inodes, which Linux keeps until the last descriptor closes: training
+goes on with correct values, and the space comes back at close.  Reopening by path instead would fail
+with ENOENT at best and, with O_CREAT, write into a new empty file whose holes read back as zeros.
+`deleted` says which files lost their names, so the engine can say so once.
 """
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ from pathlib import Path
 
 from infinity.errors import CapacityError, InfinityError
 from infinity.io.align import DEFAULT_ALIGNMENT, round_up
-from infinity.io.files import check_nvme_path
+from infinity.io.files import Access, AioFile, check_nvme_path, open_file
 
 log = logging.getLogger("infinity.memory")
 
@@ -43,7 +52,9 @@ class NvmeStore:
         self.folder.mkdir(mode=0o700)
         self._extents: dict[str, Extent] = {}
         self._ends: dict[str, int] = {}  # region -> bytes laid out so far
+        self._files: dict[str, AioFile] = {}  # path -> the open region file (see the note above)
         self.key = key
+        self._reported_deleted = False
 
     def allocate(self, key: str, nbytes: int, region: str = "param") -> Extent:
         """Lays out an extent for key at the end of region's file (sizes are fixed once allocated)."""
@@ -51,7 +62,7 @@ class NvmeStore:
             raise InfinityError(f"swap extent {key!r} is already allocated")
         path = str(self.folder / f"{region}.swp")
         if region not in self._ends:
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            self._files[path] = open_file(path, Access.READ_WRITE)  # created 0600
             self._ends[region] = 0
         extent = Extent(path, self._ends[region], nbytes, round_up(nbytes, ALIGNMENT))
         self._ends[region] += extent.capacity
@@ -63,6 +74,24 @@ class NvmeStore:
             return self._extents[key]
         except KeyError:
             raise InfinityError(f"no swap extent for {key!r}; it was never allocated") from None
+
+    def file(self, extent: Extent) -> AioFile:
+        """The open file extent lives in: transfers use it, never the path (see the note above)."""
+        return self._files[extent.path]
+
+    def deleted(self) -> list[str]:
+        """Region files of this run that no longer have a name (their folder or they were removed)."""
+        return [path for path, f in self._files.items() if not f.closed and os.fstat(f.buffered_fd).st_nlink == 0]
+
+    def warn_if_deleted(self) -> bool:
+        """Logs once, naming the folder, when this run's swap files were deleted under it; True if they were."""
+        gone = self.deleted()
+        if gone and not self._reported_deleted:
+            self._reported_deleted = True
+            log.warning("the swap files of this run under %s were deleted while it runs (%s); training goes on "
+                        "with the files it holds open, and their space comes back only when the run ends "
+                        "(engine.close() or process exit)", self.folder, ", ".join(os.path.basename(p) for p in gone))
+        return bool(gone)
 
     @property
     def planned_bytes(self) -> int:
@@ -77,14 +106,13 @@ class NvmeStore:
             raise CapacityError(f"swap files under {str(self.folder)!r}", self.planned_bytes, free,
                                 f"free space or point {self.key} at a larger drive")
         for region, end in self._ends.items():
-            fd = os.open(self.folder / f"{region}.swp", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.posix_fallocate(fd, 0, end)
-            finally:
-                os.close(fd)
+            os.posix_fallocate(self._files[str(self.folder / f"{region}.swp")].buffered_fd, 0, end)
 
     def close(self) -> None:
-        """Removes this run's swap files."""
+        """Closes and removes this run's swap files (already removed ones are fine)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
         self._extents.clear()
         self._ends.clear()

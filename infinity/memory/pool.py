@@ -25,7 +25,7 @@ class BufferPool:
         if buffer_count < 1 or buffer_bytes < 1:
             raise CapacityError(f"buffer pool {name!r}", max(buffer_bytes, 1), 0,
                                 f"set {setting} to at least 1 buffer of at least 1 element")
-        self.name, self.setting = name, setting
+        self.name, self.setting, self.pin = name, setting, pin
         self.buffer_bytes = buffer_bytes
         self._all = [HostBuffer(buffer_bytes, pin=pin, zero=False) for _ in range(buffer_count)]
         self._free = list(range(buffer_count))

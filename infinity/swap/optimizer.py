@@ -36,6 +36,9 @@ BUFFERS_PER_GROUP = len(KINDS)
 # Called with a slice and its updated fp32 master values (padded to 4096 bytes); returns the keys of
 # write_part transfers that read from those values, to be flushed before the buffer is reused.
 ParamWriter = Callable[[Slice, torch.Tensor], set[str]]
+# Completes the parameter writes of those keys, wherever they live (the parameters' swap files may be
+# under another nvme_path, in another memory manager, than the optimizer's).
+ParamFlush = Callable[[set[str]], None]
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,10 @@ class NvmeOptimizer:
         for written in self._written:
             written.clear()
 
-    def step(self, lr: float, grad_coef: float, write_params: ParamWriter) -> None:
+    def step(self, lr: float, grad_coef: float, write_params: ParamWriter,
+             flush_params: ParamFlush | None = None) -> None:
         """One AdamW step of every sub-group; grad_coef unscales and clips the gradients."""
+        self._flush_params = flush_params or self.manager.flush
         self.manager.flush()  # every gradient is on NVMe before any is read back
         writing: deque[tuple[int, set[str]]] = deque()
         self._start_reads(0, writing)
@@ -159,7 +164,7 @@ class NvmeOptimizer:
 
     def _finish_writes(self, item: tuple[int, set[str]]) -> None:
         index, param_keys = item
-        self.manager.flush(param_keys)  # parameter writes read from the master buffer
+        self._flush_params(param_keys)  # parameter writes read from the master buffer
         for kind in STATES:
             self.manager.finish_write(key(index, kind))
             self.manager.drop(key(index, kind))
@@ -187,7 +192,8 @@ class HostOptimizer:
         for written in self._written:
             written.clear()
 
-    def step(self, lr: float, grad_coef: float, write_params: ParamWriter) -> None:
+    def step(self, lr: float, grad_coef: float, write_params: ParamWriter,
+             flush_params: ParamFlush | None = None) -> None:
         for g, v in zip(self.groups, self.flat):
             prepare_grad(g, v["grad"], self._written[g.index], grad_coef)
             adamw_update(v["master"], v["grad"], v["exp_avg"], v["exp_avg_sq"], self.steps[g.index],

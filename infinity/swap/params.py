@@ -84,12 +84,23 @@ class HostHome(ParamHome):
 
 
 class NvmeHome(ParamHome):
-    """Values in swap files, staged through the parameter buffer pool (offload_param.buffer_count)."""
+    """Values in swap files, staged through the parameter buffer pool (offload_param.buffer_count).
+
+    [Note: max_in_cpu]  Up to max_in_cpu elements of parameters keep a host copy: on its first read a
+    parameter is kept if its elements fit in what is left of the budget (first come, never evicted),
+    and its later fetches copy from host memory instead of reading NVMe.  `write` updates a kept copy
+    and writes it through, so the swap file always holds the same values (DeepSpeed keeps such
+    parameters in host memory only)."""
 
     def __init__(self, manager: MemoryManager, pool: BufferPool, names: dict[int, str],
-                 shapes: dict[int, torch.Size], dtype: torch.dtype, adopted: dict[int, str] | None = None):
+                 shapes: dict[int, torch.Size], dtype: torch.dtype, adopted: dict[int, str] | None = None,
+                 max_in_cpu: int = 0):
         """adopted: partitions already in manager (written by zero.Init), by index."""
         self.manager, self.pool, self.dtype = manager, pool, dtype
+        self.max_in_cpu = max_in_cpu
+        self.kept: set[int] = set()  # parameters whose host copy stays between uses
+        self._seen: set[int] = set()  # parameters read at least once
+        self._kept_numel = 0
         adopted = adopted or {}
         self._keys = {i: adopted.get(i, f"param/{names[i]}") for i in names}
         self._shapes = shapes
@@ -106,13 +117,26 @@ class NvmeHome(ParamHome):
         self.manager.write_through(self._keys[index], values.to(self.dtype))
 
     def start_fetch(self, index: int) -> None:
-        self.manager.start_read(self._keys[index])
+        k = self._keys[index]
+        if self.manager.state(k) is not State.ON_NVME:
+            return  # a kept host copy, or a read already started: nothing to start
+        if index not in self._seen:
+            self._seen.add(index)
+            numel = self._numel(index)
+            if self._kept_numel + numel <= self.max_in_cpu:
+                self.manager.keep_host_copy(k)
+                self.kept.add(index)
+                self._kept_numel += numel
+        self.manager.start_read(k)
 
     def fetch(self, index: int) -> torch.Tensor:
         k = self._keys[index]
+        if self.manager.state(k) is State.WRITING:
+            self.manager.flush({k})  # a kept copy's write-through completes first
         if self.manager.state(k) is State.ON_NVME:
             self.start_fetch(index)
-        self.manager.finish_read(k)
+        if self.manager.state(k) is State.READING:
+            self.manager.finish_read(k)
         return self.manager.to_compute(k).view(self._shapes[index])
 
     def release(self, index: int) -> None:
@@ -120,7 +144,13 @@ class NvmeHome(ParamHome):
 
     def write(self, index: int, values: torch.Tensor) -> set[str]:
         k = self._keys[index]
-        numel = int(torch.Size(self._shapes[index]).numel())
+        numel = self._numel(index)
         source = values if self.dtype == torch.float32 else values[:numel].to(self.dtype)
-        self.manager.write_part(k, 0, source, staging=self.pool)
+        if index in self.kept:
+            self.manager.write_kept(k, source)
+        else:
+            self.manager.write_part(k, 0, source, staging=self.pool)
         return {k}
+
+    def _numel(self, index: int) -> int:
+        return int(torch.Size(self._shapes[index]).numel())

@@ -2,11 +2,12 @@
 states on the tiers the settings name.  Shaped like DeepSpeed's engine so users switch by an import."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from infinity.config import Config
 from infinity.errors import ConfigError, Problem, UsageError
 from infinity.io.handle import IoStats
 from infinity.memory.host_buffer import PinPolicy
-from infinity.memory.manager import MemoryManager
+from infinity.memory.manager import EngineFailed, MemoryManager
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import MemoryReport
 from infinity.swap.layout import plan_groups
@@ -43,7 +44,8 @@ class Engine:
         self._grad_sumsq = 0.0
         self._overflow = False
         self._pending_backward = False
-        self._param_count = len(list(model.parameters()))
+        self._param_names = {id(p): n for n, p in model.named_parameters()}  # to catch later changes
+        self._failure: BaseException | None = None  # a step or backward stopped midway
         self.shapes = [_shape_of(p) for p in self.params]
         self._check()
         self._adopted = self._adopt_init()
@@ -74,7 +76,7 @@ class Engine:
         scaled = loss.float() / gas
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), self._failing_on_error(self._boundary):
             warnings.filterwarnings("ignore", message=EXPECTED_HOOK_WARNING, category=UserWarning)
             scaled.backward()
         self.coordinator.release_all()
@@ -84,6 +86,7 @@ class Engine:
 
     def step(self) -> None:
         """The optimizer step, at the end of each gradient-accumulation window."""
+        self._check_usable()
         if not self._pending_backward:
             raise UsageError("step() was called without a backward() since the last step; call "
                              "engine.backward(loss) first")
@@ -91,11 +94,15 @@ class Engine:
         if not self._boundary:
             return
         overflow = self._overflow
-        if not overflow:
-            self.optimizer.step(self.lr, self._grad_coef(), self._write_param)
-            self.global_steps += 1
-        else:
-            self.optimizer.discard_grads()
+        with self._failing_on_error(True):
+            if not overflow:
+                self.optimizer.step(self.lr, self._grad_coef(), self._write_param, self._flush_params)
+                self.global_steps += 1
+            else:
+                self.optimizer.discard_grads()
+            self._flush_params(None)  # the step's parameter writes are all on NVMe when it returns
+        for m in self._managers.values():
+            m.store.warn_if_deleted()
         if self.scaler is not None:
             self.scaler.update(overflow)
         self._grad_sumsq, self._overflow = 0.0, False
@@ -166,6 +173,12 @@ class Engine:
 
     def _write_param(self, s: Any, values: torch.Tensor) -> set[str]:
         return self.homes[s.index].write(s.index, values)
+
+    def _flush_params(self, keys: set[str] | None) -> None:
+        """Completes parameter writes (of keys, or all) in every manager: the parameters' swap files may
+        be under another nvme_path than the optimizer's."""
+        for m in self._managers.values():
+            m.flush(keys)
 
     def _lr(self) -> float:
         schedule = self.settings.schedule
@@ -253,7 +266,8 @@ class Engine:
             self._param_pool = BufferPool("param", s.param_buffer_count, largest,
                                           "zero_optimization.offload_param.buffer_count", self._pin())
             home = NvmeHome(self._manager(str(s.param_nvme_path)), self._param_pool,
-                            {i: self.names[i] for i in offloaded}, shapes, dtype, adopted=self._adopted)
+                            {i: self.names[i] for i in offloaded}, shapes, dtype, adopted=self._adopted,
+                            max_in_cpu=s.param_max_in_cpu)
         for i in offloaded:
             homes[i] = home
         return homes, offloaded
@@ -276,11 +290,34 @@ class Engine:
         return [p for p in (getattr(self, "_param_pool", None), getattr(self, "_optimizer_pool", None)) if p]
 
     def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise EngineFailed.of(self._failure)
         for m in self._managers.values():
             m.check_healthy()
-        if len(list(self.module.parameters())) != self._param_count:
-            raise UsageError("the model has parameters that were added after infinity.initialize; build the "
-                             "whole model first, then call initialize")
+        now = {id(p): n for n, p in self.module.named_parameters()}
+        if now.keys() != self._param_names.keys():
+            added = [n for i, n in now.items() if i not in self._param_names]
+            gone = [n for i, n in self._param_names.items() if i not in now]
+            changes = {"replaced": [n for n in added if n in gone], "added": [n for n in added if n not in gone],
+                       "removed": [n for n in gone if n not in added]}
+            what = "; ".join(f"{how} after infinity.initialize: {', '.join(names)}"
+                             for how, names in changes.items() if names)
+            raise UsageError(f"the model's parameters changed ({what}); the engine trains the Parameter objects it "
+                             f"was given: build the whole model first, then call initialize, and assign no new "
+                             f"Parameters after")
+
+    @contextlib.contextmanager
+    def _failing_on_error(self, half_done: bool) -> Iterator[None]:
+        """An error that stops a step, or a backward sending gradients, midway leaves the optimizer's state
+        half updated: the run is latched failed (every later call raises EngineFailed naming it)."""
+        try:
+            yield
+        except BaseException as err:
+            if half_done:
+                self._failure = self._failure or err
+                for m in self._managers.values():
+                    m.fail(err)
+            raise
 
 
 def _shape_of(p: nn.Parameter) -> torch.Size:

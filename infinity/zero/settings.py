@@ -41,4 +41,5 @@ class EngineSettings:
     gradient_clipping: float = 0.0
     loss_scale: LossScaleSettings = field(default_factory=LossScaleSettings)
     persistence_threshold: int = 0  # parameters of at most this many elements stay on the compute tier
+    param_max_in_cpu: int = 0  # parameter elements on NVMe that also keep a host copy (offload_param.max_in_cpu)
     rank: int = 0
