@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 from infinity.config import Config
 from infinity.estimate.sizes import Cluster, ModelSize, build_on_meta, count_module
-from infinity.estimate.tiers import (FP32, OPTIMIZER_BYTES, OPTIONS, Basis, Need, Option, Traffic, ZeroInit, need,
-                                    optimizer_pipeline, traffic)
+from infinity.estimate.tiers import (FP32, OPTIMIZER_BYTES, OPTIONS, Basis, Need, Option, Traffic, ZeroInit,
+                                    largest_partition, need, optimizer_pipeline, traffic)
 
 __all__ = ["Basis", "Cluster", "Estimate", "ModelSize", "Need", "Option", "Row", "Traffic", "ZeroInit",
            "build_on_meta", "count_module", "estimate"]
+
+
+MIXED_PRECISION_DEFAULTS = Config.load({"bf16": {"enabled": True}})
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,10 @@ class Estimate:
 def estimate(size: ModelSize, cluster: Cluster, config: Config | None = None,
              step_seconds: float | None = None) -> Estimate:
     """One row per offload option.  `config` supplies the NVMe settings (buffer pools, max_in_cpu,
-    sub_group_size, accumulation steps) and marks its own option; defaults are used without it."""
+    sub_group_size, accumulation steps, precision) and marks its own option; without it the defaults
+    are used, in mixed precision (2-byte parameters) as DeepSpeed's estimator assumes."""
     chosen_config = config
-    config = config or Config()
+    config = config or MIXED_PRECISION_DEFAULTS
     rows = tuple(Row(option, need(option, size, cluster, config),
                      traffic(option, size, cluster, config, step_seconds) if step_seconds else None,
                      chosen_config is not None and option.matches(chosen_config)) for option in OPTIONS)
@@ -55,7 +59,7 @@ def _notes(size: ModelSize, cluster: Cluster, config: Config) -> list[str]:
                      f"{what}, {partition} elements: parameters on NVMe need buffer_size >= {partition}")
     optimizer = config.zero_optimization.offload_optimizer
     part = -(-size.total_params // cluster.world_size)
-    depth, group = optimizer_pipeline(config, part)
+    depth, group = optimizer_pipeline(config, part, largest_partition(size, cluster))
     pool = optimizer.buffer_count * depth * group * FP32
     if pool > OPTIMIZER_BYTES * part // 4 and pool >= 2 ** 30:  # large, and large next to what it streams
         notes.append(f"with offload_optimizer on nvme, sub-groups of {group} elements make the optimizer pool "

@@ -63,7 +63,7 @@ def table(result: Estimate) -> str:
     if any(row.chosen for row in result.rows):
         lines.append("* the option the given config selects")
     lines.append("deepspeed-estimator: DeepSpeed's ZeRO-3 formula with its 1.5 factor on host memory; "
-                 "infinity: infinity's own buffers (pools, max_in_cpu, pinned staging) and swap files.")
+                 "infinity: the buffers infinity's engine allocates (its two pools, max_in_cpu) and its swap files.")
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
 

@@ -2,8 +2,9 @@
 
 Rows without NVMe follow DeepSpeed's ZeRO-3 estimator (`estimate_zero3_model_states_mem_needs`,
 1.5 buffer factor), so the figures agree with what users already know.  Rows with NVMe count
-what infinity itself keeps: its buffer pools, the parameters kept in host memory (max_in_cpu),
-pinned staging, and the swap files.
+what infinity's engine allocates: its two buffer pools (each buffer as large as the engine makes it:
+the largest parameter, the largest sub-group of whole parameters), the parameters kept in host memory
+(max_in_cpu), and the swap files, with parameters in the config's precision.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from infinity.config import DIRECT_ALIGNMENT, Config, OffloadDevice
+from infinity.config.training import Precision
 from infinity.estimate.sizes import Cluster, ModelSize
 
 NONE, CPU, NVME = OffloadDevice.NONE, OffloadDevice.CPU, OffloadDevice.NVME
@@ -21,6 +23,8 @@ BUFFER_NUMERATOR, BUFFER_DENOMINATOR = 3, 2
 FP16, FP32 = 2, 4
 # Per parameter: fp32 master weight + Adam exp_avg + exp_avg_sq + fp32 gradient.
 OPTIMIZER_BYTES = 4 * FP32
+# Bytes of a parameter on NVMe and in the parameter pool: the engine keeps them in the compute dtype.
+PARAM_BYTES = {Precision.FP16: FP16, Precision.BF16: FP16, Precision.FP32: FP32}
 
 
 class ZeroInit(enum.Enum):
@@ -119,23 +123,30 @@ def _deepspeed_need(option: Option, size: ModelSize, cluster: Cluster) -> Need:
 
 
 def _infinity_need(option: Option, size: ModelSize, cluster: Cluster, config: Config) -> Need:
-    """What infinity keeps per rank, times the ranks of a node."""
+    """What infinity keeps per rank, times the ranks of a node.
+
+    [Note: what the engine's pools hold]  Gradients and updated parameters are staged through the
+    two pools themselves, so there is no third staging buffer.  A parameter-pool buffer holds the
+    largest parameter (buffer_size is only its upper limit), and an optimizer-pool buffer the largest
+    sub-group, which is whole parameters: never smaller than the largest parameter."""
     zero = config.zero_optimization
     part = -(-size.total_params // cluster.world_size)  # a rank's partition, in elements
+    largest = largest_partition(size, cluster)
+    param_bytes = PARAM_BYTES[config.precision]
     layer = 2 * FP16 * size.largest_layer_params
     gpu = layer if option.offload_param is not NONE else layer + FP16 * part
     parts: dict[str, int] = {}
     if option.offload_param is CPU:
         parts["fp16_params"] = FP16 * part
     elif option.offload_param is NVME:
-        parts["param_pool"] = zero.offload_param.buffer_count * zero.offload_param.buffer_size * FP16
-        parts["params_in_cpu"] = min(zero.offload_param.max_in_cpu, part) * FP16
-    depth, group = optimizer_pipeline(config, part)
+        buffer = min(zero.offload_param.buffer_size, largest)  # larger than buffer_size: a config error
+        parts["param_pool"] = zero.offload_param.buffer_count * buffer * param_bytes
+        parts["params_in_cpu"] = min(zero.offload_param.max_in_cpu, part) * param_bytes
+    depth, group = optimizer_pipeline(config, part, largest)
     if option.offload_optimizer is CPU:
         parts["optimizer_states"] = OPTIMIZER_BYTES * part
     else:
         parts["optimizer_pool"] = zero.offload_optimizer.buffer_count * depth * group * FP32
-        parts["pinned_staging"] = group * FP16  # fp16 gradients in, updated fp16 parameters out
     parts = {name: bytes_ * cluster.gpus_per_node for name, bytes_ in parts.items()}
     host = sum(parts.values())
     if option.zero_init is ZeroInit.OFF:
@@ -144,19 +155,26 @@ def _infinity_need(option: Option, size: ModelSize, cluster: Cluster, config: Co
                 * cluster.gpus_per_node, basis=Basis.INFINITY, host_parts=parts)
 
 
-def optimizer_pipeline(config: Config, part: int) -> tuple[int, int]:
-    """(sub-groups in flight, elements per sub-group) of a rank whose partition is `part` elements:
-    never more sub-groups in flight than the partition has."""
-    group = min(config.zero_optimization.sub_group_size, part)
+def largest_partition(size: ModelSize, cluster: Cluster) -> int:
+    """A rank's share of the largest parameter (the largest layer stands in when it is not known)."""
+    largest = size.largest_param if size.largest_param is not None else size.largest_layer_params
+    return -(-largest // cluster.world_size)
+
+
+def optimizer_pipeline(config: Config, part: int, largest: int = 0) -> tuple[int, int]:
+    """(sub-groups in flight, elements per sub-group) of a rank whose partition is `part` elements
+    and whose largest parameter is `largest`: a sub-group holds whole parameters, so it is never
+    smaller than the largest one, and never more sub-groups are in flight than the partition has."""
+    group = min(max(config.zero_optimization.sub_group_size, largest), part)
     return min(config.zero_optimization.offload_optimizer.pipeline_depth, -(-part // group)), group
 
 
 def _swap_bytes(option: Option, part: int, group: int, config: Config) -> int:
-    """A rank's swap files: fp16 parameters, and per optimizer sub-group four fp32 tensors, each
-    extent rounded up to the O_DIRECT alignment."""
+    """A rank's swap files: parameters in the compute dtype, and per optimizer sub-group four fp32
+    tensors, each extent rounded up to the O_DIRECT alignment."""
     total = 0
     if option.offload_param is NVME:
-        total += _aligned(FP16 * part)
+        total += _aligned(PARAM_BYTES[config.precision] * part)
     if option.offload_optimizer is NVME:
         full, rest = divmod(part, group)
         total += OPTIMIZER_BYTES // FP32 * (full * _aligned(FP32 * group) + _aligned(FP32 * rest))
@@ -175,8 +193,8 @@ def traffic(option: Option, size: ModelSize, cluster: Cluster, config: Config, s
     read = write = 0
     if option.offload_param is NVME:
         swapped = part - min(zero.offload_param.max_in_cpu, part)
-        read += 2 * steps * FP16 * swapped
-        write += FP16 * swapped
+        read += 2 * steps * PARAM_BYTES[config.precision] * swapped
+        write += PARAM_BYTES[config.precision] * swapped
     if option.offload_optimizer is NVME:
         read += OPTIMIZER_BYTES * part
         write += OPTIMIZER_BYTES * part

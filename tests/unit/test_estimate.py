@@ -67,16 +67,18 @@ def test_cli_prints_deepspeeds_figures_to_the_hundredth(capsys):
 
 
 def test_nvme_rows_count_infinitys_buffers_and_swap_files():
-    config = Config.load({"zero_optimization": {"stage": 3, "sub_group_size": 1e8,
+    config = Config.load({"bf16": {"enabled": True},
+                          "zero_optimization": {"stage": 3, "sub_group_size": 1e8,
                                                 "offload_param": {"device": "nvme", "nvme_path": "/n"},
                                                 "offload_optimizer": {"device": "nvme", "nvme_path": "/n"}}})
     rows = rows_by_option(estimate(SIZE, Cluster(1, 1), config, step_seconds=10))
     both = rows[(NVME, NVME, ZeroInit.ON)]
     assert both.chosen and both.need.basis is Basis.INFINITY
     parts = both.need.host_parts
-    assert parts["param_pool"] == 5 * 100_000_000 * 2
+    assert parts["param_pool"] == 5 * 65_000_000 * 2  # a buffer holds the largest parameter (here: layer)
     assert parts["params_in_cpu"] == 1_000_000_000 * 2
     assert parts["optimizer_pool"] == 4 * 3 * 100_000_000 * 4
+    assert set(parts) == {"param_pool", "params_in_cpu", "optimizer_pool"}  # gradients stage through the pools
     assert both.need.host_per_node == sum(parts.values())
     # fp16 parameters + four fp32 tensors per parameter, each extent aligned to 4096 bytes
     assert 18 * 2_783_000_000 <= both.need.nvme_per_node < 18 * 2_783_000_000 + 200 * 4096
@@ -89,6 +91,36 @@ def test_nvme_rows_count_infinitys_buffers_and_swap_files():
     off = rows[(NVME, NVME, ZeroInit.OFF)]
     assert off.need.host_per_node == max(both.need.host_per_node, 4 * 2_783_000_000)
     assert rows[(NONE, NONE, ZeroInit.ON)].traffic is None
+
+
+def nvme_config(**zero):
+    base = {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/n", "max_in_cpu": 0},
+            "offload_optimizer": {"device": "nvme", "nvme_path": "/n"}}
+    return {"zero_optimization": base | zero}
+
+
+def test_pools_are_sized_as_the_engine_sizes_them():
+    size = ModelSize(3_000_000_000, 60_000_000, largest_param=50_000_000)
+    bf16 = Config.load({"bf16": {"enabled": True}, **nvme_config(sub_group_size=10_000_000)})
+    parts = rows_by_option(estimate(size, Cluster(), bf16))[(NVME, NVME, ZeroInit.ON)].need.host_parts
+    assert parts["param_pool"] == 5 * 50_000_000 * 2  # the largest parameter, not buffer_size (1e8)
+    # a sub-group holds whole parameters: the 50M one makes its buffers 50M elements, not 10M
+    assert parts["optimizer_pool"] == 4 * 3 * 50_000_000 * 4
+
+
+def test_fp32_training_keeps_4_byte_parameters_in_the_pool_and_on_nvme():
+    size = ModelSize(1_000_000_000, 20_000_000, largest_param=20_000_000)
+    rows = {p: rows_by_option(estimate(size, Cluster(), Config.load({**precision, **nvme_config()}), step_seconds=1))
+            for p, precision in (("fp32", {}), ("bf16", {"bf16": {"enabled": True}}))}
+    fp32, bf16 = (rows[p][(NVME, NVME, ZeroInit.ON)] for p in ("fp32", "bf16"))
+    assert fp32.need.host_parts["param_pool"] == 2 * bf16.need.host_parts["param_pool"] == 5 * 20_000_000 * 4
+    assert abs(fp32.need.nvme_per_node - bf16.need.nvme_per_node - 2 * 1_000_000_000) < 4096  # alignment
+    assert fp32.traffic.read_per_node - bf16.traffic.read_per_node == 2 * 2 * 1_000_000_000
+
+
+def test_without_a_config_parameters_are_counted_in_mixed_precision():
+    row = rows_by_option(estimate(SIZE, Cluster()))[(NVME, NVME, ZeroInit.ON)]
+    assert row.need.host_parts["param_pool"] == 5 * 65_000_000 * 2
 
 
 def test_json_output(capsys):

@@ -1,0 +1,54 @@
+"""infinity-estimate's NVMe rows against what a real engine allocates for the same model and config."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import infinity
+from infinity import Config
+from infinity.config import OffloadDevice
+from infinity.estimate import Cluster, ZeroInit, count_module, estimate
+from infinity.models.gpt import Gpt, GptSpec
+
+NVME = OffloadDevice.NVME
+SPEC = GptSpec(vocab=512, context=16, hidden=256, layers=2, heads=4)  # largest parameter: 4h x h = 262144
+LARGEST = 4 * SPEC.hidden * SPEC.hidden
+
+
+def config(path, precision: str, sub_group_size: int) -> dict:
+    offload = {"device": "nvme", "nvme_path": str(path)}
+    mixed = {precision: {"enabled": True}} if precision != "fp32" else {}
+    return mixed | {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": 3, "sub_group_size": sub_group_size, "stage3_param_persistence_threshold": 0,
+                              "offload_param": offload | {"buffer_count": 3, "buffer_size": 1_000_000, "max_in_cpu": 0},
+                              "offload_optimizer": offload | {"buffer_count": 4}}}
+
+
+def engine_and_estimate(tmp_path, cfg):
+    torch.manual_seed(0)
+    model = Gpt(SPEC)
+    row = next(r for r in estimate(count_module(model), Cluster(), Config.load(cfg)).rows
+               if (r.option.offload_param, r.option.offload_optimizer, r.option.zero_init) == (NVME, NVME, ZeroInit.ON))
+    engine, *_ = infinity.initialize(model=model, config=cfg)
+    try:
+        return engine.memory_report(), row.need
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("precision, param_bytes", [("bf16", 2), ("fp32", 4)])
+def test_pools_and_swap_files_are_what_the_engine_allocates(tmp_path, precision, param_bytes):
+    # sub_group_size below the largest parameter: every sub-group buffer holds that parameter
+    report, need = engine_and_estimate(tmp_path, config(tmp_path, precision, 100_000))
+    assert need.host_parts["param_pool"] == 3 * LARGEST * param_bytes
+    assert need.host_parts["optimizer_pool"] == 4 * 3 * LARGEST * 4
+    assert report.host_pool_bytes == need.host_parts["param_pool"] + need.host_parts["optimizer_pool"]
+    assert abs(report.nvme_bytes - need.nvme_per_node) <= 0.01 * report.nvme_bytes  # extents' 4096-byte padding
+
+
+def test_sub_groups_of_whole_parameters_stay_within_the_estimate(tmp_path):
+    report, need = engine_and_estimate(tmp_path, config(tmp_path, "bf16", 600_000))
+    estimated = need.host_parts["param_pool"] + need.host_parts["optimizer_pool"]
+    # whole parameters fill a sub-group to at most sub_group_size, so the estimate is an upper bound, and close
+    assert report.host_pool_bytes <= estimated <= 1.2 * report.host_pool_bytes
