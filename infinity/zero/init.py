@@ -151,8 +151,10 @@ class Init:
             del nn.Module.__init_subclass__
         else:
             nn.Module.__init_subclass__ = self._subclass_hook  # type: ignore[assignment]
-        if kind is not None:
-            self.run.close()  # the build failed: its swap files go
+        if kind is not None or self.run.count == 0:
+            # the build failed, or every parameter stayed resident: the swap files go, and initialize
+            # opens its own store in the same per-run folder
+            self.run.close()
 
     # ---- wrapping constructors ----------------------------------------------------
     def _wrap(self, cls: type) -> None:

@@ -150,6 +150,21 @@ def test_zero_init_leaves_parameters_under_the_persistence_threshold_resident(tm
     assert_same_weights(weights, want_weights, len(batches))
 
 
+def test_zero_init_that_places_nothing_leaves_no_swap_store_behind(tmp_path, batches):
+    cfg = config(tmp_path)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 10 ** 9  # everything stays resident
+    torch.manual_seed(0)
+    with infinity.zero.Init(config=cfg):
+        model = Gpt(SPEC)
+    assert all(placed(p) is None for p in model.parameters())
+    assert not list(tmp_path.glob("infinity-swap/rank-0/run-*"))
+    engine, *_ = infinity.initialize(model=model, config=cfg)  # opens its own store in the same folder
+    try:
+        train(engine, batches[:1])
+    finally:
+        engine.close()
+
+
 def test_zero_init_model_trains_like_plain_pytorch(tmp_path, batches):
     want_losses, want_weights = plain_torch_run(batches)
     cfg = config(tmp_path)
