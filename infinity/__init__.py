@@ -12,6 +12,7 @@ from infinity.errors import (
     AlignmentError,
     CapacityError,
     ConfigError,
+    EngineFailed,
     InfinityError,
     NativeUnavailable,
     NvmePathError,
@@ -22,9 +23,9 @@ from infinity.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "Config", "ConfigError", "InfinityError",
-    "NativeUnavailable", "NvmePathError", "ShortTransferError", "TrainingArgs", "UsageError", "__version__",
-    "initialize", "zero",
+    "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "Config", "ConfigError", "EngineFailed",
+    "InfinityError", "NativeUnavailable", "NvmePathError", "ShortTransferError", "TrainingArgs", "UsageError",
+    "__version__", "initialize", "zero",
 ]
 
 

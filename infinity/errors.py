@@ -94,5 +94,17 @@ class AlignmentError(AioError):
         super().__init__(_errno.EINVAL, op, path, offset, nbytes, detail, fix)
 
 
+class EngineFailed(InfinityError):
+    """An earlier error (a failed transfer, a step stopped midway) left the swapped state unreliable;
+    the run refuses to go on.  The first error is the cause (`__cause__`) and is named in the message."""
+
+    @classmethod
+    def of(cls, cause: BaseException) -> "EngineFailed":
+        failed = cls(f"an earlier error left the swapped state unreliable, so this run refuses to go on; start "
+                     f"again from a checkpoint. Cause: {type(cause).__name__}: {cause}")
+        failed.__cause__ = cause
+        return failed
+
+
 class UsageError(InfinityError):
     """The engine was driven out of order (step before backward, a parameter added after initialize)."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infinity.errors import InfinityError
+from infinity.errors import EngineFailed, InfinityError
 from infinity.io.handle import IoFuture, IoHandle
 from infinity.memory.host_buffer import HostBuffer
 from infinity.io.align import round_up
@@ -34,18 +34,6 @@ from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
 
 log = logging.getLogger("infinity.memory")
-
-
-class EngineFailed(InfinityError):
-    """An earlier error (a failed transfer, a step stopped midway) left the swapped state unreliable;
-    the run refuses to go on."""
-
-    @classmethod
-    def of(cls, cause: BaseException) -> "EngineFailed":
-        failed = cls(f"an earlier error left the swapped state unreliable, so this run refuses to go on; start "
-                     f"again from a checkpoint. Cause: {type(cause).__name__}: {cause}")
-        failed.__cause__ = cause
-        return failed
 
 
 @dataclass
@@ -343,7 +331,7 @@ class MemoryManager:
 
     def _borrow(self, e: Entry, timeout: float | None) -> Slot:
         if e.kept:
-            buffer = HostBuffer(round_up(e.extent.nbytes, ALIGNMENT), pin=e.pool.pin, zero=False)
+            buffer = HostBuffer(e.extent.capacity, pin=e.pool.pin, zero=True)  # padding stays zero
             self.ledger.add("host", e.extent.nbytes)
             return Slot(None, -1, buffer)
         self._make_room(e.pool)
@@ -360,9 +348,17 @@ class MemoryManager:
             e.slot = None
 
     def _host_bytes(self, e: Entry) -> torch.Tensor:
+        """The bytes a transfer of e moves: the partition's, or for a kept copy its whole blocks.
+
+        [Note: kept copies move whole blocks]  A transfer shorter than a block goes through the page
+        cache (native/src/aio.c).  A buffered write in flight beside an O_DIRECT write to a neighbouring
+        extent of the same file can be lost: the page cache's folio may span both, and the kernel then
+        fails to invalidate it ("Page cache invalidation failure on direct I/O" in dmesg; seen here with
+        write_kept of a 768-byte bias beside its 48 KiB weight).  write_part pads to whole blocks for
+        this reason, and a kept copy, whose buffer is its extent's capacity, does the same."""
         if e.slot is None:
             raise InfinityError(f"partition {e.partition.key!r} has no host buffer to transfer")
-        return e.slot.buffer.tensor[: e.extent.nbytes]
+        return e.slot.buffer.tensor[: e.extent.capacity if e.slot.pool is None else e.extent.nbytes]
 
     def _settle(self, e: Entry, ok: State, failed: State, what: str) -> None:
         future, e.future = e.future, None

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from infinity.config import Config
-from infinity.errors import ConfigError, Problem, UsageError
+from infinity.errors import ConfigError, EngineFailed, Problem, UsageError
 from infinity.io.handle import IoStats
 from infinity.memory.host_buffer import PinPolicy
-from infinity.memory.manager import EngineFailed, MemoryManager
+from infinity.memory.manager import MemoryManager
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import MemoryReport
 from infinity.swap.layout import plan_groups

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from infinity.config.aio import AioConfig, Backend
-from infinity.errors import AioError, ShortTransferError
-from infinity.memory.manager import EngineFailed
+from infinity.errors import AioError, EngineFailed, ShortTransferError
 from infinity.swap import optimizer as optimizer_module
 from infinity.swap.params import Tier
 from infinity.zero import Engine, EngineSettings, UsageError
@@ -101,13 +100,15 @@ def fill(folder) -> None:
 
 
 @pytest.mark.parametrize("backend", [Backend.LIBAIO, Backend.POSIX], ids=["libaio", "posix"])
-@pytest.mark.parametrize("region", ["param", "grad"])
-def test_disk_full_mid_step_is_a_typed_error_and_latches(small_fs, batches, backend, region):
-    """param: the step's writes of new weights hit the hole (inside the optimizer pipeline, write_part
-    then flush); grad: backward's gradient writes do (write_part, completed in backward or at the step)."""
-    engine = Engine(fresh_model(), settings(small_fs, backend))
+@pytest.mark.parametrize("region,max_in_cpu", [("param", 0), ("param", SPEC.parameters), ("grad", 0)],
+                         ids=["param", "param-kept-in-host", "grad"])
+def test_disk_full_mid_step_is_a_typed_error_and_latches(small_fs, batches, backend, region, max_in_cpu):
+    """param: the step's writes of new weights hit the hole (inside the optimizer pipeline: write_part,
+    or write_kept for host-kept copies, completed at a flush); grad: backward's gradient writes do."""
+    engine = Engine(fresh_model(), settings(small_fs, backend, param_max_in_cpu=max_in_cpu))
     try:
         train(engine, batches[:1])
+        assert (engine.homes[0].kept == engine.offloaded) == bool(max_in_cpu)  # type: ignore[attr-defined]
         path = swap_file(engine, region)
         x, y = batches[1]
         loss = engine(x, y)
