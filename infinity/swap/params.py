@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from typing import Iterator
 
 import torch
 
 from infinity.memory.manager import MemoryManager
 from infinity.memory.partition import State
 from infinity.memory.pool import BufferPool
+from infinity.swap.swap_in import swap_in
 
 
 class Tier(enum.Enum):
@@ -41,6 +43,11 @@ class ParamHome(ABC):
 
     def start_fetch(self, index: int) -> None:
         """Begins moving the values towards the compute tier; a later fetch finishes it."""
+
+    def fetch_many(self, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, fetch(index)) for each index, in order; a home that reads NVMe overlaps the reads."""
+        for i in indices:
+            yield i, self.fetch(i)
 
 
 class ComputeHome(ParamHome):
@@ -138,6 +145,14 @@ class NvmeHome(ParamHome):
         if self.manager.state(k) is State.READING:
             self.manager.finish_read(k)
         return self.manager.to_compute(k).view(self._shapes[index])
+
+    def fetch_many(self, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """fetch of each index, in order, with up to offload_param.buffer_count reads in flight and each
+        copy to the compute tier overlapping the next reads (infinity.swap.swap_in)."""
+        index_of = {self._keys[i]: i for i in indices}
+        for k, values in swap_in(self.manager, list(index_of), self.pool,
+                                 start=lambda k: self.start_fetch(index_of[k])):
+            yield index_of[k], values.view(self._shapes[index_of[k]])
 
     def release(self, index: int) -> None:
         self.manager.drop_compute(self._keys[index])
