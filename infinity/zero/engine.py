@@ -52,9 +52,9 @@ class Engine:
         self.groups = plan_groups([(n, s.numel()) for n, s in zip(self.names, self.shapes)], settings.sub_group_size)
         self.optimizer = self._build_optimizer()
         self.homes, self.offloaded = self._build_param_homes()
-        self.optimizer.set_master(self._initial_values)
         for m in self._managers.values():
-            m.store.reserve()
+            m.store.reserve()  # before any transfer: whole-block reads of zero.Init's partitions need the room
+        self.optimizer.set_master(self._initial_values)
         self._place_params()
         self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, self._on_grad)
         self.coordinator.install()

@@ -28,6 +28,7 @@ def settings_from_config(config: Config, rank: int = 0) -> EngineSettings:
         param_tier=TIERS[param.device], optimizer_tier=TIERS[opt.device],
         param_nvme_path=param.nvme_path, optimizer_nvme_path=opt.nvme_path,
         param_buffer_count=param.buffer_count, param_buffer_size=param.buffer_size,
+        param_max_in_cpu=param.max_in_cpu if param.device is OffloadDevice.NVME else 0,
         optimizer_buffer_count=opt.buffer_count,
         pin_memory=param.pin_memory and opt.pin_memory,
         sub_group_size=zero.sub_group_size,

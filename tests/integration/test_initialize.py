@@ -23,7 +23,8 @@ def batches():
 
 def config(path, param_device="nvme", optimizer_device="nvme", **top):
     zero = {"stage": 3, "sub_group_size": 20_000, "stage3_param_persistence_threshold": 0,
-            "offload_param": {"device": param_device, "nvme_path": str(path)},
+            "offload_param": {"device": param_device, "nvme_path": str(path),
+                              **({"max_in_cpu": 0} if param_device == "nvme" else {})},
             "offload_optimizer": {"device": optimizer_device, "nvme_path": str(path), "buffer_count": 4}}
     adamw = {"type": "AdamW", "params": {"lr": ADAM.lr, "betas": list(ADAM.betas), "eps": ADAM.eps,
                                          "weight_decay": ADAM.weight_decay}}
