@@ -6,7 +6,7 @@ from typing import Any
 
 from infinity.errors import NativeUnavailable
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 REBUILD = "reinstall the package (pip install -e .) with Debian's libaio-dev present (apt-get install libaio-dev)"
 
 

@@ -33,6 +33,7 @@ class AioFile:
     direct_fd: int
     alignment: int
     closed: bool = field(default=False)
+    label: str = ""  # what the file holds, for metrics: a swap region ("param", "grad", ...) or ""
 
     def close(self) -> None:
         if self.closed:

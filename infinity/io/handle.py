@@ -7,10 +7,12 @@ import errno
 import logging
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from infinity import metrics
 from infinity.config.aio import AioConfig, Backend
 from infinity.errors import AioError, AlignmentError, ShortTransferError
 from infinity.io.files import Access, AioFile, open_file
@@ -42,6 +44,7 @@ class Transfer:
 
     def __init__(self, op: Op, span: Span, file: AioFile, offset: int, owns_file: bool):
         self.op, self.span, self.file, self.offset, self.owns_file = op, span, file, offset, owns_file
+        self.start_ns = 0  # time.monotonic_ns() at submit when metrics count this request, else 0
 
     @property
     def opname(self) -> str:
@@ -85,6 +88,7 @@ class IoHandle(ABC):
         self._closed = False
         self._stats = IoStats()
         self._stats_lock = threading.Lock()
+        metrics.watch(self, metrics.aio_reader(self.backend.value, config))  # infinity_aio_info while open
 
     @property
     def stats(self) -> IoStats:
@@ -92,16 +96,21 @@ class IoHandle(ABC):
         with self._stats_lock:
             return replace(self._stats)
 
-    def _record(self, op: "Op", nbytes: int, direct_bytes: int, failed: bool) -> None:
+    def _record(self, t: Transfer, nbytes: int, direct_bytes: int, err: int, short: bool, done_ns: int) -> None:
+        """A request has completed: nbytes moved (direct_bytes of them through O_DIRECT), err its errno
+        or 0, short whether it moved fewer bytes than asked, done_ns time.monotonic_ns() at completion."""
         with self._stats_lock:
             s = self._stats
             s.requests += 1
-            s.errors += failed
+            s.errors += bool(err)
             s.direct_bytes += direct_bytes
-            if op is Op.READ:
+            if t.op is Op.READ:
                 s.bytes_read += nbytes
             else:
                 s.bytes_written += nbytes
+        if t.start_ns:
+            metrics.io_completed(t.opname, t.file.label, t.span.nbytes, nbytes, direct_bytes,
+                                 max(done_ns - t.start_ns, 0) / 1e9, err, short)
 
     # ---- public API ------------------------------------------------------
     def pread(self, buffer: Any, file: AioFile | str | os.PathLike[str], offset: int = 0) -> int:
@@ -122,6 +131,7 @@ class IoHandle(ABC):
         """Waits for transfers in flight, then frees the engine's threads and contexts."""
         if not self._closed:
             self._closed = True
+            metrics.unwatch(self)
             self._close()
 
     def __enter__(self) -> "IoHandle":
@@ -148,12 +158,20 @@ class IoHandle(ABC):
         owns = not isinstance(file, AioFile)
         handle_file = open_file(file, Access.READ if op is Op.READ else Access.WRITE) if owns else file
         transfer = Transfer(op, span, handle_file, offset, owns)
+        counted = metrics.ACTIVE
         try:
             self._check_direct(transfer)
-            return self._submit(transfer)
-        except BaseException:
+            if counted:
+                transfer.start_ns = time.monotonic_ns()
+            future = self._submit(transfer)
+        except BaseException as err:
             transfer.finish()
+            if counted and isinstance(err, AioError):
+                metrics.io_submit_failed(transfer.opname, err.errno or errno.EIO)
             raise
+        if counted:
+            metrics.io_submitted(transfer.opname)  # before any wait can complete it: the caller has no future yet
+        return future
 
     def _check_direct(self, t: Transfer) -> None:
         align = t.file.alignment

@@ -42,7 +42,8 @@ class LibaioFuture:
                 self._result = result
                 t = self._transfer
                 t.finish()
-                self._handle._record(t.op, int(result.bytes_done), int(result.direct_bytes), result.status != 0)
+                self._handle._record(t, int(result.bytes_done), int(result.direct_bytes), -int(result.status),
+                                     bool(result.short_transfer), int(result.complete_ns))
         result, t = self._result, self._transfer
         if result.status == 0:
             return int(result.bytes_done)

@@ -4,7 +4,9 @@ Used where libaio is missing or the file system refuses O_DIRECT, and as the
 test oracle for the native engine.  os.preadv/os.pwritev release the GIL."""
 from __future__ import annotations
 
+import errno
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from infinity.config.aio import AioConfig, Backend
@@ -14,7 +16,7 @@ MAX_WORKERS = 32
 
 
 class PosixFuture:
-    def __init__(self, handle: IoHandle, parts: list[Future[tuple[int, int, int]]], transfer: Transfer):
+    def __init__(self, handle: IoHandle, parts: list[Future[tuple[int, int, int, int]]], transfer: Transfer):
         self._handle, self._parts, self._transfer = handle, parts, transfer
         self._once = Once()
 
@@ -30,11 +32,13 @@ class PosixFuture:
             outcomes = [p.result() for p in self._parts]
         finally:
             t.finish()
-        moved = sum(max(actual, 0) for _, _, actual in outcomes)
-        failed = any(actual < expected for _, expected, actual in outcomes)
-        self._handle._record(t.op, moved, 0, failed)
+        moved = sum(max(actual, 0) for _, _, actual, _ in outcomes)
+        errs = [-actual for _, _, actual, _ in outcomes if actual < 0]
+        short = not errs and any(actual < expected for _, expected, actual, _ in outcomes)
+        err = errs[0] if errs else errno.EIO if short else 0
+        self._handle._record(t, moved, 0, err, short, max((done for *_, done in outcomes), default=time.monotonic_ns()))
         total = 0
-        for offset, expected, actual in outcomes:
+        for offset, expected, actual, _ in outcomes:
             if actual < 0:
                 raise t.failed(-actual, offset)
             if actual < expected:
@@ -43,8 +47,9 @@ class PosixFuture:
         return total
 
 
-def _move(op: Op, fd: int, view: memoryview, offset: int, block: int) -> tuple[int, int, int]:
-    """Moves view to or from fd at offset in block-sized calls: (offset, expected, actual or -errno)."""
+def _move(op: Op, fd: int, view: memoryview, offset: int, block: int) -> tuple[int, int, int, int]:
+    """Moves view to or from fd at offset in block-sized calls: (offset, expected, actual or -errno,
+    time.monotonic_ns() when done)."""
     done = 0
     try:
         while done < len(view):
@@ -54,8 +59,8 @@ def _move(op: Op, fd: int, view: memoryview, offset: int, block: int) -> tuple[i
                 break  # end of file
             done += n
     except OSError as err:
-        return offset + done, len(view) - done, -(err.errno or 5)
-    return offset, len(view), done
+        return offset + done, len(view) - done, -(err.errno or errno.EIO), time.monotonic_ns()
+    return offset, len(view), done, time.monotonic_ns()
 
 
 class PosixHandle(IoHandle):

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from infinity import metrics
 from infinity.errors import EngineFailed, InfinityError
 from infinity.io.handle import IoFuture, IoHandle
 from infinity.memory.host_buffer import HostBuffer
@@ -55,6 +57,7 @@ class Entry:
     future: IoFuture | None = None
     compute: torch.Tensor | None = field(default=None, repr=False)
     kept: bool = False  # keeps its host copy between uses (keep_host_copy)
+    kind: str = "other"  # for metrics: param, grad or optimizer_state, from its region
 
 
 class MemoryManager:
@@ -72,7 +75,7 @@ class MemoryManager:
         size = torch.empty(0, dtype=dtype).element_size()
         extent = self.store.allocate(key, numel * size, region)
         partition = Partition(key, numel, size)
-        self._entries[key] = Entry(partition, extent, dtype, pool)
+        self._entries[key] = Entry(partition, extent, dtype, pool, kind=metrics.kind_of_region(region) or "other")
         self.ledger.add("nvme", extent.nbytes)
         return partition
 
@@ -96,6 +99,13 @@ class MemoryManager:
         e.slot = self._borrow(e, timeout)
         e.future = self._submit(True, self._host_bytes(e), e, 0)
 
+    def read_done(self, key: str) -> bool:
+        """The host copy is there, or its read has completed (finish_read will not wait)."""
+        e = self._entry(key)
+        if e.partition.state is State.READING:
+            return e.future is not None and e.future.done()
+        return e.partition.state in (State.HOST_CLEAN, State.HOST_DIRTY, State.ON_COMPUTE)
+
     def finish_read(self, key: str) -> torch.Tensor:
         """Waits for the read; returns the host copy as a tensor of the partition's dtype."""
         e = self._entry(key)
@@ -113,12 +123,15 @@ class MemoryManager:
         self.check_healthy()
         e = self._entry(key)
         host = self.host_view(key)
+        started = time.perf_counter() if metrics.ACTIVE else 0.0
         if self.device.type == "cpu":
             e.compute = host.clone()
         elif self.device.type == "cuda":
             e.compute = self._copy_to_cuda(host)
         else:
             e.compute = host.to(self.device, copy=True)
+        if started:
+            metrics.transfer("host", "compute", e.kind, e.extent.nbytes, time.perf_counter() - started)
         e.partition.move_to(State.ON_COMPUTE)
         if not e.kept:
             self._give_back(e)

@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from infinity import metrics
 from infinity.errors import CapacityError, InfinityError
 from infinity.io.align import DEFAULT_ALIGNMENT, round_up
 from infinity.io.files import Access, AioFile, check_nvme_path, open_file
@@ -55,6 +56,7 @@ class NvmeStore:
         self._files: dict[str, AioFile] = {}  # path -> the open region file (see the note above)
         self.key = key
         self._reported_deleted = False
+        metrics.watch(self, metrics.read_store)  # swap bytes laid out: the nvme tier's capacity
 
     def allocate(self, key: str, nbytes: int, region: str = "param") -> Extent:
         """Lays out an extent for key at the end of region's file (sizes are fixed once allocated)."""
@@ -63,6 +65,7 @@ class NvmeStore:
         path = str(self.folder / f"{region}.swp")
         if region not in self._ends:
             self._files[path] = open_file(path, Access.READ_WRITE)  # created 0600
+            self._files[path].label = region  # metrics count its transfers by the kind of data it holds
             self._ends[region] = 0
         extent = Extent(path, self._ends[region], nbytes, round_up(nbytes, ALIGNMENT))
         self._ends[region] += extent.capacity
@@ -110,6 +113,7 @@ class NvmeStore:
 
     def close(self) -> None:
         """Closes and removes this run's swap files (already removed ones are fine)."""
+        metrics.unwatch(self)
         for f in self._files.values():
             f.close()
         self._files.clear()

@@ -10,6 +10,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from infinity import metrics
 from infinity.errors import CapacityError
 from infinity.memory.host_buffer import HostBuffer, PinPolicy
 
@@ -31,6 +32,8 @@ class BufferPool:
         self._free = list(range(buffer_count))
         self._cond = threading.Condition()
         self.peak_in_use = 0
+        self.pinned = any(b.pinned for b in self._all)
+        metrics.watch(self, metrics.read_pool)  # buffers free and used, read when metrics are scraped
 
     @property
     def buffer_count(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from infinity import metrics
+
 TIERS = ("compute", "host", "nvme")
 
 
@@ -30,6 +32,7 @@ class TierLedger:
         self._now = dict.fromkeys(TIERS, 0)
         self._peak = dict.fromkeys(TIERS, 0)
         self._lock = threading.Lock()
+        metrics.watch(self, metrics.read_ledger)  # resident bytes per tier, read when metrics are scraped
 
     def add(self, tier: str, nbytes: int) -> None:
         with self._lock:

@@ -16,7 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INF_AIO_ABI_VERSION 1
+#define INF_AIO_ABI_VERSION 2
 
 #define INF_AIO_OP_READ 0
 #define INF_AIO_OP_WRITE 1
@@ -42,6 +42,7 @@ typedef struct inf_aio_result {
     uint64_t fail_expected;
     uint64_t fail_actual;
     uint64_t direct_bytes;    /* bytes moved through the O_DIRECT descriptor */
+    uint64_t complete_ns;     /* CLOCK_MONOTONIC when the last piece completed (for latency metrics) */
 } inf_aio_result;
 
 typedef struct inf_aio_handle inf_aio_handle;
