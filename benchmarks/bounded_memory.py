@@ -150,13 +150,15 @@ def train_steps(engine: Any, spec: GptSpec, steps: int, batch: int, probe: DiskP
                 sampler: RssSampler) -> Iterator[dict[str, Any]]:
     data = synthetic_batches(spec, batch, steps)  # spec.context is the sequence length
     for n, (x, y) in enumerate(data, 1):
-        sampler.phase(f"step {n}")
+        sampler.phase(f"step {n} forward")
         io, disk = engine.io_stats(), probe.snapshot()
         t0 = time.perf_counter()
         loss = engine(x, y)
         t1 = time.perf_counter()
+        sampler.phase(f"step {n} backward")
         engine.backward(loss)
         t2 = time.perf_counter()
+        sampler.phase(f"step {n} optimizer")
         engine.step()
         t3 = time.perf_counter()
         after = engine.io_stats()
@@ -167,7 +169,7 @@ def train_steps(engine: Any, spec: GptSpec, steps: int, batch: int, probe: DiskP
                "io_requests": after.requests - io.requests,
                "device_read_bytes": device_bytes(disk, end, reading=True),
                "device_written_bytes": device_bytes(disk, end, reading=False),
-               "peak_rss_bytes": sampler.peaks[f"step {n}"]}
+               "peak_rss_bytes": max(sampler.peaks[f"step {n} {part}"] for part in ("forward", "backward", "optimizer"))}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
