@@ -191,16 +191,17 @@ def start_exporter(port: int, address: str = "127.0.0.1", rank: int | None = Non
     return Exporter(address, port)
 
 
-def from_config(prometheus: Any, rank: int = 0) -> Exporter | None:
-    """The exporter the config's `prometheus` block asks for (None when disabled), on port + LOCAL_RANK."""
+def from_config(prometheus: Any, rank: int = 0, setting: str = "prometheus.port") -> Exporter | None:
+    """The exporter the config's `prometheus` block asks for (None when disabled), on port + LOCAL_RANK.
+    setting: what chose the port, for errors (a command-line flag that overrode the config)."""
     if not prometheus.enabled:
         return None
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     port = prometheus.port + local_rank
     if port > 65535:
-        raise ConfigError([Problem("prometheus.port", f"{prometheus.port} + LOCAL_RANK {local_rank} is above 65535",
+        raise ConfigError([Problem(setting, f"{prometheus.port} + LOCAL_RANK {local_rank} is above 65535",
                                    "choose a lower port")])
-    setting = "prometheus.port" + (f" (port + LOCAL_RANK {local_rank})" if local_rank else "")
+    setting += f" (the port + LOCAL_RANK {local_rank} is taken)" if local_rank else ""
     return start_exporter(port, prometheus.bind_address, rank=rank or int(os.environ.get("RANK", "0") or 0),
                           labels=prometheus.label_dict, setting=setting)
 

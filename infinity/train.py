@@ -16,6 +16,7 @@ from torch import nn
 from infinity.config import Config
 from infinity.config.zero import OffloadDevice
 from infinity.errors import UsageError
+from infinity.exporter import from_config
 from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
 from infinity.zero import Engine, Init, initialize
 
@@ -31,6 +32,7 @@ class TrainJob:
     nvme_path: str | None = None  # overrides both offload blocks' nvme_path
     seed: int = 0
     hf_config: str | None = None  # a Transformers config (name or path) instead of the repo's GPT
+    metrics_port: int | None = None  # serve Prometheus metrics there (the config's prometheus block otherwise)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ def load_config(job: TrainJob) -> Config:
                      "zero_optimization.offload_optimizer.nvme_path": job.nvme_path}
     if job.micro_batch is not None:
         overrides["train_micro_batch_size_per_gpu"] = job.micro_batch
+    if job.metrics_port is not None:
+        overrides.update({"prometheus.enabled": True, "prometheus.port": job.metrics_port})
     return Config.load(job.config, overrides=overrides)
 
 
@@ -75,12 +79,18 @@ def build_model(job: TrainJob, config: Config) -> nn.Module:
 
 def run(job: TrainJob) -> Iterator[StepStats]:
     config = load_config(job)
-    model = build_model(job, config)
-    engine, *_ = initialize(model=model, config=config)
+    # Metrics start before the build, so zero.Init's writes are counted; initialize shares this server.
+    exporter = from_config(config.prometheus, setting="--metrics-port" if job.metrics_port else "prometheus.port")
     try:
-        yield from _loop(engine, job, config, model)
+        model = build_model(job, config)
+        engine, *_ = initialize(model=model, config=config)
+        try:
+            yield from _loop(engine, job, config, model)
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        if exporter is not None:
+            exporter.stop()
 
 
 def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module) -> Iterator[StepStats]:

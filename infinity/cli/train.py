@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "config instead of the built-in GPT (needs the transformers package)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write every step's figures and the summary as JSON")
+    p.add_argument("--metrics-port", "--metrics_port", type=int, metavar="N", dest="metrics_port",
+                   help="serve Prometheus metrics at http://<prometheus.bind_address>:N/metrics while training "
+                        "(N + LOCAL_RANK with several processes; docs/metrics.md)")
     return p
 
 
@@ -49,13 +52,15 @@ def job_from_args(ns: argparse.Namespace):  # -> TrainJob (imported late: torch 
     problems = [f"--{name} must be at least 1, got {value}" for name, value in
                 (("steps", ns.steps), ("seq", ns.seq), ("hidden", ns.hidden), ("layers", ns.layers),
                  ("heads", ns.heads), ("vocab", ns.vocab), ("batch", ns.batch or 1)) if value < 1]
+    if ns.metrics_port is not None and not 1 <= ns.metrics_port <= 65535:
+        problems.append(f"--metrics-port must be a port, 1 to 65535, got {ns.metrics_port}")
     if ns.hidden % max(ns.heads, 1):
         problems.append(f"--hidden {ns.hidden} must be a multiple of --heads {ns.heads}")
     if problems:
         raise ValueError("; ".join(problems))
     spec = GptSpec(vocab=ns.vocab, context=ns.seq, hidden=ns.hidden, layers=ns.layers, heads=ns.heads)
     return TrainJob(config=ns.config, spec=spec, steps=ns.steps, micro_batch=ns.batch, nvme_path=ns.nvme_path,
-                    seed=ns.seed, hf_config=ns.hf_config)
+                    seed=ns.seed, hf_config=ns.hf_config, metrics_port=ns.metrics_port)
 
 
 def describe(stats) -> str:

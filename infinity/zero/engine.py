@@ -60,6 +60,7 @@ class Engine:
         self.coordinator.install()
         self.lr = self._lr()
         self.config: Config | None = None  # set by infinity.initialize
+        self.exporter: Any = None  # the metrics exporter infinity.initialize started; close() stops it
 
     # ---- the DeepSpeed-shaped API -----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -144,11 +145,16 @@ class Engine:
         return MemoryReport(*fields, host_pool_bytes=pools)
 
     def close(self) -> None:
-        """Removes hooks and this run's swap files."""
-        self.coordinator.remove()
-        for m in self._managers.values():
-            m.close()
-        self._managers.clear()
+        """Removes hooks and this run's swap files, and stops the metrics exporter initialize started."""
+        exporter, self.exporter = self.exporter, None
+        try:
+            self.coordinator.remove()
+            for m in self._managers.values():
+                m.close()
+            self._managers.clear()
+        finally:
+            if exporter is not None:
+                exporter.stop()
 
     # ---- gradients --------------------------------------------------------------
     def _on_grad(self, i: int, p: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from infinity.config import Config
 from infinity.config.auto import TrainingArgs
 from infinity.config.config import ConfigSource
 from infinity.errors import UsageError
+from infinity.exporter import from_config
 from infinity.zero.engine import Engine
 from infinity.zero.from_config import settings_from_config
 
@@ -39,6 +40,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     config: a path, a JSON string, a dict or an infinity.Config (DeepSpeed's config_params and
     args.deepspeed_config are read too).  training_args fills "auto" values.  DeepSpeed's
     distributed keywords (mpu, dist_init_required, ...) are accepted and ignored on one process.
+    With the config's prometheus block enabled, metrics are served on prometheus.port + LOCAL_RANK
+    (labelled rank=rank, or $RANK) until engine.close(); a port in use is a MetricsPortInUse.
     """
     if model is None:
         raise UsageError("initialize needs model=, the torch.nn.Module to train")
@@ -47,8 +50,14 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     _check_parameters(model, model_parameters)
     if ignored:
         log.debug("initialize: ignored keywords %s", sorted(ignored))
-    engine = Engine(model, settings_from_config(loaded, rank=rank))
-    engine.config = loaded
+    exporter = from_config(loaded.prometheus, rank=rank)  # first: the engine's own set-up writes are counted
+    try:
+        engine = Engine(model, settings_from_config(loaded, rank=rank))
+    except BaseException:
+        if exporter is not None:
+            exporter.stop()
+        raise
+    engine.config, engine.exporter = loaded, exporter
     loader = None
     if training_data is not None:
         loader = torch.utils.data.DataLoader(training_data, batch_size=int(loaded.train_micro_batch_size_per_gpu),
