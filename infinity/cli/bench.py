@@ -2,7 +2,7 @@
 
     infinity-bench --nvme_path /local_nvme [--io_size 1G] [--block_size 256K,1M,4M] [--queue_depth 8,32,64]
                    [--thread_count 1,2] [--single_submit false] [--overlap_events true] [--read_only|--write_only]
-                   [--repeat N] [--json FILE] [--plot FILE.png] [--compare-fio]
+                   [--repeat N] [--json FILE] [--plot FILE.png] [--compare-fio] [--metrics-port N]
 
 Times sequential O_DIRECT writes and reads of --io_size through the native engine for every setting,
 checks in /proc/diskstats that the device moved the bytes, and prints the best `aio` block.
@@ -10,11 +10,12 @@ checks in /proc/diskstats that the device moved the bytes, and prints the best `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from infinity.bench import (OpSelection, SweepPlan, check_plan, choose_best, parse_axes, parse_size, run_sweep,
                             table, to_json, warnings)
@@ -25,7 +26,7 @@ from infinity.bench.plan import FioPolicy, check_output_file, check_plot_availab
 from infinity.bench.progress import ProgressBar
 from infinity.bench.report import summary
 from infinity.bench.sizes import format_size
-from infinity.errors import InfinityError
+from infinity.errors import ConfigError, InfinityError, Problem
 
 PROG = "infinity-bench"
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", metavar="FILE.png", help="draw a heat map of the sweep (needs matplotlib)")
     parser.add_argument("--compare-fio", "--compare_fio", action="store_true", dest="compare_fio",
                         help="run fio with the same settings beside each result")
+    parser.add_argument("--metrics-port", "--metrics_port", type=int, metavar="N", dest="metrics_port",
+                        help="serve the sweep's I/O metrics for Prometheus at http://127.0.0.1:N/metrics while it "
+                             "runs (docs/metrics.md)")
     return parser
 
 
@@ -72,6 +76,9 @@ def plan_from_args(ns: argparse.Namespace) -> tuple[SweepPlan, Outputs]:
     plan = SweepPlan(ns.nvme_path, axes, parse_size(ns.io_size, "--io_size"), ops, ns.repeat,
                      FioPolicy.COMPARE if ns.compare_fio else FioPolicy.SKIP)
     check_plan(plan)
+    if ns.metrics_port is not None and not 1 <= ns.metrics_port <= 65535:
+        raise ConfigError([Problem("--metrics-port", f"must be a port, 1 to 65535, got {ns.metrics_port}")],
+                          source="the command line")
     if ns.json:
         check_output_file(ns.json, "--json")
     if ns.plot:
@@ -114,6 +121,19 @@ def sweep_and_report(plan: SweepPlan, outputs: Outputs) -> None:
     print(summary(outcome, best))
 
 
+@contextlib.contextmanager
+def serving_metrics(port: int | None) -> Iterator[None]:
+    """With a port, the exporter serves the sweep's requests (infinity_io_*, infinity_aio_info) meanwhile."""
+    if port is None:
+        yield
+        return
+    from infinity.exporter import start_exporter
+
+    with start_exporter(port, setting="--metrics-port") as exporter:
+        print(f"{PROG}: metrics at {exporter.url}", file=sys.stderr)
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -128,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     try:
-        sweep_and_report(plan, outputs)
+        with serving_metrics(ns.metrics_port):
+            sweep_and_report(plan, outputs)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; the bench file was removed", file=sys.stderr)
         return EXIT_INTERRUPTED
