@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,8 @@ from infinity import exporter as exporter_module
 from test_initialize import config
 from test_metrics import free_port, train
 from training_reference import fresh_model, make_batches
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PROMETHEUS = shutil.which("prometheus") or next((p for p in ("/usr/bin/prometheus",) if os.path.exists(p)), None)
 SCRAPE_INTERVAL = "500ms"
@@ -64,11 +68,14 @@ def get(url: str) -> str | None:
 
 
 def query(api: str, promql: str) -> list[dict]:
-    body = get(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
-    if body is None:
-        return []
+    """The result vector; a query Prometheus refuses (HTTP 400/422, status error) fails the test."""
+    try:
+        body = urllib.request.urlopen(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": promql}),
+                                      timeout=10).read().decode()
+    except urllib.error.HTTPError as err:
+        body = err.read().decode()
     answer = json.loads(body)
-    assert answer["status"] == "success", answer
+    assert answer["status"] == "success", (promql, answer)
     return answer["data"]["result"]
 
 
@@ -99,6 +106,8 @@ def test_prometheus_scrapes_a_training_run_and_rates_nvme_reads(tmp_path, promet
                 break
         up = query(api, 'up{job="infinity-test"}')
         families = query(api, 'count by (__name__) ({__name__=~"infinity_.+", job="infinity-test"})')
+        # Every query of the dashboard and of docs/metrics.md is valid PromQL that this server evaluates.
+        answered = {expr: query(api, expr) for expr in dashboard_queries() + documented_queries()}
     finally:
         engine.close()
         exporter_module.stop_all()
@@ -107,3 +116,17 @@ def test_prometheus_scrapes_a_training_run_and_rates_nvme_reads(tmp_path, promet
     names = {r["metric"]["__name__"] for r in families}
     assert {"infinity_io_request_duration_seconds_bucket", "infinity_tier_resident_bytes",
             "infinity_aio_info"} <= names
+    bandwidth = [e for e in answered if "rate(infinity_tier_transfer_bytes_total" in e and "by (src_tier, dst_tier)" in e]
+    assert bandwidth and all(answered[e] for e in bandwidth)  # the dashboard's bandwidth panel has data
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((ROOT / "configs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    return [e.replace("$job", ".*").replace("$rank", ".*") for e in exprs]
+
+
+def documented_queries() -> list[str]:
+    """The PromQL column of docs/metrics.md's table (the last backticked span of each metric's row)."""
+    rows = [line for line in (ROOT / "docs" / "metrics.md").read_text().splitlines() if line.startswith("| `infinity_")]
+    return [re.findall(r"`([^`]+)`", row)[-1].replace("\\|", "|") for row in rows]
