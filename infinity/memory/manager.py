@@ -325,6 +325,7 @@ class MemoryManager:
                 except InfinityError:
                     pass
         self.store.close()
+        metrics.unwatch(self.ledger)  # its swap files are gone: stop exporting its resident bytes
 
     # ---- internals ---------------------------------------------------------
     def _entry(self, key: str) -> Entry:
