@@ -308,5 +308,6 @@ def live_gauges() -> dict[tuple[str, tuple[str, ...]], float]:
             out[(name, labels)] = 1 if METRICS[name].type == "info" else out.get((name, labels), 0) + value
     cuda = sys.modules.get("torch.cuda")  # never imports torch; reads the device only if torch started CUDA
     if cuda is not None and cuda.is_initialized():
-        out[("infinity_tier_capacity_bytes", ("compute",))] = cuda.get_device_properties(cuda.current_device()).total_memory
+        device = cuda.get_device_properties(cuda.current_device())
+        out[("infinity_tier_capacity_bytes", ("compute",))] = device.total_memory
     return out

@@ -116,7 +116,8 @@ def test_prometheus_scrapes_a_training_run_and_rates_nvme_reads(tmp_path, promet
     names = {r["metric"]["__name__"] for r in families}
     assert {"infinity_io_request_duration_seconds_bucket", "infinity_tier_resident_bytes",
             "infinity_aio_info"} <= names
-    bandwidth = [e for e in answered if "rate(infinity_tier_transfer_bytes_total" in e and "by (src_tier, dst_tier)" in e]
+    bandwidth = [e for e in answered
+                 if "rate(infinity_tier_transfer_bytes_total" in e and "by (src_tier, dst_tier)" in e]
     assert bandwidth and all(answered[e] for e in bandwidth)  # the dashboard's bandwidth panel has data
 
 

@@ -46,7 +46,8 @@ def test_sweep_is_scraped_while_it_runs(capsys, nvme, monkeypatch):  # noqa: F81
     assert [op for op, _ in seen] == ["write", "read", "write", "read"]
     for i, (op, samples) in enumerate(seen):
         reads = sum(1 for o, _ in seen[:i + 1] if o == "read")
-        counted = samples[("infinity_io_bytes_total", (("op", "read"),))] - before[("infinity_io_bytes_total", ("read",))]
+        counted = samples[("infinity_io_bytes_total", (("op", "read"),))] - before[
+            ("infinity_io_bytes_total", ("read",))]
         assert counted == reads * IO_SIZE  # every byte the sweep read so far, no more
         info = {dict(labels)["queue_depth"] for (name, labels) in samples if name == "infinity_aio_info"}
         assert ("4" if i < 2 else "8") in info  # the setting being timed (handles other tests left open show too)
