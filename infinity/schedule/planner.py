@@ -36,9 +36,10 @@ def next_use_distance(trace: Trace, position: int, partition: int) -> float:
 
 def releases_after(trace: Trace, position: int, resident: frozenset[int], budgets: Budgets,
                    persistent: frozenset[int]) -> tuple[int, ...]:
-    """After use `position`: the resident partitions not used again within max_reuse_distance."""
+    """After use `position`: the resident partitions not used again within (strictly less than)
+    max_reuse_distance elements; so 0 releases everything, as DeepSpeed's 0 does."""
     return tuple(sorted(p for p in resident - persistent
-                        if next_use_distance(trace, position, p) > budgets.max_reuse_distance))
+                        if next_use_distance(trace, position, p) >= budgets.max_reuse_distance))
 
 
 def make_room(trace: Trace, position: int, held: frozenset[int], incoming: int, budgets: Budgets,

@@ -15,9 +15,11 @@ offload_optimizer.buffer_count × (1 + pipeline_read + pipeline_write), as confi
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.optim.adam import adam
@@ -26,6 +28,7 @@ from infinity.errors import CapacityError
 from infinity.memory.manager import MemoryManager
 from infinity.memory.pool import BufferPool
 from infinity.swap.layout import FP32, Group, Slice, padded
+from infinity.timeline import NO_TIMELINE, Track
 
 log = logging.getLogger("infinity.swap")
 
@@ -84,6 +87,8 @@ class NvmeOptimizer:
                  settings: AdamSettings, pipeline: Pipeline):
         self.manager, self.groups, self.pool = manager, groups, pool
         self.settings, self.pipeline = settings, pipeline
+        self.io_wait_s = 0.0  # seconds steps have waited on their reads and writes, all steps together
+        self.timeline = NO_TIMELINE
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in groups]
         self._written: list[set[int]] = [set() for _ in groups]  # slices that got a gradient this step
         for g in groups:
@@ -118,14 +123,17 @@ class NvmeOptimizer:
              flush_params: ParamFlush | None = None) -> None:
         """One AdamW step of every sub-group; grad_coef unscales and clips the gradients."""
         self._flush_params = flush_params or self.manager.flush
-        self.manager.flush()  # every gradient is on NVMe before any is read back
+        with self._waiting("wait gradients"):
+            self.manager.flush()  # every gradient is on NVMe before any is read back
         writing: deque[tuple[int, set[str]]] = deque()
         self._start_reads(0, writing)
         for g in self.groups:
-            views = self._finish_reads(g)
+            with self._waiting(f"wait read {g.index}"):
+                views = self._finish_reads(g)
             following = g.index + 1
             ahead = self.pipeline.read and self._start_reads(following, writing)
-            self._update(g, views, lr, grad_coef)
+            with self.timeline.span(f"update {g.index}", Track.OPTIMIZER, elements=g.numel):
+                self._update(g, views, lr, grad_coef)
             param_keys = write_params_of(g, views["master"], write_params)
             self._start_writes(g)
             writing.append((g.index, param_keys))
@@ -162,7 +170,18 @@ class NvmeOptimizer:
             self.manager.start_write(key(g.index, kind))
         self.manager.drop(key(g.index, "grad"))  # read, never changed on NVMe's behalf: no write back
 
+    @contextmanager
+    def _waiting(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.timeline.span(name, Track.WAIT):
+            yield
+        self.io_wait_s += time.perf_counter() - start
+
     def _finish_writes(self, item: tuple[int, set[str]]) -> None:
+        with self._waiting(f"wait write {item[0]}"):
+            self._complete_writes(item)
+
+    def _complete_writes(self, item: tuple[int, set[str]]) -> None:
         index, param_keys = item
         self._flush_params(param_keys)  # parameter writes read from the master buffer
         for kind in STATES:
@@ -175,6 +194,8 @@ class HostOptimizer:
 
     def __init__(self, groups: tuple[Group, ...], settings: AdamSettings):
         self.groups, self.settings = groups, settings
+        self.io_wait_s = 0.0  # host memory: never waits
+        self.timeline = NO_TIMELINE
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in groups]
         self.flat = [{kind: torch.zeros(g.numel) for kind in KINDS} for g in groups]
         self._written: list[set[int]] = [set() for _ in groups]

@@ -49,6 +49,17 @@ class ParamHome(ABC):
         for i in indices:
             yield i, self.fetch(i)
 
+    def can_start_fetch(self) -> bool:
+        """Whether start_fetch would begin a read now without waiting (homes without reads: never)."""
+        return False
+
+    def read_ready(self, index: int) -> bool:
+        """Whether fetch(index) would find the values without waiting for a read."""
+        return True
+
+    def cancel_fetch(self, index: int) -> None:
+        """A read started by start_fetch will not be used: complete it and give its buffer back."""
+
 
 class ComputeHome(ParamHome):
     """The parameter keeps its own storage on the compute tier."""
@@ -156,6 +167,19 @@ class NvmeHome(ParamHome):
 
     def release(self, index: int) -> None:
         self.manager.drop_compute(self._keys[index])
+
+    def can_start_fetch(self) -> bool:
+        return self.pool.in_use < self.pool.buffer_count
+
+    def read_ready(self, index: int) -> bool:
+        return self.manager.read_done(self._keys[index])
+
+    def cancel_fetch(self, index: int) -> None:
+        k = self._keys[index]
+        if self.manager.state(k) is State.READING:
+            self.manager.finish_read(k)
+        if self.manager.state(k) is State.HOST_CLEAN and index not in self.kept:
+            self.manager.drop(k)  # a kept copy stays in host memory, as it would after a use
 
     def write(self, index: int, values: torch.Tensor) -> set[str]:
         k = self._keys[index]

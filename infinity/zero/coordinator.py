@@ -1,22 +1,39 @@
-"""Module hooks: a module's offloaded parameters are gathered before it runs and released after.
+"""Module hooks that bring a module's offloaded parameters to the compute tier before it runs, prefetch
+what comes next, and release what is not needed again soon.
 
-forward:  pre-hook gathers, post-hook releases.
+forward:  the pre-hook gathers, the post-hook releases (or keeps, when the trace says the parameter
+          is used again within stage3_max_reuse_distance elements).
 backward: the full backward pre-hook gathers again (autograd reads the weights to compute input
           gradients); the parameter's post-accumulate-grad hook hands the gradient to the engine and
           releases the parameter, since autograd needs it no more in this backward.
 A released parameter's .data is an empty tensor; its values live in its home (host or NVMe).
+
+[Note: the schedule]  The first step records the order of uses (infinity/schedule).  From then on,
+after each module's pre-hook the planner names the partitions to start reading (up to
+stage3_prefetch_bucket_size elements ahead, never more than stage3_max_live_parameters held), and
+the reads run in the async-IO engine's threads while the module computes.  After the optimizer step
+the first partitions of the next step are read, so the step's first modules find them too.  A step
+that leaves the recorded order falls back to fetching on demand and is traced again.  The hooks only
+decide; the homes (and through them the memory manager) move the bytes.
 """
 from __future__ import annotations
 
+import enum
 import logging
+import time
 import types
 from typing import Callable
 
 import torch
 from torch import nn
 
+from infinity.errors import ConfigError, Problem
+from infinity.schedule import Budgets, Cursor, Phase, fetches_from
+from infinity.schedule.planner import make_room, next_use_distance
 from infinity.swap.params import ParamHome
+from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.linear import zero_linear_forward
+from infinity.zero.step_report import Outcome, StepClock, Wait
 
 log = logging.getLogger("infinity.zero")
 
@@ -32,70 +49,198 @@ pre-hook only gathers the module's parameters, so firing on the outputs' gradien
 needs; Engine.backward silences this one message."""
 
 
+class Prefetch(enum.Enum):
+    """Whether the coordinator reads ahead along the trace (stage3_prefetch_bucket_size 0 turns it off)."""
+
+    TRACE = "trace"
+    ON_DEMAND = "on_demand"
+
+
 class Coordinator:
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], homes: list[ParamHome],
-                 offloaded: set[int], on_grad: GradHandler):
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], homes: list[ParamHome], offloaded: set[int],
+                 on_grad: GradHandler, sizes: list[int], budgets: Budgets = Budgets(),
+                 clock: StepClock | None = None, timeline: Timeline = NO_TIMELINE):
         self.model, self.params, self.homes = model, params, homes
-        self.offloaded = offloaded
-        self.on_grad = on_grad
+        self.offloaded, self.on_grad, self.sizes, self.budgets = offloaded, on_grad, sizes, budgets
+        self.prefetch = Prefetch.TRACE if budgets.prefetch_elements > 0 else Prefetch.ON_DEMAND
+        self.clock = clock or StepClock()
+        self.timeline = timeline
+        self.cursor = Cursor()
         self._index = {id(p): i for i, p in enumerate(params)}
         self._users = [0] * len(params)
+        self._kept: set[int] = set()  # resident with no user: kept for a use soon
+        self._in_flight: set[int] = set()  # reads started ahead of use
+        self._position: int | None = None
         self._empty = [torch.empty(0, dtype=p.dtype, device=p.device) for p in params]
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._mine: list[tuple[int, ...]] = []
 
+    # ---- installation ---------------------------------------------------------------
     def install(self) -> None:
         for module in self.model.modules():
-            mine = [self._index[id(p)] for p in module.parameters(recurse=False)
-                    if id(p) in self._index and self._index[id(p)] in self.offloaded]
+            mine = tuple(self._index[id(p)] for p in module.parameters(recurse=False)
+                         if id(p) in self._index and self._index[id(p)] in self.offloaded)
             if not mine:
                 continue
+            m = len(self._mine)
+            self._mine.append(mine)
             if type(module) is nn.Linear:
                 module.forward = types.MethodType(zero_linear_forward, module)  # see zero/linear.py
             self._hooks += [
-                module.register_forward_pre_hook(lambda m, args, mine=mine: self.gather(mine)),
-                module.register_forward_hook(lambda m, args, out, mine=mine: self.release(mine)),
-                module.register_full_backward_pre_hook(lambda m, grad_out, mine=mine: self.gather(mine)),
+                module.register_forward_pre_hook(lambda mod, args, m=m: self._enter(m, Phase.FORWARD)),
+                module.register_forward_hook(lambda mod, args, out, m=m: self._leave(m)),
+                module.register_full_backward_pre_hook(lambda mod, grad_out, m=m: self._enter(m, Phase.BACKWARD)),
             ]
         for i, p in enumerate(self.params):
             self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
+        self._check_live_budget()
 
-    def gather(self, indices: list[int]) -> None:
-        by_home: dict[int, list[int]] = {}  # one fetch_many per home: an NVMe home overlaps the reads
-        for i in indices:
-            if self._users[i] == 0:
-                by_home.setdefault(id(self.homes[i]), []).append(i)
-        for wanted in by_home.values():
-            for i, values in self.homes[wanted[0]].fetch_many(wanted):
-                self.params[i].data = values
-        for i in indices:
-            self._users[i] += 1
+    def _check_live_budget(self) -> None:
+        largest = max((sum(self.sizes[i] for i in mine) for mine in self._mine), default=0)
+        if largest > self.budgets.max_live_elements:
+            raise ConfigError([Problem("zero_optimization.stage3_max_live_parameters",
+                                       f"{self.budgets.max_live_elements} elements cannot hold one module's "
+                                       f"parameters ({largest} elements)", f"set it to at least {largest}")])
 
-    def release(self, indices: list[int]) -> None:
-        for i in indices:
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ---- a module starts and ends ---------------------------------------------------------
+    def _enter(self, m: int, phase: Phase) -> None:
+        mine = self._mine[m]
+        # [Note: which passes follow the trace]  A forward under no_grad (inference, evaluation) neither
+        # records nor follows it.  Backward hooks always run with grad mode off, so a backward use is
+        # tracked regardless; a backward only follows a forward that was tracked.
+        tracking = phase is Phase.BACKWARD or torch.is_grad_enabled()
+        position = self.cursor.observe(m, phase, {i: self.sizes[i] for i in mine}) if tracking else None
+        self._position = position
+        if position is not None:
+            self._make_room(position, mine)
+        for i in mine:
+            self._gather(i, mine)
+        if position is not None and self.prefetch is Prefetch.TRACE:
+            self._read_ahead(position)
+
+    def _leave(self, m: int) -> None:
+        for i in self._mine[m]:
             self._users[i] -= 1
             if self._users[i] == 0:
-                self._drop(i)
+                if self._reused_soon(i):
+                    self._kept.add(i)
+                else:
+                    self._drop(i)
 
-    def release_all(self) -> None:
-        """After backward: whatever is still gathered (a module whose gradient never came) goes."""
-        for i in self.offloaded:
-            if self._users[i] > 0:
-                self._users[i] = 0
+    def _reused_soon(self, i: int) -> bool:
+        trace, position = self.cursor.trace, self._position
+        if trace is None or position is None:
+            return False
+        return next_use_distance(trace, position, i) < self.budgets.max_reuse_distance
+
+    # ---- gathering, with the prefetch outcome --------------------------------------------
+    def _gather(self, i: int, mine: tuple[int, ...]) -> None:
+        if self._users[i] == 0 and i not in self._kept:
+            outcome = Outcome.MISS
+            if i in self._in_flight:
+                self._in_flight.discard(i)
+                outcome = Outcome.HIT if self.homes[i].read_ready(i) else Outcome.LATE
+            else:
+                self._free_a_buffer(i, mine)
+            self.clock.count(outcome)
+            start = time.perf_counter()
+            with self.timeline.span(f"wait {outcome.value}", Track.WAIT, param=i):
+                self.params[i].data = self.homes[i].fetch(i)
+            if outcome is not Outcome.HIT:
+                self.clock.add_wait(Wait.READ, time.perf_counter() - start)
+            self.clock.live_changed(self.sizes[i])
+        else:
+            self.clock.count(Outcome.HIT)
+        self._kept.discard(i)
+        self._users[i] += 1
+
+    def _read_ahead(self, position: int) -> None:
+        trace = self.cursor.trace
+        if trace is None:
+            return
+        held = frozenset(self._resident() | self._in_flight)
+        for i in fetches_from(trace, position, held, self.budgets, frozenset()):
+            if not self.homes[i].can_start_fetch():
+                break  # every staging buffer is out; the next module's hook tries again
+            self.homes[i].start_fetch(i)
+            self._in_flight.add(i)
+
+    def _free_a_buffer(self, i: int, mine: tuple[int, ...]) -> None:
+        """[Note: reads ahead never starve a miss]  Reads started ahead hold staging buffers until their
+        module uses them.  When a parameter nobody read ahead is needed and its home has no free buffer,
+        the read ahead whose use is farthest away is given up (its buffer returns at once); otherwise
+        fetch would wait for a buffer only this thread can give back."""
+        home, trace, position = self.homes[i], self.cursor.trace, self._position
+        while not home.can_start_fetch():
+            others = [j for j in self._in_flight if self.homes[j] is home and j not in mine]
+            if not others:
+                return  # buffers held by writes come back when the writes complete
+            if trace is not None and position is not None:
+                farthest = max(others, key=lambda j: next_use_distance(trace, position, j))
+            else:
+                farthest = max(others)
+            self._in_flight.discard(farthest)
+            home.cancel_fetch(farthest)
+
+    def read_ahead_of_next_step(self) -> None:
+        """After the optimizer step (or between micro-batches): start the next step's first reads."""
+        if self.prefetch is Prefetch.TRACE and self.cursor.trace is not None:
+            self._read_ahead(-1)
+
+    def _make_room(self, position: int, mine: tuple[int, ...]) -> None:
+        trace = self.cursor.trace
+        if trace is None:
+            return
+        incoming = sum(self.sizes[i] for i in mine if self._users[i] == 0 and i not in self._kept
+                       and i not in self._in_flight)
+        held = frozenset(self._resident() | self._in_flight)
+        for i in make_room(trace, position, held, incoming, self.budgets, frozenset(), frozenset(mine)):
+            if i in self._kept:
+                self._kept.discard(i)
                 self._drop(i)
+            elif i in self._in_flight:
+                self._in_flight.discard(i)
+                self.homes[i].cancel_fetch(i)
+
+    def _resident(self) -> set[int]:
+        return {i for i in self.offloaded if self._users[i] > 0} | self._kept
+
+    # ---- releasing ---------------------------------------------------------------------
+    def release_all(self) -> None:
+        """After backward: whatever is still gathered or kept goes; reads nobody will use are completed."""
+        for i in self.offloaded:
+            if self._users[i] > 0 or i in self._kept:
+                self._users[i] = 0
+                self._kept.discard(i)
+                self._drop(i)
+        self.settle()
+        self.cursor.end_step()
+
+    def gathered(self) -> bool:
+        """Whether any offloaded parameter is on the compute tier (inside a forward or backward)."""
+        return bool(self._resident())
+
+    def settle(self) -> None:
+        """Gives up every read started ahead (their buffers return); the next module reads on demand."""
+        for i in sorted(self._in_flight):
+            self.homes[i].cancel_fetch(i)
+        self._in_flight.clear()
 
     def _drop(self, i: int) -> None:
         self.params[i].data = self._empty[i]
         self.homes[i].release(i)
+        self.clock.live_changed(-self.sizes[i])
 
     def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             self.on_grad(i, p)
             if i in self.offloaded and self._users[i] > 0:
                 self._users[i] = 0  # autograd reads this parameter no more in this backward
+                self._kept.discard(i)
                 self._drop(i)
         return hook
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()

@@ -6,12 +6,14 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 import warnings
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from infinity import metrics
 from infinity.config import Config
 from infinity.errors import ConfigError, EngineFailed, Problem, UsageError
 from infinity.io.handle import IoStats
@@ -21,12 +23,15 @@ from infinity.memory.pool import BufferPool
 from infinity.memory.report import MemoryReport
 from infinity.swap.layout import plan_groups
 from infinity.swap.optimizer import BUFFERS_PER_GROUP, HostOptimizer, NvmeOptimizer
+from infinity.schedule import persistent_set
 from infinity.swap.params import ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING, Coordinator
 from infinity.zero.init import placed
 from infinity.zero.loss_scale import LossScaler
 from infinity.zero.placement import open_manager
-from infinity.zero.settings import EngineSettings, Precision, dtype_of
+from infinity.timeline import Timeline
+from infinity.zero.settings import EngineSettings, Precision, budgets_of, dtype_of
+from infinity.zero.step_report import StepReport, StepReporter, Wait
 
 log = logging.getLogger("infinity.zero")
 
@@ -56,8 +61,13 @@ class Engine:
             m.store.reserve()  # before any transfer: whole-block reads of zero.Init's partitions need the room
         self.optimizer.set_master(self._initial_values)
         self._place_params()
-        self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, self._on_grad)
+        self.reporter = StepReporter(settings.report_every)
+        self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, self._on_grad,
+                                       [shape.numel() for shape in self.shapes], budgets_of(settings),
+                                       self.reporter.clock)
         self.coordinator.install()
+        moved = self.io_stats()
+        self.reporter.start(moved.bytes_read, moved.bytes_written)
         self.lr = self._lr()
         self.config: Config | None = None  # set by infinity.initialize
         self.exporter: Any = None  # the metrics exporter infinity.initialize started; close() stops it
@@ -93,8 +103,10 @@ class Engine:
                              "engine.backward(loss) first")
         self._pending_backward = False
         if not self._boundary:
+            self.coordinator.read_ahead_of_next_step()
             return
         overflow = self._overflow
+        started, waited = time.perf_counter(), self.optimizer.io_wait_s
         with self._failing_on_error(True):
             if not overflow:
                 self.optimizer.step(self.lr, self._grad_coef(), self._write_param, self._flush_params)
@@ -102,6 +114,13 @@ class Engine:
             else:
                 self.optimizer.discard_grads()
             self._flush_params(None)  # the step's parameter writes are all on NVMe when it returns
+        self.reporter.clock.optimizer_s += time.perf_counter() - started
+        self.reporter.clock.add_wait(Wait.OPTIMIZER_IO, self.optimizer.io_wait_s - waited)
+        moved = self.io_stats()
+        report = self.reporter.finish(self.global_steps, moved.bytes_read, moved.bytes_written,
+                                      self.coordinator.cursor.invalidations)
+        metrics.record_step(report)
+        self.coordinator.read_ahead_of_next_step()
         for m in self._managers.values():
             m.store.warn_if_deleted()
         if self.scaler is not None:
@@ -127,6 +146,31 @@ class Engine:
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return (self.micro_steps + 1) % self.settings.gradient_accumulation_steps == 0
+
+    def step_report(self) -> StepReport | None:
+        """The last optimizer step's breakdown (None before the first step)."""
+        return self.reporter.last
+
+    def trace_to(self, timeline: Timeline) -> None:
+        """Records compute, wait and optimizer spans on timeline from now on (infinity-train --trace)."""
+        self.coordinator.timeline = timeline
+        self.optimizer.timeline = timeline
+
+    def parameter_values(self) -> dict[str, torch.Tensor]:
+        """Every parameter's current values by name, as fp32 copies in host memory (read one at a time
+        from wherever they live; reads the coordinator started ahead are given up first and restarted
+        after, so the copies never compete with them for staging buffers)."""
+        self._check_usable()
+        if self.coordinator.gathered():
+            raise UsageError("parameter_values() was called between a forward and its backward, while the "
+                             "module's parameters are gathered; call it after backward() or step()")
+        self.coordinator.settle()
+        out = {}
+        for i, name in enumerate(self.names):
+            out[name] = self.homes[i].fetch(i).detach().float().cpu().clone()
+            self.homes[i].release(i)
+        self.coordinator.read_ahead_of_next_step()
+        return out
 
     def zero_grad(self) -> None:
         """Gradients leave the compute tier as they are made; nothing to clear."""
@@ -166,7 +210,9 @@ class Engine:
         if not math.isfinite(norm):
             self._overflow = True
         self._grad_sumsq += norm * norm
+        started = time.perf_counter()
         self.optimizer.put_grad(self._slice[i], grad)
+        self.reporter.clock.add_wait(Wait.WRITE, time.perf_counter() - started)
 
     def _grad_coef(self) -> float:
         scale = self.scaler.scale if self.scaler is not None else 1.0
@@ -259,9 +305,9 @@ class Engine:
     def _build_param_homes(self) -> tuple[list[ParamHome], set[int]]:
         s = self.settings
         dtype = dtype_of(s.precision)
-        offloaded = {i for i, shape in enumerate(self.shapes)
-                     if s.param_tier is not Tier.COMPUTE and (shape.numel() > s.persistence_threshold
-                                                              or i in self._adopted)}
+        persistent = persistent_set(((i, shape.numel()) for i, shape in enumerate(self.shapes)
+                                     if i not in self._adopted), budgets_of(s))
+        offloaded = {i for i in range(len(self.params)) if s.param_tier is not Tier.COMPUTE and i not in persistent}
         homes: list[ParamHome] = [ComputeHome(self.params)] * len(self.params)
         shapes = {i: self.shapes[i] for i in offloaded}
         if offloaded and s.param_tier is Tier.HOST:

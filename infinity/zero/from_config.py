@@ -42,6 +42,10 @@ def settings_from_config(config: Config, rank: int = 0) -> EngineSettings:
                                      window=config.fp16.loss_scale_window, hysteresis=config.fp16.hysteresis,
                                      min_scale=config.fp16.min_loss_scale),
         persistence_threshold=int(zero.stage3_param_persistence_threshold) if zero.stage == 3 else 0,
+        model_persistence_threshold=zero.stage3_model_persistence_threshold,
+        prefetch_bucket_size=int(zero.stage3_prefetch_bucket_size),
+        max_live_parameters=zero.stage3_max_live_parameters, max_reuse_distance=zero.stage3_max_reuse_distance,
+        report_every=1 if config.wall_clock_breakdown else config.steps_per_print,
         rank=rank,
     )
 

@@ -1,12 +1,14 @@
 """What the engine needs to know, as one frozen object (built from a Config by infinity.zero.from_config)."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from infinity.config.aio import AioConfig
 from infinity.config.training import Precision
+from infinity.schedule import Budgets
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
 from infinity.zero.loss_scale import LossScaleSettings
@@ -41,5 +43,17 @@ class EngineSettings:
     gradient_clipping: float = 0.0
     loss_scale: LossScaleSettings = field(default_factory=LossScaleSettings)
     persistence_threshold: int = 0  # parameters of at most this many elements stay on the compute tier
+    model_persistence_threshold: int = sys.maxsize  # ... until they total this many elements
+    prefetch_bucket_size: int = 50_000_000  # elements read ahead along the trace; 0: fetch on demand only
+    max_live_parameters: int = 1_000_000_000  # elements of offloaded parameters on the compute tier at once
+    max_reuse_distance: int = 1_000_000_000  # keep a parameter used again within this many elements
+    report_every: int = 10  # log the step report every this many steps (steps_per_print; 1: wall_clock_breakdown)
     param_max_in_cpu: int = 0  # parameter elements on NVMe that also keep a host copy (offload_param.max_in_cpu)
     rank: int = 0
+
+
+def budgets_of(settings: EngineSettings) -> Budgets:
+    """The stage-3 planner's budgets (infinity/schedule), from the settings."""
+    return Budgets(prefetch_elements=settings.prefetch_bucket_size, max_live_elements=settings.max_live_parameters,
+                   max_reuse_distance=settings.max_reuse_distance, persistence_threshold=settings.persistence_threshold,
+                   model_persistence_threshold=settings.model_persistence_threshold)

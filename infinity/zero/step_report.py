@@ -8,9 +8,12 @@ taken out: the time the compute tier was busy (or at least not waiting on infini
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+log = logging.getLogger("infinity.zero")
 
 
 class Wait(enum.Enum):
@@ -108,3 +111,28 @@ class StepClock:
                           prefetch_hits=self.outcomes[Outcome.HIT], prefetch_late=self.outcomes[Outcome.LATE],
                           prefetch_misses=self.outcomes[Outcome.MISS], peak_live_elements=self.peak_live,
                           trace_invalidations=invalidations)
+
+
+class StepReporter:
+    """Turns the clock into one StepReport per optimizer step, and logs every `every` steps."""
+
+    def __init__(self, every: int):
+        self.clock = StepClock()
+        self.every = max(every, 1)
+        self.last: StepReport | None = None
+        self._at_start = (0, 0, 0)
+
+    def start(self, bytes_read: int, bytes_written: int, invalidations: int = 0) -> None:
+        """The running counters as the next step begins (what came before is not the step's)."""
+        self._at_start = (bytes_read, bytes_written, invalidations)
+        self.clock.reset()
+
+    def finish(self, step: int, bytes_read: int, bytes_written: int, invalidations: int) -> StepReport:
+        """The step's report from the running counters (bytes moved, trace invalidations) as it ends."""
+        read0, written0, invalid0 = self._at_start
+        report = self.clock.report(step, bytes_read - read0, bytes_written - written0, invalidations - invalid0)
+        self.last = report
+        if step % self.every == 0:
+            log.info("%s", report.line())
+        self.start(bytes_read, bytes_written, invalidations)
+        return report

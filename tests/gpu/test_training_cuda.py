@@ -93,6 +93,7 @@ def train(engine: Engine, batches) -> list[float]:
 
 
 def final_weights(engine: Engine) -> dict[str, torch.Tensor]:
+    engine.coordinator.settle()  # reads started ahead give their staging buffers back
     out = {}
     for i, name in enumerate(engine.names):
         values = engine.homes[i].fetch(i)

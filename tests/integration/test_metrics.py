@@ -102,11 +102,14 @@ class Moved:
         return counted
 
 
-def train(engine, batches):
+def train(engine, batches) -> list:
+    reports = []
     for x, y in batches:
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
+        reports.append(engine.step_report())
+    return reports
 
 
 def test_scrape_during_training_equals_what_the_manager_moved(tmp_path, batches):
@@ -121,9 +124,10 @@ def test_scrape_during_training_equals_what_the_manager_moved(tmp_path, batches)
         start, constant = scrape(url)  # after initialize wrote the first values, before training
         assert constant == {"rank": "0", "job_name": "metrics-test"}
         io_start, moved = engine.io_stats(), Moved(engine)
-        train(engine, batches[:2])
+        reports = train(engine, batches[:2])
         middle, _ = scrape(url)  # a scrape during the run
-        train(engine, batches[2:4])
+        reports += train(engine, batches[2:4])
+        engine.coordinator.settle()  # the next step's reads, started ahead, are counted once they complete
         end, _ = scrape(url)
         io_end, report = engine.io_stats(), engine.memory_report()
     finally:
@@ -163,6 +167,13 @@ def test_scrape_during_training_equals_what_the_manager_moved(tmp_path, batches)
     assert delta(end, start, "infinity_tier_transfer_duration_seconds_count", src_tier="nvme",
                  dst_tier="host") == moved.requests["read"]
     assert io_end.requests - io_start.requests == sum(moved.requests.values())
+    # Each step's report is exported once: steps, prefetch outcomes and stall seconds add up.
+    assert delta(end, start, "infinity_steps_total") == len(reports) == 4
+    for outcome, field in (("hit", "prefetch_hits"), ("late", "prefetch_late"), ("miss", "prefetch_misses")):
+        assert delta(end, start, "infinity_prefetch_total", outcome=outcome) == sum(getattr(r, field) for r in reports)
+    assert delta(end, start, "infinity_prefetch_total") > 0
+    assert delta(end, start, "infinity_stall_seconds_total", phase="read") == pytest.approx(
+        sum(r.read_wait_s for r in reports))
     # The middle scrape sits between the two, counter by counter.
     for op in ("read", "write"):
         assert value(start, "infinity_io_bytes_total", op=op) < value(middle, "infinity_io_bytes_total", op=op) \

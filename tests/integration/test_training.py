@@ -38,11 +38,7 @@ def train(engine: Engine, batches) -> list[float]:
 
 
 def final_weights(engine: Engine) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, name in enumerate(engine.names):
-        out[name] = engine.homes[i].fetch(i).detach().float().clone()
-        engine.homes[i].release(i)
-    return out
+    return engine.parameter_values()
 
 
 def assert_same_weights(got, want, steps):
@@ -90,13 +86,16 @@ def test_gradient_accumulation_matches_plain_pytorch(tmp_path, batches):
 
 
 def test_parameters_leave_the_compute_tier(tmp_path, batches):
-    engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME))
+    # max_reuse_distance 0: forward's copies are not kept for backward (the default keeps this small model whole)
+    engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME, max_reuse_distance=0))
     try:
         assert all(p.numel() == 0 for p in engine.params)  # nothing resident before the first forward
         train(engine, batches[:2])
         report = engine.memory_report()
         total = report.nvme_bytes
-        assert report.compute_bytes == 0 and report.host_bytes == 0  # all released after the step
+        assert report.compute_bytes == 0  # all released after the step
+        pool = engine._param_pool  # host memory holds only the next step's first reads, started after the step
+        assert 0 < report.host_bytes <= pool.buffer_count * pool.buffer_bytes
         assert 0 < report.peak_compute_bytes < SPEC.parameters * 4  # never the whole model at once
         assert total >= SPEC.parameters * 4 * 4  # params + master + two moments (+ grads) on NVMe
     finally:

@@ -51,8 +51,9 @@ def test_reuse_distance_counts_the_elements_in_between():
     assert next_use_distance(TRACE, 3, 3) == 0  # forward of 3, then straight to its backward
     assert next_use_distance(TRACE, 2, 2) == 80  # forward 3 (40) and backward 3 (40) in between
     assert next_use_distance(TRACE, 7, 0) == math.inf
-    assert releases_after(TRACE, 2, frozenset({2}), budgets(max_reuse_distance=79), NONE) == (2,)
-    assert releases_after(TRACE, 2, frozenset({2}), budgets(max_reuse_distance=80), NONE) == ()
+    assert releases_after(TRACE, 2, frozenset({2}), budgets(max_reuse_distance=80), NONE) == (2,)
+    assert releases_after(TRACE, 2, frozenset({2}), budgets(max_reuse_distance=81), NONE) == ()
+    assert releases_after(TRACE, 3, frozenset({3}), budgets(max_reuse_distance=0), NONE) == (3,)
 
 
 def test_everything_not_persistent_goes_at_the_end_of_the_step():
