@@ -5,6 +5,7 @@
         ...
     token = timeline.begin("read param/blocks.0.up.weight", Track.IO)   # an async span: ends elsewhere
     timeline.end(token)
+    timeline.interval("read param", Track.IO, start_ns, done_ns)      # times taken elsewhere (monotonic ns)
     timeline.write("step.json")     # open in ui.perfetto.dev or chrome://tracing
 
 A disabled timeline (`Timeline(enabled=False)`, or NO_TIMELINE) costs one attribute test per call.
@@ -46,10 +47,16 @@ class Timeline:
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._next_id = 0
-        self._origin = time.perf_counter()
+        self._origin_ns = time.monotonic_ns()
 
+    # [Note: one clock]  Every timestamp is CLOCK_MONOTONIC (time.monotonic_ns), the clock the native
+    # async-IO engine stamps completions with, so a request's span lines up with the compute around it.
     def now_us(self) -> float:
-        return (time.perf_counter() - self._origin) * 1e6
+        return self.us(time.monotonic_ns())
+
+    def us(self, monotonic_ns: int) -> float:
+        """A time.monotonic_ns() reading as microseconds on this timeline."""
+        return (monotonic_ns - self._origin_ns) / 1e3
 
     @contextmanager
     def span(self, name: str, track: Track, **args: Any) -> Iterator[None]:
@@ -61,9 +68,7 @@ class Timeline:
         try:
             yield
         finally:
-            self._add({"name": name, "cat": track.value, "ph": "X", "ts": start, "dur": self.now_us() - start,
-                       "pid": os.getpid(), "tid": f"{track.value} {threading.current_thread().name}",
-                       "args": args})
+            self.complete(name, track, start, **args)
 
     def begin(self, name: str, track: Track) -> Token | None:
         """Starts an async span (an I/O request in flight) that `end` closes, from any thread."""
@@ -77,10 +82,30 @@ class Timeline:
     def end(self, token: Token | None, **args: Any) -> None:
         if token is None:
             return
-        common = {"name": token.name, "cat": token.track.value, "id": token.ident, "pid": os.getpid(),
-                  "tid": token.track.value}
-        self._add({**common, "ph": "b", "ts": token.start_us})
-        self._add({**common, "ph": "e", "ts": self.now_us(), "args": args})
+        self._async(token.name, token.track, token.ident, token.start_us, self.now_us(), args)
+
+    def interval(self, name: str, track: Track, start_ns: int, end_ns: int, **args: Any) -> None:
+        """An async span between two time.monotonic_ns() readings taken elsewhere (an I/O request's submit
+        and completion, stamped by the engine's threads)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self._next_id += 1
+            ident = self._next_id
+        self._async(name, track, ident, self.us(start_ns), self.us(end_ns), args)
+
+    def complete(self, name: str, track: Track, start_us: float, **args: Any) -> None:
+        """A span on the calling thread's row from start_us (a now_us() reading) to now."""
+        if self.enabled:
+            self._add({"name": name, "cat": track.value, "ph": "X", "ts": start_us, "dur": self.now_us() - start_us,
+                       "pid": os.getpid(), "tid": f"{track.value} {threading.current_thread().name}",
+                       "args": args})
+
+    def _async(self, name: str, track: Track, ident: int, start_us: float, end_us: float,
+               args: dict[str, Any]) -> None:
+        common = {"name": name, "cat": track.value, "id": ident, "pid": os.getpid(), "tid": track.value}
+        self._add({**common, "ph": "b", "ts": start_us})
+        self._add({**common, "ph": "e", "ts": end_us, "args": args})
 
     def mark(self, name: str, **args: Any) -> None:
         """An instant event (a step boundary, a trace invalidation)."""

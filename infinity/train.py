@@ -18,6 +18,7 @@ from infinity.config.zero import OffloadDevice
 from infinity.errors import UsageError
 from infinity.exporter import from_config
 from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
+from infinity.timeline import Timeline
 from infinity.zero import Engine, Init, initialize
 
 log = logging.getLogger("infinity.train")
@@ -33,6 +34,13 @@ class TrainJob:
     seed: int = 0
     hf_config: str | None = None  # a Transformers config (name or path) instead of the repo's GPT
     metrics_port: int | None = None  # serve Prometheus metrics there (the config's prometheus block otherwise)
+    trace: str | None = None  # write the last TRACED_STEPS steps' timeline there (Chrome/Perfetto trace events)
+
+
+TRACED_STEPS = 2
+"""infinity-train --trace keeps the timeline of the last two optimizer steps (earlier ones are dropped as the
+run goes, so a long run's trace stays small); the first step records the module order and is never among
+them unless the run is that short."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class StepStats:
     bytes_read: int  # NVMe, this step
     bytes_written: int
     lr: float
+    stall_ratio: float = 0.0  # of the last optimizer step: time waiting on I/O / step time (step_report)
+    hit_ratio: float = 1.0  # of the last optimizer step: (prefetch hits + late hits) / partitions needed
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,17 +109,30 @@ def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module) -> It
     spec = _data_spec(job, model)
     batches = synthetic_batches(spec, batch=micro, steps=job.steps * window, seed=job.seed + 1)
     engine.train()
-    for step in range(job.steps):
-        before, start, losses = engine.io_stats(), time.perf_counter(), []
-        for x, y in batches[step * window:(step + 1) * window]:
-            loss = _forward(engine, x, y, hf=job.hf_config is not None)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-        after = engine.io_stats()
-        yield StepStats(step=step + 1, loss=sum(losses) / len(losses), step_s=time.perf_counter() - start,
-                        tokens=window * micro * spec.context, bytes_read=after.bytes_read - before.bytes_read,
-                        bytes_written=after.bytes_written - before.bytes_written, lr=engine.get_lr()[0])
+    timeline = Timeline(enabled=job.trace is not None)
+    engine.trace_to(timeline)
+    try:
+        for step in range(job.steps):
+            if step <= job.steps - TRACED_STEPS:  # drops the steps before the last TRACED_STEPS
+                timeline.clear()
+            yield _step(engine, job, batches[step * window:(step + 1) * window], step, micro * spec.context)
+    finally:
+        if job.trace is not None:
+            log.info("wrote the timeline of the last %d steps to %s", TRACED_STEPS, timeline.write(job.trace))
+
+
+def _step(engine: Engine, job: TrainJob, window: list, step: int, tokens: int) -> StepStats:
+    before, start, losses = engine.io_stats(), time.perf_counter(), []
+    for x, y in window:
+        loss = _forward(engine, x, y, hf=job.hf_config is not None)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    after, report = engine.io_stats(), engine.step_report()
+    return StepStats(step=step + 1, loss=sum(losses) / len(losses), step_s=time.perf_counter() - start,
+                     tokens=len(window) * tokens, bytes_read=after.bytes_read - before.bytes_read,
+                     bytes_written=after.bytes_written - before.bytes_written, lr=engine.get_lr()[0],
+                     stall_ratio=report.stall_ratio if report else 0.0, hit_ratio=report.hit_ratio if report else 1.0)
 
 
 def _forward(engine: Engine, x: torch.Tensor, y: torch.Tensor, hf: bool) -> torch.Tensor:

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "config instead of the built-in GPT (needs the transformers package)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write every step's figures and the summary as JSON")
+    p.add_argument("--trace", metavar="FILE.json", help="write a timeline of the last two steps (compute, waits, "
+                   "optimizer and every I/O request) as Chrome trace events: open it in ui.perfetto.dev")
     p.add_argument("--metrics-port", "--metrics_port", type=int, metavar="N", dest="metrics_port",
                    help="serve Prometheus metrics at http://<prometheus.bind_address>:N/metrics while training "
                         "(N + LOCAL_RANK with several processes; docs/metrics.md)")
@@ -54,19 +56,22 @@ def job_from_args(ns: argparse.Namespace):  # -> TrainJob (imported late: torch 
                  ("heads", ns.heads), ("vocab", ns.vocab), ("batch", ns.batch or 1)) if value < 1]
     if ns.metrics_port is not None and not 1 <= ns.metrics_port <= 65535:
         problems.append(f"--metrics-port must be a port, 1 to 65535, got {ns.metrics_port}")
+    if ns.trace is not None and not Path(ns.trace).resolve().parent.is_dir():
+        problems.append(f"--trace {ns.trace}: the folder {Path(ns.trace).resolve().parent} does not exist; create it "
+                        "or name a file in an existing folder")
     if ns.hidden % max(ns.heads, 1):
         problems.append(f"--hidden {ns.hidden} must be a multiple of --heads {ns.heads}")
     if problems:
         raise ValueError("; ".join(problems))
     spec = GptSpec(vocab=ns.vocab, context=ns.seq, hidden=ns.hidden, layers=ns.layers, heads=ns.heads)
     return TrainJob(config=ns.config, spec=spec, steps=ns.steps, micro_batch=ns.batch, nvme_path=ns.nvme_path,
-                    seed=ns.seed, hf_config=ns.hf_config, metrics_port=ns.metrics_port)
+                    seed=ns.seed, hf_config=ns.hf_config, metrics_port=ns.metrics_port, trace=ns.trace)
 
 
 def describe(stats) -> str:
     return (f"loss {stats.loss:7.4f}  {stats.step_s:6.2f} s/step  {stats.tokens_per_s:8.0f} tok/s  "
-            f"read {stats.bytes_read / 1e9:6.3f} GB  written {stats.bytes_written / 1e9:6.3f} GB  "
-            f"lr {stats.lr:.2e}")
+            f"stall {100 * stats.stall_ratio:4.1f}%  prefetch hit {100 * stats.hit_ratio:5.1f}%  "
+            f"read {stats.bytes_read / 1e9:6.3f} GB  written {stats.bytes_written / 1e9:6.3f} GB  lr {stats.lr:.2e}")
 
 
 def summary(steps: list) -> dict:
@@ -76,6 +81,7 @@ def summary(steps: list) -> dict:
             "mean_step_s": seconds / len(steady), "tokens_per_s": sum(s.tokens for s in steady) / seconds,
             "gb_read_per_step": sum(s.bytes_read for s in steady) / len(steady) / 1e9,
             "gb_written_per_step": sum(s.bytes_written for s in steady) / len(steady) / 1e9,
+            "stall_ratio": sum(s.stall_ratio * s.step_s for s in steady) / seconds,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -110,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{result['steps']} steps: loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
           f"{result['mean_step_s']:.2f} s/step, {result['tokens_per_s']:.0f} tokens/s, "
           f"{result['gb_read_per_step']:.3f} GB read and {result['gb_written_per_step']:.3f} GB written per step, "
+          f"stalled {100 * result['stall_ratio']:.1f}% of the time, "
           f"peak RSS {result['peak_rss_gib']:.2f} GiB")
     return EXIT_OK
 

@@ -17,6 +17,7 @@ from infinity.config.aio import AioConfig, Backend
 from infinity.errors import AioError, AlignmentError, ShortTransferError
 from infinity.io.files import Access, AioFile, open_file
 from infinity.io.span import Span, as_span
+from infinity.timeline import NO_TIMELINE, Timeline, Track
 
 log = logging.getLogger("infinity.io")
 
@@ -44,7 +45,8 @@ class Transfer:
 
     def __init__(self, op: Op, span: Span, file: AioFile, offset: int, owns_file: bool):
         self.op, self.span, self.file, self.offset, self.owns_file = op, span, file, offset, owns_file
-        self.start_ns = 0  # time.monotonic_ns() at submit when metrics count this request, else 0
+        self.start_ns = 0  # time.monotonic_ns() at submit when metrics or a timeline want it, else 0
+        self.counted = False  # whether metrics counted its submit (and so count its completion)
 
     @property
     def opname(self) -> str:
@@ -88,6 +90,7 @@ class IoHandle(ABC):
         self._closed = False
         self._stats = IoStats()
         self._stats_lock = threading.Lock()
+        self.timeline: Timeline = NO_TIMELINE  # infinity-train --trace draws each request's span on it
         metrics.watch(self, metrics.aio_reader(self.backend.value, config))  # infinity_aio_info while open
 
     @property
@@ -108,7 +111,9 @@ class IoHandle(ABC):
                 s.bytes_read += nbytes
             else:
                 s.bytes_written += nbytes
-        if t.start_ns:
+        if t.start_ns and self.timeline.enabled:
+            self.timeline.interval(f"{t.opname} {t.file.label}", Track.IO, t.start_ns, done_ns, bytes=nbytes)
+        if t.counted:
             metrics.io_completed(t.opname, t.file.label, t.span.nbytes, nbytes, direct_bytes,
                                  max(done_ns - t.start_ns, 0) / 1e9, err, short)
 
@@ -158,10 +163,10 @@ class IoHandle(ABC):
         owns = not isinstance(file, AioFile)
         handle_file = open_file(file, Access.READ if op is Op.READ else Access.WRITE) if owns else file
         transfer = Transfer(op, span, handle_file, offset, owns)
-        counted = metrics.ACTIVE
+        counted = transfer.counted = metrics.ACTIVE
         try:
             self._check_direct(transfer)
-            if counted:
+            if counted or self.timeline.enabled:
                 transfer.start_ns = time.monotonic_ns()
             future = self._submit(transfer)
         except BaseException as err:

@@ -74,16 +74,20 @@ class Coordinator:
         self._empty = [torch.empty(0, dtype=p.dtype, device=p.device) for p in params]
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._mine: list[tuple[int, ...]] = []
+        self._names: list[str] = []  # module names, for the timeline
+        self._started: dict[int, float] = {}  # forward: module -> timeline start (µs)
+        self._backward: tuple[int, float] | None = None  # the module whose backward runs, since when (µs)
 
     # ---- installation ---------------------------------------------------------------
     def install(self) -> None:
-        for module in self.model.modules():
+        for name, module in self.model.named_modules():
             mine = tuple(self._index[id(p)] for p in module.parameters(recurse=False)
                          if id(p) in self._index and self._index[id(p)] in self.offloaded)
             if not mine:
                 continue
             m = len(self._mine)
             self._mine.append(mine)
+            self._names.append(name or type(module).__name__)
             if type(module) is nn.Linear:
                 module.forward = types.MethodType(zero_linear_forward, module)  # see zero/linear.py
             self._hooks += [
@@ -122,8 +126,32 @@ class Coordinator:
             self._gather(i, mine)
         if position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)
+        if self.timeline.enabled:
+            self._draw(m, phase)
+
+    def _draw(self, m: int, phase: Phase) -> None:
+        """[Note: module spans on the timeline]  A forward span runs from the pre-hook to the forward hook.
+        Backward has no hook after a module's own work, so a module's backward span runs from its backward
+        pre-hook to the next one (or to the end of backward): its input-gradient and weight-gradient
+        work, and the waits for the next module's parameters."""
+        now = self.timeline.now_us()
+        if phase is Phase.FORWARD:
+            self._started[m] = now
+            return
+        self._close_backward()
+        self._backward = (m, now)
+
+    def _close_backward(self) -> None:
+        if self._backward is not None:
+            m, start = self._backward
+            self.timeline.complete(f"backward {self._names[m]}", Track.COMPUTE, start)
+            self._backward = None
 
     def _leave(self, m: int) -> None:
+        start = self._started.pop(m, None)
+        if start is not None:
+            self.timeline.complete(f"forward {self._names[m]}", Track.COMPUTE, start)
+        dropped = False
         for i in self._mine[m]:
             self._users[i] -= 1
             if self._users[i] == 0:
@@ -131,6 +159,9 @@ class Coordinator:
                     self._kept.add(i)
                 else:
                     self._drop(i)
+                    dropped = True
+        if dropped and self._position is not None and self.prefetch is Prefetch.TRACE:
+            self._read_ahead(self._position)  # a dropped partition needed again soon is read again now
 
     def _reused_soon(self, i: int) -> bool:
         trace, position = self.cursor.trace, self._position
@@ -165,10 +196,26 @@ class Coordinator:
             return
         held = frozenset(self._resident() | self._in_flight)
         for i in fetches_from(trace, position, held, self.budgets, frozenset()):
-            if not self.homes[i].can_start_fetch():
+            if not self.homes[i].can_start_fetch() and not self._preempt(i, position):
                 break  # every staging buffer is out; the next module's hook tries again
             self.homes[i].start_fetch(i)
             self._in_flight.add(i)
+
+    def _preempt(self, i: int, position: int) -> bool:
+        """[Note: nearer reads first]  A partition dropped after its use may be needed again before reads
+        already started ahead for later uses (the last forward module is the first backward one).  When
+        no buffer is free, the read ahead whose use is farthest, if farther than i's, gives its buffer up."""
+        trace = self.cursor.trace
+        if trace is None:
+            return False
+        home, wanted = self.homes[i], next_use_distance(trace, position, i)
+        later = [j for j in self._in_flight if self.homes[j] is home and next_use_distance(trace, position, j) > wanted]
+        if not later:
+            return False
+        farthest = max(later, key=lambda j: next_use_distance(trace, position, j))
+        self._in_flight.discard(farthest)
+        home.cancel_fetch(farthest)
+        return home.can_start_fetch()
 
     def _free_a_buffer(self, i: int, mine: tuple[int, ...]) -> None:
         """[Note: reads ahead never starve a miss]  Reads started ahead hold staging buffers until their
@@ -218,6 +265,7 @@ class Coordinator:
                 self._users[i] = 0
                 self._kept.discard(i)
                 self._drop(i)
+        self._close_backward()
         self.settle()
         self.cursor.end_step()
 

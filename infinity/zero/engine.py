@@ -29,7 +29,7 @@ from infinity.zero.coordinator import EXPECTED_HOOK_WARNING, Coordinator
 from infinity.zero.init import placed
 from infinity.zero.loss_scale import LossScaler
 from infinity.zero.placement import open_manager
-from infinity.timeline import Timeline
+from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.settings import EngineSettings, Precision, budgets_of, dtype_of
 from infinity.zero.step_report import StepReport, StepReporter, Wait
 
@@ -51,6 +51,7 @@ class Engine:
         self._pending_backward = False
         self._param_names = {id(p): n for n, p in model.named_parameters()}  # to catch later changes
         self._failure: BaseException | None = None  # a step or backward stopped midway
+        self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.shapes = [_shape_of(p) for p in self.params]
         self._check()
         self._adopted = self._adopt_init()
@@ -75,7 +76,8 @@ class Engine:
     # ---- the DeepSpeed-shaped API -----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._check_usable()
-        return self.module(*args, **kwargs)
+        with self.timeline.span("forward", Track.COMPUTE):
+            return self.module(*args, **kwargs)
 
     forward = __call__
 
@@ -89,8 +91,9 @@ class Engine:
             scaled = scaled * self.scaler.scale
         with warnings.catch_warnings(), self._failing_on_error(self._boundary):
             warnings.filterwarnings("ignore", message=EXPECTED_HOOK_WARNING, category=UserWarning)
-            scaled.backward()
-        self.coordinator.release_all()
+            with self.timeline.span("backward", Track.COMPUTE):
+                scaled.backward()
+                self.coordinator.release_all()
         self.micro_steps += 1
         self._pending_backward = True
         return loss
@@ -107,19 +110,22 @@ class Engine:
             return
         overflow = self._overflow
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
-        with self._failing_on_error(True):
+        with self._failing_on_error(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
             if not overflow:
                 self.optimizer.step(self.lr, self._grad_coef(), self._write_param, self._flush_params)
                 self.global_steps += 1
             else:
                 self.optimizer.discard_grads()
+            flushing = time.perf_counter()
             self._flush_params(None)  # the step's parameter writes are all on NVMe when it returns
+            flushed = time.perf_counter() - flushing
         self.reporter.clock.optimizer_s += time.perf_counter() - started
-        self.reporter.clock.add_wait(Wait.OPTIMIZER_IO, self.optimizer.io_wait_s - waited)
+        self.reporter.clock.add_wait(Wait.OPTIMIZER_IO, self.optimizer.io_wait_s - waited + flushed)
         moved = self.io_stats()
         report = self.reporter.finish(self.global_steps, moved.bytes_read, moved.bytes_written,
                                       self.coordinator.cursor.invalidations)
         metrics.record_step(report)
+        self.timeline.mark(f"step {self.global_steps}", **report.to_dict())
         self.coordinator.read_ahead_of_next_step()
         for m in self._managers.values():
             m.store.warn_if_deleted()
@@ -152,9 +158,10 @@ class Engine:
         return self.reporter.last
 
     def trace_to(self, timeline: Timeline) -> None:
-        """Records compute, wait and optimizer spans on timeline from now on (infinity-train --trace)."""
-        self.coordinator.timeline = timeline
-        self.optimizer.timeline = timeline
+        """Records compute, wait, optimizer and I/O spans on timeline from now on (infinity-train --trace)."""
+        self.timeline = self.coordinator.timeline = self.optimizer.timeline = timeline
+        for m in self._managers.values():
+            m.handle.timeline = timeline
 
     def parameter_values(self) -> dict[str, torch.Tensor]:
         """Every parameter's current values by name, as fp32 copies in host memory (read one at a time

@@ -21,6 +21,8 @@ def test_trains_on_nvme_and_records_every_step(tmp_path, capsys):
     assert all(s["bytes_read"] > 0 and s["bytes_written"] > 0 and s["tokens"] == 2 * 16 for s in record["steps"])
     err = capsys.readouterr().err
     assert err.count("tok/s") == 3 and "read" in err and "written" in err  # one progress line a step
+    assert err.count("stall") == 3 and err.count("prefetch hit") == 3
+    assert all(0 <= s["stall_ratio"] <= 1 and 0 <= s["hit_ratio"] <= 1 for s in record["steps"])
     assert not any((swap / "infinity-swap" / "rank-0").iterdir())  # swap files removed at the end
 
 
@@ -28,9 +30,37 @@ def test_default_config_is_the_nvme_example():
     assert DEFAULT_CONFIG.name == "nvme-local.json" and DEFAULT_CONFIG.is_file()
 
 
+def test_trace_holds_the_last_two_steps_of_compute_io_and_optimizer(tmp_path):
+    trace = tmp_path / "step.json"
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    wide = [*SMALL, "--steps", "4", "--hidden", "512", "--heads", "8"]  # blocks above the persistence threshold
+    assert main(["--nvme_path", str(swap), "--trace", str(trace), *wide]) == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    marks = [e["name"] for e in events if e["ph"] == "i"]
+    assert marks == ["step 3", "step 4"]  # earlier steps were dropped as the run went
+    spans = {(e["cat"], e["name"]) for e in events if e["ph"] == "X"}
+    assert ("compute", "forward") in spans and ("compute", "backward") in spans
+    assert ("optimizer", "optimizer step") in spans
+    assert any(cat == "compute" and name.startswith("forward ") for cat, name in spans)  # a module's forward
+    assert any(cat == "compute" and name.startswith("backward ") for cat, name in spans)
+    begins = {e["id"]: e for e in events if e["ph"] == "b"}
+    ends = {e["id"]: e for e in events if e["ph"] == "e"}
+    assert begins.keys() == ends.keys() and begins
+    names = {e["name"] for e in begins.values()}
+    assert any(n.startswith("read param") for n in names) and any(n.startswith("write") for n in names)
+    assert all(ends[i]["ts"] >= begins[i]["ts"] for i in begins)
+    steps = [e for e in events if e["ph"] == "X" and e["name"] == "optimizer step"]
+    assert len(steps) == 2
+    # one clock: every request ends by the last step's end (an I/O span is recorded when its request is done)
+    last = max(e["ts"] for e in events if e["ph"] == "i")
+    assert all(e["ts"] <= last for e in ends.values())
+
+
 @pytest.mark.parametrize("args,message", [
     (["--hidden", "100", "--heads", "8"], "multiple of --heads"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--trace", "/no/such/folder/t.json"], "--trace /no/such/folder/t.json: the folder"),
 ])
 def test_bad_flags_exit_2_with_the_flag_named(tmp_path, capsys, args, message):
     assert main(["--nvme_path", str(tmp_path), *args]) == 2
