@@ -202,31 +202,34 @@ class MemoryManager:
         self.drop(key)
 
     # ---- writes into a partition that stays on NVMe ----------------------------
-    def write_part(self, key: str, byte_offset: int, values: torch.Tensor, staging: BufferPool) -> None:
-        """Writes values into key's extent at byte_offset, padded with zeros to the next 4096 bytes.
+    def write_part(self, key: str, byte_offset: int, values: torch.Tensor, staging: BufferPool,
+                   dtype: torch.dtype | None = None) -> None:
+        """Writes values (converted to dtype, if given) into key's extent at byte_offset, padded with zeros
+        to the next 4096 bytes.
 
-        Values that are aligned host memory of whole blocks are written in place (the caller keeps them
-        unchanged until `flush`); others are copied into a buffer borrowed from staging.  The partition
-        must be on NVMe: a host copy would silently go stale.
+        Values that are aligned host memory of whole blocks in the stored dtype are written in place (the
+        caller keeps them unchanged until `flush`); others are copied, and converted in the same pass, into
+        a buffer borrowed from staging.  The partition must be on NVMe: a host copy would silently go stale.
         """
+        stored = dtype or values.dtype
         self.check_healthy()
         e = self._entry(key)
         if e.partition.state is not State.ON_NVME:
             raise InfinityError(f"partition {key!r} is {e.partition.state.value}; write_part needs it on NVMe")
-        nbytes = values.numel() * values.element_size()
+        nbytes = values.numel() * torch.empty(0, dtype=stored).element_size()
         length = min(round_up(nbytes, ALIGNMENT), e.extent.capacity - byte_offset)
         if nbytes > length or byte_offset % ALIGNMENT:
             raise InfinityError(f"write_part of {nbytes} bytes at {byte_offset} does not fit partition {key!r}")
         flat = values.detach().reshape(-1)
         slot = None
         if flat.device.type == "cpu" and flat.is_contiguous() and flat.data_ptr() % ALIGNMENT == 0 \
-                and nbytes == length:
+                and nbytes == length and flat.dtype == stored:
             source = flat.view(torch.uint8)
         else:
             slot = self._borrow_for_write(staging, length)
             source = slot.buffer.tensor[:length]
             source[nbytes:].zero_()
-            source[:nbytes].view(values.dtype).copy_(flat)
+            source[:nbytes].view(stored).copy_(flat)
         future = self._submit(False, source, e, byte_offset)
         with self._lock:
             self._pending.append((key, future, slot))

@@ -184,11 +184,12 @@ class NvmeHome(ParamHome):
     def write(self, index: int, values: torch.Tensor) -> set[str]:
         k = self._keys[index]
         numel = self._numel(index)
-        source = values if self.dtype == torch.float32 else values[:numel].to(self.dtype)
         if index in self.kept:
+            source = values if self.dtype == torch.float32 else values[:numel].to(self.dtype)
             self.manager.write_kept(k, source)
-        else:
-            self.manager.write_part(k, 0, source, staging=self.pool)
+        else:  # converted to the parameter's dtype as it is copied into a staging buffer: one pass
+            self.manager.write_part(k, 0, values if self.dtype == torch.float32 else values[:numel], staging=self.pool,
+                                    dtype=self.dtype)
         return {k}
 
     def _numel(self, index: int) -> int:

@@ -1,0 +1,108 @@
+"""Draws Chrome trace events (infinity.timeline) as an SVG picture: one band per thread row, nested spans
+stacked, I/O requests packed into lanes per operation, a millisecond axis.  No plotting library needed.
+
+    .venv/bin/python -m benchmarks.timeline_svg step.json step.svg
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+COLORS = {"compute": "#4e79a7", "wait": "#e15759", "optimizer": "#59a14f", "read": "#f28e2b", "write": "#b07aa1"}
+WIDTH, LEFT, LANE, GAP = 1400, 170, 14, 8
+
+
+@dataclass(frozen=True)
+class Bar:
+    row: str
+    depth: int
+    start: float  # µs
+    end: float
+    name: str
+    color: str
+
+
+def bars(events: list[dict[str, Any]]) -> list[Bar]:
+    out = _thread_bars([e for e in events if e["ph"] == "X"])
+    begins = {e["id"]: e for e in events if e["ph"] == "b"}
+    requests = sorted(((begins[e["id"]], e) for e in events if e["ph"] == "e" and e["id"] in begins),
+                      key=lambda pair: pair[0]["ts"])
+    lanes: dict[str, list[float]] = {}
+    for b, e in requests:
+        op = b["name"].split()[0]
+        ends = lanes.setdefault(op, [])
+        lane = next((k for k, free_at in enumerate(ends) if free_at <= b["ts"]), len(ends))
+        if lane == len(ends):
+            ends.append(0.0)
+        ends[lane] = e["ts"]
+        out.append(Bar(f"I/O {op}s", lane, b["ts"], e["ts"], b["name"], COLORS.get(op, "#999")))
+    return out
+
+
+def _thread_bars(spans: list[dict[str, Any]]) -> list[Bar]:
+    out, open_ends = [], {}  # row -> ends of the spans enclosing the current one
+    for e in sorted(spans, key=lambda e: (e["ts"], -e["dur"])):
+        row = e["tid"].split()[0] if e["cat"] != "wait" else "waits"
+        stack = [end for end in open_ends.get(row, []) if end > e["ts"]]
+        out.append(Bar(row, len(stack), e["ts"], e["ts"] + e["dur"], e["name"], COLORS.get(e["cat"], "#999")))
+        open_ends[row] = stack + [e["ts"] + e["dur"]]
+    return out
+
+
+def render(events: list[dict[str, Any]], title: str = "") -> str:
+    drawn = bars(events)
+    if not drawn:
+        return '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="40"><text x="8" y="24">no spans</text></svg>'
+    t0, t1 = min(b.start for b in drawn), max(b.end for b in drawn)
+    scale = (WIDTH - LEFT - 10) / max(t1 - t0, 1.0)
+    order = [r for r in ("compute", "waits", "optimizer", "I/O reads", "I/O writes") if any(b.row == r for b in drawn)]
+    order += sorted({b.row for b in drawn} - set(order))
+    tops, y = {}, 40
+    for row in order:
+        tops[row] = y
+        y += (max(b.depth for b in drawn if b.row == row) + 1) * LANE + GAP
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{y + 30}" font-family="sans-serif" '
+             f'font-size="10"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="8" y="16" font-size="13">{escape(title)}</text>']
+    for row in order:
+        parts.append(f'<text x="8" y="{tops[row] + 11}">{escape(row)}</text>')
+    for b in drawn:
+        x, w = LEFT + (b.start - t0) * scale, max((b.end - b.start) * scale, 0.5)
+        top = tops[b.row] + b.depth * LANE
+        parts.append(f'<rect x="{x:.1f}" y="{top}" width="{w:.1f}" height="{LANE - 2}" fill="{b.color}" '
+                     f'stroke="white" stroke-width="0.3"><title>{escape(b.name)} {(b.end - b.start) / 1e3:.2f} ms'
+                     f'</title></rect>')
+        if w > 6 * len(b.name):
+            parts.append(f'<text x="{x + 2:.1f}" y="{top + 10}" fill="white">{escape(b.name)}</text>')
+    step = _tick((t1 - t0) / 1e3)
+    for k in range(int((t1 - t0) / 1e3 / step) + 1):
+        x = LEFT + k * step * 1e3 * scale
+        parts.append(f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + 5}" stroke="black"/>'
+                     f'<text x="{x + 2:.1f}" y="{y + 16}">{k * step:g} ms</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _tick(total_ms: float) -> float:
+    for step in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000):
+        if total_ms / step <= 12:
+            return step
+    return 10000
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 2:
+        print("usage: python -m benchmarks.timeline_svg TRACE.json OUT.svg", file=sys.stderr)
+        return 2
+    events = json.loads(Path(args[0]).read_text())["traceEvents"]
+    Path(args[1]).write_text(render(events, title=Path(args[0]).name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
