@@ -131,7 +131,7 @@ def methods(model: Model, config: Config, with_fio: bool) -> dict[str, Callable[
         handle.pread(whole.tensor, model.path, 0)
         return model.file_bytes
 
-    def swapped_in() -> int:  # NvmeHome.fetch_many: infinity.swap.swap_in, as the coordinator's gather calls it
+    def swapped_in() -> int:  # NvmeHome.fetch_many: infinity.swap.swap_in (a library path; the coordinator reads ahead)
         for i, _values in model.home.fetch_many(model.indices):
             model.home.release(i)
         return model.param_bytes

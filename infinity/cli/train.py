@@ -104,6 +104,7 @@ def train(ns: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("infinity.zero").setLevel(logging.INFO)  # the step report (steps_per_print, wall_clock_breakdown)
     ns = build_parser().parse_args(argv)
     try:
         result = train(ns)

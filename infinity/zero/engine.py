@@ -66,7 +66,13 @@ class Engine:
         self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, self._on_grad,
                                        [shape.numel() for shape in self.shapes], budgets_of(settings),
                                        self.reporter.clock)
-        self.coordinator.install()
+        try:
+            self.coordinator.install()
+        except BaseException:
+            self.coordinator.remove()
+            for m in self._managers.values():
+                m.close()  # a refused config leaves no swap files behind
+            raise
         moved = self.io_stats()
         self.reporter.start(moved.bytes_read, moved.bytes_written)
         self.lr = self._lr()

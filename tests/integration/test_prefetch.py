@@ -84,6 +84,7 @@ def test_max_live_below_one_module_is_a_config_error(tmp_path):
     from infinity.errors import ConfigError
     with pytest.raises(ConfigError, match="stage3_max_live_parameters"):
         Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME, max_live_parameters=10))
+    assert not [f for f in tmp_path.rglob("*") if f.is_file()]  # no swap files left behind
 
 
 class Skippy(nn.Module):
