@@ -85,6 +85,7 @@ class ZeroConfig(Block):
     stage3_max_reuse_distance: int = spec(1_000_000_000, Kind.COUNT, at_least=0, aliases=("max_reuse_distance",))
     stage3_gather_16bit_weights_on_model_save: bool = spec(
         False, Kind.BOOL, aliases=("stage3_gather_fp16_weights_on_model_save", "gather_16bit_weights_on_model_save"))
+    log_trace_cache_warnings: bool = spec(False, Kind.BOOL)
     overlap_comm: bool = spec(False, Kind.BOOL)
     contiguous_gradients: bool = spec(True, Kind.BOOL)
     reduce_scatter: bool = spec(True, Kind.BOOL)
