@@ -184,12 +184,11 @@ class NvmeHome(ParamHome):
     def write(self, index: int, values: torch.Tensor) -> set[str]:
         k = self._keys[index]
         numel = self._numel(index)
+        part = values if self.dtype == torch.float32 else values[:numel]  # fp32 keeps its padding: whole blocks
         if index in self.kept:
-            source = values if self.dtype == torch.float32 else values[:numel].to(self.dtype)
-            self.manager.write_kept(k, source)
+            self.manager.write_kept(k, part.to(self.dtype))
         else:  # converted to the parameter's dtype as it is copied into a staging buffer: one pass
-            self.manager.write_part(k, 0, values if self.dtype == torch.float32 else values[:numel], staging=self.pool,
-                                    dtype=self.dtype)
+            self.manager.write_part(k, 0, part, staging=self.pool, dtype=self.dtype)
         return {k}
 
     def _numel(self, index: int) -> int:

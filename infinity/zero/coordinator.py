@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 import types
 from typing import Callable
@@ -29,7 +30,7 @@ from torch import nn
 
 from infinity.errors import ConfigError, Problem
 from infinity.schedule import Budgets, Cursor, Phase, fetches_from
-from infinity.schedule.planner import make_room, next_use_distance
+from infinity.schedule.planner import make_room, next_use_distance, releases_after
 from infinity.swap.params import ParamHome
 from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.linear import zero_linear_forward
@@ -151,23 +152,23 @@ class Coordinator:
         start = self._started.pop(m, None)
         if start is not None:
             self.timeline.complete(f"forward {self._names[m]}", Track.COMPUTE, start)
-        dropped = False
+        unused = []
         for i in self._mine[m]:
             self._users[i] -= 1
             if self._users[i] == 0:
-                if self._reused_soon(i):
-                    self._kept.add(i)
-                else:
-                    self._drop(i)
-                    dropped = True
-        if dropped and self._position is not None and self.prefetch is Prefetch.TRACE:
-            self._read_ahead(self._position)  # a dropped partition needed again soon is read again now
-
-    def _reused_soon(self, i: int) -> bool:
+                unused.append(i)
         trace, position = self.cursor.trace, self._position
         if trace is None or position is None:
-            return False
-        return next_use_distance(trace, position, i) < self.budgets.max_reuse_distance
+            released = unused  # off the trace: nothing is known to come back soon
+        else:
+            released = releases_after(trace, position, frozenset(unused), self.budgets, frozenset())
+        for i in unused:
+            if i in released:
+                self._drop(i)
+            else:
+                self._kept.add(i)
+        if released and position is not None and self.prefetch is Prefetch.TRACE:
+            self._read_ahead(position)  # a dropped partition needed again soon is read again now
 
     # ---- gathering, with the prefetch outcome --------------------------------------------
     def _gather(self, i: int, mine: tuple[int, ...]) -> None:
@@ -208,31 +209,38 @@ class Coordinator:
         trace = self.cursor.trace
         if trace is None:
             return False
-        home, wanted = self.homes[i], next_use_distance(trace, position, i)
-        later = [j for j in self._in_flight if self.homes[j] is home and next_use_distance(trace, position, j) > wanted]
-        if not later:
+        farthest = self._farthest_read_ahead(self.homes[i], position, beyond=next_use_distance(trace, position, i))
+        if farthest is None:
             return False
-        farthest = max(later, key=lambda j: next_use_distance(trace, position, j))
-        self._in_flight.discard(farthest)
-        home.cancel_fetch(farthest)
-        return home.can_start_fetch()
+        self._cancel(farthest)
+        return self.homes[i].can_start_fetch()
 
     def _free_a_buffer(self, i: int, mine: tuple[int, ...]) -> None:
         """[Note: reads ahead never starve a miss]  Reads started ahead hold staging buffers until their
         module uses them.  When a parameter nobody read ahead is needed and its home has no free buffer,
         the read ahead whose use is farthest away is given up (its buffer returns at once); otherwise
         fetch would wait for a buffer only this thread can give back."""
-        home, trace, position = self.homes[i], self.cursor.trace, self._position
+        home = self.homes[i]
         while not home.can_start_fetch():
-            others = [j for j in self._in_flight if self.homes[j] is home and j not in mine]
-            if not others:
+            farthest = self._farthest_read_ahead(home, self._position, excluded=mine)
+            if farthest is None:
                 return  # buffers held by writes come back when the writes complete
-            if trace is not None and position is not None:
-                farthest = max(others, key=lambda j: next_use_distance(trace, position, j))
-            else:
-                farthest = max(others)
-            self._in_flight.discard(farthest)
-            home.cancel_fetch(farthest)
+            self._cancel(farthest)
+
+    def _farthest_read_ahead(self, home: ParamHome, position: int | None, excluded: tuple[int, ...] = (),
+                             beyond: float = -math.inf) -> int | None:
+        """The read ahead on home (not in excluded) whose next use after position is farthest, if farther
+        than beyond; off the trace, the highest index."""
+        trace = self.cursor.trace
+        distances = [(next_use_distance(trace, position, j) if trace is not None and position is not None else j, j)
+                     for j in self._in_flight if self.homes[j] is home and j not in excluded]
+        farthest = max((d for d in distances if d[0] > beyond), default=None)
+        return farthest[1] if farthest is not None else None
+
+    def _cancel(self, i: int) -> None:
+        """A read started ahead is given up: its buffer returns to the pool."""
+        self._in_flight.discard(i)
+        self.homes[i].cancel_fetch(i)
 
     def read_ahead_of_next_step(self) -> None:
         """After the optimizer step (or between micro-batches): start the next step's first reads."""
@@ -251,8 +259,7 @@ class Coordinator:
                 self._kept.discard(i)
                 self._drop(i)
             elif i in self._in_flight:
-                self._in_flight.discard(i)
-                self.homes[i].cancel_fetch(i)
+                self._cancel(i)
 
     def _resident(self) -> set[int]:
         return {i for i in self.offloaded if self._users[i] > 0} | self._kept
@@ -276,8 +283,7 @@ class Coordinator:
     def settle(self) -> None:
         """Gives up every read started ahead (their buffers return); the next module reads on demand."""
         for i in sorted(self._in_flight):
-            self.homes[i].cancel_fetch(i)
-        self._in_flight.clear()
+            self._cancel(i)
 
     def _drop(self, i: int) -> None:
         self.params[i].data = self._empty[i]

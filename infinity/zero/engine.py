@@ -53,6 +53,7 @@ class Engine:
         self._failure: BaseException | None = None  # a step or backward stopped midway
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.shapes = [_shape_of(p) for p in self.params]
+        self.budgets = budgets_of(settings)  # the stage-3 schedule's: persistence here, the rest in the coordinator
         self._check()
         self._adopted = self._adopt_init()
         self.groups = plan_groups([(n, s.numel()) for n, s in zip(self.names, self.shapes)], settings.sub_group_size)
@@ -64,8 +65,7 @@ class Engine:
         self._place_params()
         self.reporter = StepReporter(settings.report_every)
         self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, self._on_grad,
-                                       [shape.numel() for shape in self.shapes], budgets_of(settings),
-                                       self.reporter.clock)
+                                       [shape.numel() for shape in self.shapes], self.budgets, self.reporter.clock)
         try:
             self.coordinator.install()
         except BaseException:
@@ -122,11 +122,10 @@ class Engine:
                 self.global_steps += 1
             else:
                 self.optimizer.discard_grads()
-            flushing = time.perf_counter()
-            self._flush_params(None)  # the step's parameter writes are all on NVMe when it returns
-            flushed = time.perf_counter() - flushing
+            with self.reporter.clock.waiting(Wait.OPTIMIZER_IO):
+                self._flush_params(None)  # the step's parameter writes are all on NVMe when it returns
         self.reporter.clock.optimizer_s += time.perf_counter() - started
-        self.reporter.clock.add_wait(Wait.OPTIMIZER_IO, self.optimizer.io_wait_s - waited + flushed)
+        self.reporter.clock.add_wait(Wait.OPTIMIZER_IO, self.optimizer.io_wait_s - waited)
         moved = self.io_stats()
         report = self.reporter.finish(self.global_steps, moved.bytes_read, moved.bytes_written,
                                       self.coordinator.cursor.invalidations)
@@ -178,10 +177,7 @@ class Engine:
             raise UsageError("parameter_values() was called between a forward and its backward, while the "
                              "module's parameters are gathered; call it after backward() or step()")
         self.coordinator.settle()
-        out = {}
-        for i, name in enumerate(self.names):
-            out[name] = self.homes[i].fetch(i).detach().float().cpu().clone()
-            self.homes[i].release(i)
+        out = {name: self._read_values(i).clone() for i, name in enumerate(self.names)}
         self.coordinator.read_ahead_of_next_step()
         return out
 
@@ -223,9 +219,8 @@ class Engine:
         if not math.isfinite(norm):
             self._overflow = True
         self._grad_sumsq += norm * norm
-        started = time.perf_counter()
-        self.optimizer.put_grad(self._slice[i], grad)
-        self.reporter.clock.add_wait(Wait.WRITE, time.perf_counter() - started)
+        with self.reporter.clock.waiting(Wait.WRITE):
+            self.optimizer.put_grad(self._slice[i], grad)
 
     def _grad_coef(self) -> float:
         scale = self.scaler.scale if self.scaler is not None else 1.0
@@ -298,6 +293,10 @@ class Engine:
         i = s.index
         if i not in self._adopted:
             return self.params[i].detach().float()
+        return self._read_values(i)
+
+    def _read_values(self, i: int) -> torch.Tensor:
+        """Parameter i's values from its home, fp32 in host memory (may share storage with a resident one)."""
         values = self.homes[i].fetch(i).detach().float().cpu()
         self.homes[i].release(i)
         return values
@@ -319,7 +318,7 @@ class Engine:
         s = self.settings
         dtype = dtype_of(s.precision)
         persistent = persistent_set(((i, shape.numel()) for i, shape in enumerate(self.shapes)
-                                     if i not in self._adopted), budgets_of(s))
+                                     if i not in self._adopted), self.budgets)
         offloaded = {i for i in range(len(self.params)) if s.param_tier is not Tier.COMPUTE and i not in persistent}
         homes: list[ParamHome] = [ComputeHome(self.params)] * len(self.params)
         shapes = {i: self.shapes[i] for i in offloaded}

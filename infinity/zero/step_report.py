@@ -10,8 +10,9 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("infinity.zero")
 
@@ -91,6 +92,15 @@ class StepClock:
 
     def add_wait(self, kind: Wait, seconds: float) -> None:
         self.waits[kind] += seconds
+
+    @contextmanager
+    def waiting(self, kind: Wait) -> Iterator[None]:
+        """Counts the time inside the block as a wait of this kind."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_wait(kind, time.perf_counter() - started)
 
     def count(self, outcome: Outcome, n: int = 1) -> None:
         self.outcomes[outcome] += n
