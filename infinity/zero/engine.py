@@ -48,7 +48,8 @@ class Engine:
         self._managers: dict[str, MemoryManager] = {}
         self._grad_sumsq = 0.0
         self._overflow = False
-        self._pending_backward = False
+        self._pending_backward = False  # a backward since the last step
+        self._forward_open = False  # a forward that builds a graph ran, and its backward has not
         self._param_names = {id(p): n for n, p in model.named_parameters()}  # to catch later changes
         self._failure: BaseException | None = None  # a step or backward stopped midway
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
@@ -82,6 +83,7 @@ class Engine:
     # ---- the DeepSpeed-shaped API -----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._check_usable()
+        self._forward_open = self._forward_open or torch.is_grad_enabled()
         with self.timeline.span("forward", Track.COMPUTE):
             return self.module(*args, **kwargs)
 
@@ -101,6 +103,7 @@ class Engine:
                 scaled.backward()
                 self.coordinator.release_all()
         self.micro_steps += 1
+        self._forward_open = False
         self._pending_backward = True
         return loss
 
@@ -173,9 +176,9 @@ class Engine:
         from wherever they live; reads the coordinator started ahead are given up first and restarted
         after, so the copies never compete with them for staging buffers)."""
         self._check_usable()
-        if self.coordinator.gathered():
-            raise UsageError("parameter_values() was called between a forward and its backward, while the "
-                             "module's parameters are gathered; call it after backward() or step()")
+        if self._forward_open or self.coordinator.gathered():
+            raise UsageError("parameter_values() was called between a forward and its backward (the step's "
+                             "parameters are gathered or being read); call it after backward() or step()")
         self.coordinator.settle()
         out = {name: self._read_values(i).clone() for i, name in enumerate(self.names)}
         self.coordinator.read_ahead_of_next_step()

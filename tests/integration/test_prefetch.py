@@ -87,6 +87,21 @@ def test_max_live_below_one_module_is_a_config_error(tmp_path):
     assert not [f for f in tmp_path.rglob("*") if f.is_file()]  # no swap files left behind
 
 
+def test_parameter_values_between_forward_and_backward_is_refused(tmp_path, batches):
+    from infinity.errors import UsageError
+    engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME))
+    try:
+        x, y = batches[0]
+        loss = engine(x, y)  # forward keeps its parameters for backward (stage3_max_reuse_distance 1e9)
+        with pytest.raises(UsageError, match=r"between a forward and its backward.*after backward\(\) or step\(\)"):
+            engine.parameter_values()
+        engine.backward(loss)
+        engine.step()
+        assert set(engine.parameter_values()) == set(engine.names)
+    finally:
+        engine.close()
+
+
 class Skippy(nn.Module):
     """Data-dependent control flow: the middle layer runs only for some batches."""
 
