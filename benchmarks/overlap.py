@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import datetime
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -159,6 +161,23 @@ def summarize(rounds: list[dict]) -> dict[str, Any]:
     return out
 
 
+def profile_steps(engines: dict[str, Engine], batches: list, top: int = 12) -> dict[str, list[dict[str, Any]]]:
+    """cProfile of len(batches) steps of the resident and the overlap engine: the functions that took the
+    most time of their own, in ms per step, so the two can be set side by side."""
+    out = {}
+    for mode in ("resident", "overlap"):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        timed_steps(engines[mode], batches)
+        profiler.disable()
+        stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+        rows = sorted(((tt, calls, f"{file}:{line}({name})") for (file, line, name), (_, calls, tt, _, _) in
+                       stats.items()), reverse=True)[:top]
+        out[mode] = [{"function": f, "calls_per_step": calls / len(batches), "ms_per_step": 1e3 * tt / len(batches)}
+                     for tt, calls, f in rows]
+    return out
+
+
 def trace_one_step(engine: Engine, batch: tuple, path: str, svg: str | None) -> None:
     timeline = Timeline()
     engine.trace_to(timeline)
@@ -184,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write every step time, report and round here")
     p.add_argument("--trace", help="write one overlap step's timeline here (Chrome trace events)")
     p.add_argument("--svg", help="draw that step's timeline here (needs --trace)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the rounds, cProfile N steps of the resident and the overlap engine (in the JSON)")
     args = p.parse_args(argv)
     root = Path(args.nvme_path) / "overlap-bench"
-    batches = synthetic_batches(SPEC, batch=args.batch, steps=args.warmup + args.rounds * args.steps + 1, seed=1)
+    batches = synthetic_batches(SPEC, batch=args.batch, steps=args.warmup + args.rounds * args.steps + 1 + args.profile,
+                                seed=1)
     engines = {m: build(m, root, args) for m in MODES}
     try:
         for engine in engines.values():
@@ -194,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         step = engines["overlap"].step_report()
         io = IoOnly(engines["overlap"], root / "overlap", max(step.bytes_read, step.bytes_written) * 2)
         rounds = run_rounds(engines, io, batches, args)
+        profile = profile_steps(engines, batches[-1 - args.profile:-1]) if args.profile else {}
         if args.trace:
             trace_one_step(engines["overlap"], batches[-1], args.trace, args.svg)
     finally:
@@ -203,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "command": " ".join(["python", "-m", "benchmarks.overlap", *sys.argv[1:]]),
               "model": {"spec": vars(SPEC), "config": DEFAULT_CONFIG.name, "micro_batch": args.batch},
-              "settings": vars(args), "summary": summary, "rounds": rounds}
+              "settings": vars(args), "summary": summary, "profile": profile, "rounds": rounds}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -212,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m}: overlap efficiency {e['median']:.3f} (quartiles {e['q1']:.3f}-{e['q3']:.3f}), stall share "
               f"{100 * s['median']:.1f}%, step {summary[m]['step_s']['median']:.3f} s, prefetch hit "
               f"{100 * summary[m]['hit_ratio']:.1f}%")
+    for mode, rows in profile.items():
+        print(f"{mode}, own time per step: " + ", ".join(f"{r['function'].rsplit('(', 1)[-1][:-1]} "
+                                                          f"{r['ms_per_step']:.1f} ms" for r in rows[:8]))
     print(f"resident (compute-only) {summary['resident']['step_s']['median']:.3f} s/step; I/O-only "
           f"{summary['io_only_s']['median']:.3f} s; compute / I/O {summary['compute_over_io']['median']:.2f}; "
           f"serial / overlap {summary['serial_over_overlap']['median']:.3f}")
