@@ -31,6 +31,7 @@ from infinity.zero.loss_scale import LossScaler
 from infinity.zero.placement import open_manager
 from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.settings import EngineSettings, Precision, budgets_of, dtype_of
+from infinity.zero.shard import Shard, shard_of
 from infinity.zero.step_report import StepReport, StepReporter, Wait
 
 log = logging.getLogger("infinity.zero")
@@ -54,6 +55,8 @@ class Engine:
         self._failure: BaseException | None = None  # a step or backward stopped midway
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.shapes = [_shape_of(p) for p in self.params]
+        self.world, self.rank = 1, 0  # torch.distributed ranks (one process: world 1)
+        self.shards: list[Shard] = [shard_of(n, s, self.world, self.rank) for n, s in zip(self.names, self.shapes)]
         self.budgets = budgets_of(settings)  # the stage-3 schedule's: persistence here, the rest in the coordinator
         self._check()
         self._adopted = self._adopt_init()
