@@ -16,6 +16,7 @@ from infinity.errors import (
     InfinityError,
     NativeUnavailable,
     NvmePathError,
+    RankFailed,
     ShortTransferError,
     UsageError,
 )
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "Config", "ConfigError", "EngineFailed",
     "InfinityError", "NativeUnavailable", "NvmePathError", "ShortTransferError", "TrainingArgs", "UsageError",
-    "__version__", "initialize", "zero",
+    "RankFailed", "__version__", "init_distributed", "initialize", "zero",
 ]
 
 
@@ -34,6 +35,9 @@ def __getattr__(name: str) -> Any:
     if name == "initialize":
         from infinity.zero.initialize import initialize
         return initialize
+    if name == "init_distributed":
+        from infinity.zero.ranks import init_distributed
+        return init_distributed
     if name == "zero":
         import infinity.zero as zero
         return zero

@@ -108,3 +108,15 @@ class EngineFailed(InfinityError):
 
 class UsageError(InfinityError):
     """The engine was driven out of order (step before backward, a parameter added after initialize)."""
+
+
+class RankFailed(InfinityError):
+    """A collective between the data-parallel ranks failed: a peer died, or did not answer within the
+    process group's timeout.  Names the operation, what it carried and this rank."""
+
+    def __init__(self, op: str, what: str, rank: int, world: int, cause: BaseException):
+        self.op, self.what, self.rank, self.world = op, what, rank, world
+        super().__init__(f"{op} of {what} failed on rank {rank} of {world}: another rank died or did not answer "
+                         f"within the process group's timeout (infinity.init_distributed(timeout=...)); the run "
+                         f"cannot go on: restart every rank from the last checkpoint. Cause: "
+                         f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")

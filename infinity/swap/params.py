@@ -80,10 +80,12 @@ class ComputeHome(ParamHome):
 
 
 class HostHome(ParamHome):
-    """Host copies in the compute dtype; fetch copies them to the compute tier."""
+    """Host copies in the compute dtype; fetch copies them to the compute tier.  `where` stores them
+    elsewhere (with several ranks and offload_param none, each rank's shards stay on the compute tier)."""
 
-    def __init__(self, shapes: dict[int, torch.Size], dtype: torch.dtype, device: torch.device, pin: bool):
-        self._host = {i: torch.empty(shape, dtype=dtype, pin_memory=pin) for i, shape in shapes.items()}
+    def __init__(self, shapes: dict[int, torch.Size], dtype: torch.dtype, device: torch.device, pin: bool,
+                 where: torch.device = torch.device("cpu")):
+        self._host = {i: torch.empty(shape, dtype=dtype, pin_memory=pin, device=where) for i, shape in shapes.items()}
         self._device = device
 
     def put(self, index: int, values: torch.Tensor) -> None:

@@ -31,6 +31,8 @@ from infinity.zero.loss_scale import LossScaler
 from infinity.zero.placement import open_manager
 from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.settings import EngineSettings, Precision, budgets_of, dtype_of
+from infinity.zero.gather import ShardedHome, piece_of
+from infinity.zero.ranks import current
 from infinity.zero.shard import Shard, shard_of
 from infinity.zero.step_report import StepReport, StepReporter, Wait
 
@@ -39,6 +41,10 @@ log = logging.getLogger("infinity.zero")
 
 class Engine:
     def __init__(self, model: nn.Module, settings: EngineSettings):
+        self.ranks = current()  # torch.distributed's (one process: world 1)
+        self.world, self.rank = self.ranks.world, self.ranks.rank
+        if self.ranks.several and settings.rank != self.rank:
+            settings = dataclasses.replace(settings, rank=self.rank)  # swap files in this rank's own folder
         self.module, self.settings = model, settings
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -47,7 +53,7 @@ class Engine:
         self.global_steps = self.micro_steps = 0
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
         self._managers: dict[str, MemoryManager] = {}
-        self._grad_sumsq = 0.0
+        self._grad_sumsq = self._replicated_sumsq = 0.0
         self._overflow = False
         self._pending_backward = False  # a backward since the last step
         self._forward_open = False  # a forward that builds a graph ran, and its backward has not
@@ -55,19 +61,22 @@ class Engine:
         self._failure: BaseException | None = None  # a step or backward stopped midway
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.shapes = [_shape_of(p) for p in self.params]
-        self.world, self.rank = 1, 0  # torch.distributed ranks (one process: world 1)
-        self.shards: list[Shard] = [shard_of(n, s, self.world, self.rank) for n, s in zip(self.names, self.shapes)]
         self.budgets = budgets_of(settings)  # the stage-3 schedule's: persistence here, the rest in the coordinator
+        built_under_init = {i for i, p in enumerate(self.params) if placed(p) is not None}
+        self.persistent = persistent_set(((i, shape.numel()) for i, shape in enumerate(self.shapes)
+                                          if i not in built_under_init), self.budgets)
+        self.shards: list[Shard] = [shard_of(n, s, self.world, self.rank, replicated=i in self.persistent)
+                                    for i, (n, s) in enumerate(zip(self.names, self.shapes))]
         self._check()
         self._adopted = self._adopt_init()
-        self.groups = plan_groups([(n, s.numel()) for n, s in zip(self.names, self.shapes)], settings.sub_group_size)
+        self.groups = plan_groups([(sh.name, sh.length) for sh in self.shards], settings.sub_group_size)
         self.optimizer = self._build_optimizer()
         self.homes, self.offloaded = self._build_param_homes()
         for m in self._managers.values():
             m.store.reserve()  # before any transfer: whole-block reads of zero.Init's partitions need the room
         self.optimizer.set_master(self._initial_values)
         self._place_params()
-        self.reporter = StepReporter(settings.report_every)
+        self.reporter = StepReporter(settings.report_every, self.rank)
         self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, self._on_grad,
                                        [shape.numel() for shape in self.shapes], self.budgets, self.reporter.clock)
         try:
@@ -120,9 +129,10 @@ class Engine:
         if not self._boundary:
             self.coordinator.read_ahead_of_next_step()
             return
-        overflow = self._overflow
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
         with self._failing_on_error(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
+            self._agree_on_gradients()
+            overflow = self._overflow
             if not overflow:
                 self.optimizer.step(self.lr, self._grad_coef(), self._write_param, self._flush_params)
                 self.global_steps += 1
@@ -142,7 +152,7 @@ class Engine:
             m.store.warn_if_deleted()
         if self.scaler is not None:
             self.scaler.update(overflow)
-        self._grad_sumsq, self._overflow = 0.0, False
+        self._grad_sumsq, self._replicated_sumsq, self._overflow = 0.0, 0.0, False
         self.lr = self._lr()
 
     def train(self, mode: bool = True) -> "Engine":
@@ -221,12 +231,42 @@ class Engine:
             return  # accumulating: torch keeps adding into p.grad
         grad = p.grad.detach().float()
         p.grad = None  # the compute-dtype gradient goes before the norm and the write, not after
+        if self.world > 1:
+            grad = self._reduce(i, grad)
         norm = grad_norm(grad)
         if not math.isfinite(norm):
             self._overflow = True
-        self._grad_sumsq += norm * norm
+        if self.shards[i].replicated:
+            self._replicated_sumsq += norm * norm  # the same on every rank: counted once
+        else:
+            self._grad_sumsq += norm * norm
         with self.reporter.clock.waiting(Wait.WRITE):
             self.optimizer.put_grad(self._slice[i], grad)
+
+    def _reduce(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a gradient: this rank's piece of it (reduce-scatter), or all of it for a
+        replicated parameter (all-reduce).  In fp32, whatever the compute dtype."""
+        shard = self.shards[i]
+        what = f"the gradient of {shard.name!r}"
+        if shard.replicated:
+            self.ranks.all_reduce_mean(grad, what)
+            return grad
+        whole = grad.reshape(-1)
+        padding = shard.length * self.world - whole.numel()
+        if padding:
+            whole = torch.nn.functional.pad(whole, (0, padding))
+        piece = torch.empty(shard.length, dtype=torch.float32, device=grad.device)
+        self.ranks.reduce_scatter_mean(piece, whole.contiguous(), what)
+        return piece
+
+    def _agree_on_gradients(self) -> None:
+        """Every rank's norm of its pieces summed (for clipping) and one overflow verdict for all ranks."""
+        if self.world > 1:
+            both = torch.tensor([self._grad_sumsq, float(self._overflow)], dtype=torch.float64, device=self.device)
+            self.ranks.all_reduce_sum(both, "the gradient norm")
+            self._grad_sumsq, self._overflow = float(both[0]), bool(both[1] > 0)
+        self._grad_sumsq += self._replicated_sumsq
+        self._overflow = self._overflow or not math.isfinite(self._grad_sumsq)
 
     def _grad_coef(self) -> float:
         scale = self.scaler.scale if self.scaler is not None else 1.0
@@ -260,10 +300,11 @@ class Engine:
                 problems.append(Problem(f"zero_optimization.{key}.nvme_path", "device is nvme but no nvme_path is "
                                         "given", "set nvme_path to a folder on the NVMe drive"))
         if s.param_tier is Tier.NVME and self.params:
-            largest, name = max((shape.numel(), name) for name, shape in zip(self.names, self.shapes))
+            largest, name = max((shard.length, shard.name) for shard in self.shards)
+            whose = f"rank {self.rank}'s shard of parameter" if self.world > 1 else "parameter"
             if largest > s.param_buffer_size:
                 problems.append(Problem("zero_optimization.offload_param.buffer_size",
-                                        f"{s.param_buffer_size} elements cannot hold parameter {name!r} of "
+                                        f"{s.param_buffer_size} elements cannot hold {whose} {name!r} of "
                                         f"{largest} elements", f"set buffer_size to at least {largest}"))
         if s.optimizer_tier is Tier.NVME and s.optimizer_buffer_count < BUFFERS_PER_GROUP:
             problems.append(Problem("zero_optimization.offload_optimizer.buffer_count",
@@ -286,6 +327,10 @@ class Engine:
         if len(runs) > 1:
             raise UsageError("the model's parameters come from more than one zero.Init; build the whole model "
                              "under one zero.Init context")
+        if self.world > 1:
+            raise UsageError(f"zero.Init with {self.world} ranks is not supported yet (each rank would write whole "
+                             f"parameters, not its shard): build the model without zero.Init when launching several "
+                             f"ranks")
         if self.settings.param_tier is not Tier.NVME:
             raise UsageError("the model was built under zero.Init with offload_param nvme, but initialize's config "
                              f"puts parameters on {self.settings.param_tier.value}; pass the same config to both")
@@ -297,9 +342,8 @@ class Engine:
     def _initial_values(self, s: Any) -> torch.Tensor:
         """A parameter's values for the fp32 master: its own, or for one built under zero.Init, read back."""
         i = s.index
-        if i not in self._adopted:
-            return self.params[i].detach().float()
-        return self._read_values(i)
+        values = self.params[i].detach().float() if i not in self._adopted else self._read_values(i)
+        return piece_of(values, self.shards[i]) if self.world > 1 else values
 
     def _read_values(self, i: int) -> torch.Tensor:
         """Parameter i's values from its home, fp32 in host memory (may share storage with a resident one)."""
@@ -323,21 +367,24 @@ class Engine:
     def _build_param_homes(self) -> tuple[list[ParamHome], set[int]]:
         s = self.settings
         dtype = dtype_of(s.precision)
-        persistent = persistent_set(((i, shape.numel()) for i, shape in enumerate(self.shapes)
-                                     if i not in self._adopted), self.budgets)
-        offloaded = {i for i in range(len(self.params)) if s.param_tier is not Tier.COMPUTE and i not in persistent}
+        sharded = self.world > 1  # [Note: with several ranks every parameter not persistent is a shard]
+        offloaded = {i for i in range(len(self.params))
+                     if (s.param_tier is not Tier.COMPUTE or sharded) and i not in self.persistent}
         homes: list[ParamHome] = [ComputeHome(self.params)] * len(self.params)
-        shapes = {i: self.shapes[i] for i in offloaded}
-        if offloaded and s.param_tier is Tier.HOST:
-            home: ParamHome = HostHome(shapes, dtype, self.device, pin=self._pin() is not PinPolicy.PAGEABLE
-                                       and torch.cuda.is_available())
+        shapes = {i: torch.Size([self.shards[i].length]) if sharded else self.shapes[i] for i in offloaded}
+        if offloaded and s.param_tier is not Tier.NVME:  # host memory, or the compute tier's own (sharded)
+            pin = s.param_tier is Tier.HOST and self._pin() is not PinPolicy.PAGEABLE and torch.cuda.is_available()
+            device = self.device if s.param_tier is Tier.COMPUTE else torch.device("cpu")
+            home: ParamHome = HostHome(shapes, dtype, self.device, pin=pin, where=device)
         elif offloaded:
-            largest = max(self.shapes[i].numel() for i in offloaded) * torch.empty(0, dtype=dtype).element_size()
+            largest = max(shape.numel() for shape in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
             self._param_pool = BufferPool("param", s.param_buffer_count, largest,
                                           "zero_optimization.offload_param.buffer_count", self._pin())
             home = NvmeHome(self._manager(str(s.param_nvme_path)), self._param_pool,
                             {i: self.names[i] for i in offloaded}, shapes, dtype, adopted=self._adopted,
                             max_in_cpu=s.param_max_in_cpu)
+        if offloaded and sharded:
+            home = ShardedHome(home, {i: self.shards[i] for i in offloaded}, self.ranks, dtype, self.device)
         for i in offloaded:
             homes[i] = home
         return homes, offloaded

@@ -25,6 +25,7 @@ from infinity.errors import UsageError
 from infinity.exporter import from_config
 from infinity.zero.engine import Engine
 from infinity.zero.from_config import settings_from_config
+from infinity.zero.ranks import init_distributed
 
 log = logging.getLogger("infinity.zero")
 
@@ -39,9 +40,12 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
 
     config: a path, a JSON string, a dict or an infinity.Config (DeepSpeed's config_params and
     args.deepspeed_config are read too).  training_args fills "auto" values.  DeepSpeed's
-    distributed keywords (mpu, dist_init_required, ...) are accepted and ignored on one process.
-    With the config's prometheus block enabled, metrics are served on prometheus.port + LOCAL_RANK
-    (labelled rank=rank, or $RANK) until engine.close(); a port in use is a MetricsPortInUse.
+    distributed keywords (mpu, dist_init_required, ...) are accepted and ignored.
+    Under torchrun (WORLD_SIZE > 1) the process group is started here unless the script started it
+    (infinity.init_distributed), and the parameters are partitioned over its ranks; rank is then the
+    process group's.  With the config's prometheus block enabled, metrics are served on
+    prometheus.port + LOCAL_RANK (labelled rank=rank, or $RANK) until engine.close(); a port in use is a
+    MetricsPortInUse.
     """
     if model is None:
         raise UsageError("initialize needs model=, the torch.nn.Module to train")
@@ -50,6 +54,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     _check_parameters(model, model_parameters)
     if ignored:
         log.debug("initialize: ignored keywords %s", sorted(ignored))
+    ranks = init_distributed(device=next((p.device for p in model.parameters()), None))
+    rank = ranks.rank if ranks.several else rank
     exporter = from_config(loaded.prometheus, rank=rank)  # first: the engine's own set-up writes are counted
     try:
         engine = Engine(model, settings_from_config(loaded, rank=rank))

@@ -7,6 +7,8 @@ taken out: the time the compute tier was busy (or at least not waiting on infini
 """
 from __future__ import annotations
 
+import dataclasses
+
 import enum
 import logging
 import time
@@ -47,6 +49,7 @@ class StepReport:
     prefetch_misses: int
     peak_live_elements: int
     trace_invalidations: int
+    rank: int = 0  # the data-parallel rank whose step this is (each rank reports its own bytes and waits)
 
     @property
     def stall_s(self) -> float:
@@ -68,7 +71,8 @@ class StepReport:
                 "hit_ratio": self.hit_ratio}
 
     def line(self) -> str:
-        return (f"step {self.step}: {self.step_s:.3f} s = compute {self.compute_s:.3f} + read wait "
+        who = f"rank {self.rank} " if self.rank else ""
+        return (f"{who}step {self.step}: {self.step_s:.3f} s = compute {self.compute_s:.3f} + read wait "
                 f"{self.read_wait_s:.3f} + write wait {self.write_wait_s:.3f} + optimizer {self.optimizer_s:.3f} "
                 f"(of which I/O wait {self.optimizer_io_wait_s:.3f}); stall {100 * self.stall_ratio:.1f}%; "
                 f"read {self.bytes_read / 1e9:.3f} GB, written {self.bytes_written / 1e9:.3f} GB; prefetch "
@@ -126,8 +130,9 @@ class StepClock:
 class StepReporter:
     """Turns the clock into one StepReport per optimizer step, and logs every `every` steps."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, rank: int = 0):
         self.clock = StepClock()
+        self.rank = rank
         self.every = max(every, 1)
         self.last: StepReport | None = None
         self._at_start = (0, 0, 0)
@@ -140,7 +145,8 @@ class StepReporter:
     def finish(self, step: int, bytes_read: int, bytes_written: int, invalidations: int) -> StepReport:
         """The step's report from the running counters (bytes moved, trace invalidations) as it ends."""
         read0, written0, invalid0 = self._at_start
-        report = self.clock.report(step, bytes_read - read0, bytes_written - written0, invalidations - invalid0)
+        report = dataclasses.replace(self.clock.report(step, bytes_read - read0, bytes_written - written0,
+                                                       invalidations - invalid0), rank=self.rank)
         self.last = report
         if step % self.every == 0:
             log.info("%s", report.line())

@@ -1,0 +1,77 @@
+"""A parameter home that holds only this rank's shard and all-gathers the whole parameter for a use.
+
+The inner home (NVMe, host memory, or the compute tier itself) stores each parameter's shard as a flat
+vector of Shard.length elements; the reads it starts ahead are this rank's shards only, so every
+rank's drive and host buffers carry 1/world of the bytes.  fetch turns the shard into the whole
+parameter with one all-gather on the compute tier.
+
+[Note: collective order]  Every rank must gather the same parameters in the same order.  The
+coordinator gathers in module-hook order, which is the model's own order on every rank; reads ahead,
+hits and misses are local decisions that start no collective.  A model whose control flow differs
+between ranks (a module skipped on one rank only) would pair different parameters' all-gathers: keep
+the control flow the same on every rank.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from infinity.swap.params import ParamHome
+from infinity.zero.ranks import Ranks
+from infinity.zero.shard import Shard
+
+
+def piece_of(values: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """This rank's piece of a whole parameter's values, flat, zero-padded to shard.length."""
+    flat = values.reshape(-1)
+    piece = flat.new_zeros(shard.length)
+    piece[: shard.real].copy_(flat[shard.start: shard.start + shard.real])
+    return piece
+
+
+class ShardedHome(ParamHome):
+    def __init__(self, inner: ParamHome, shards: dict[int, Shard], ranks: Ranks, dtype: torch.dtype,
+                 device: torch.device):
+        self.inner, self.shards, self.ranks = inner, shards, ranks
+        self.dtype, self.device = dtype, device
+
+    def put(self, index: int, values: torch.Tensor) -> None:
+        """The whole parameter's initial values; the inner home keeps this rank's piece."""
+        self.inner.put(index, piece_of(values.detach().to(self.dtype), self.shards[index]))  # type: ignore[attr-defined]
+
+    def part(self, index: int) -> torch.Tensor:
+        """This rank's piece (flat, Shard.length elements) on the compute tier; release(index) after."""
+        return self.inner.fetch(index).reshape(-1)
+
+    def fetch(self, index: int) -> torch.Tensor:
+        shard = self.shards[index]
+        piece = self.part(index)
+        whole = torch.empty(shard.length * self.ranks.world, dtype=self.dtype, device=self.device)
+        try:
+            self.ranks.all_gather(whole, piece.to(self.dtype).contiguous(), f"parameter {shard.name!r}")
+        finally:
+            self.inner.release(index)  # the piece's staging buffer goes back as soon as the whole is built
+        return whole[: shard.numel].view(shard.shape)
+
+    def fetch_many(self, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        for i in indices:
+            yield i, self.fetch(i)
+
+    def release(self, index: int) -> None:
+        """The gathered copy is dropped by the coordinator; the piece was released after the gather."""
+
+    def write(self, index: int, values: torch.Tensor) -> set[str]:
+        return self.inner.write(index, values)
+
+    def start_fetch(self, index: int) -> None:
+        self.inner.start_fetch(index)
+
+    def can_start_fetch(self) -> bool:
+        return self.inner.can_start_fetch()
+
+    def read_ready(self, index: int) -> bool:
+        return self.inner.read_ready(index)
+
+    def cancel_fetch(self, index: int) -> None:
+        self.inner.cancel_fetch(index)

@@ -1,0 +1,99 @@
+"""The data-parallel ranks: torch.distributed set-up, and the collectives ZeRO-3 needs, each failing
+with a RankFailed that names the operation, the parameter and the rank instead of hanging or raising
+from deep inside torch.
+
+Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); initialize
+calls init_distributed, which starts the default process group when WORLD_SIZE is above 1: gloo on
+CPU, NCCL when the model is on CUDA.  A script may call init_distributed itself first, to choose the
+backend or the timeout after which a collective waiting on a dead rank gives up.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from infinity.errors import RankFailed, UsageError
+
+log = logging.getLogger("infinity.zero")
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # torch's own default for gloo and NCCL
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the data-parallel world (world 1: one process, no collectives)."""
+
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def several(self) -> bool:
+        return self.world > 1
+
+    def all_gather(self, out: torch.Tensor, piece: torch.Tensor, what: str) -> None:
+        """out (world × piece elements) = every rank's piece, in rank order."""
+        self._run("all-gather", what, dist.all_gather_into_tensor, out, piece)
+
+    def reduce_scatter_mean(self, out: torch.Tensor, whole: torch.Tensor, what: str) -> None:
+        """out = this rank's piece of the mean over ranks of whole (world × out elements)."""
+        self._run("reduce-scatter", what, dist.reduce_scatter_tensor, out, whole)
+        out.div_(self.world)
+
+    def all_reduce_mean(self, t: torch.Tensor, what: str) -> None:
+        self._run("all-reduce", what, dist.all_reduce, t)
+        t.div_(self.world)
+
+    def all_reduce_sum(self, t: torch.Tensor, what: str) -> None:
+        self._run("all-reduce", what, dist.all_reduce, t)
+
+    def barrier(self, what: str) -> None:
+        if self.several:
+            self._run("barrier", what, dist.barrier)
+
+    def _run(self, op: str, what: str, collective: Any, *args: Any) -> None:
+        try:
+            collective(*args)
+        except (RuntimeError, dist.DistError) as err:  # DistBackendError, gloo's closed connections, timeouts
+            raise RankFailed(op, what, self.rank, self.world, err) from err
+
+
+def current() -> Ranks:
+    """The ranks of the default process group, or one process when none is started."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_world_size(), dist.get_rank())
+    return Ranks()
+
+
+def init_distributed(dist_backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+                     device: torch.device | None = None) -> Ranks:
+    """Starts the default process group from torchrun's environment when WORLD_SIZE > 1 (DeepSpeed's
+    deepspeed.init_distributed).  Does nothing when one is started already or for one process."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        return current()
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise UsageError(f"WORLD_SIZE is {world} but ${name} is not set: launch with torchrun "
+                             f"(torchrun --nproc_per_node {world} script.py) or infinity-train --nproc {world}")
+    cuda = device is not None and device.type == "cuda" or (device is None and torch.cuda.is_available())
+    backend = dist_backend or ("nccl" if cuda else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    ranks = current()
+    log.info("rank %d of %d: process group started (%s, timeout %s)", ranks.rank, ranks.world, backend, timeout)
+    return ranks
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise UsageError(f"${name} is {raw!r}, not a whole number (torchrun sets it)") from None

@@ -1,0 +1,70 @@
+"""One rank of a data-parallel run, launched by tests/integration/test_distributed.py (or by hand with
+torchrun): trains the small GPT on its part of each global batch and writes what it saw to OUT.rank<r>.pt.
+
+    python tests/integration/dist_worker.py OUT NVME_ROOT TIER STEPS [FAULT_STEP kill|stop] [TIMEOUT_S]
+
+TIER: nvme (parameters and optimizer on NVMe), cpu, or none.  FAULT_STEP: rank 1 kills itself with
+SIGKILL (kill) or stops itself with SIGSTOP (stop: alive but silent) before that step's backward; the
+process group's timeout is TIMEOUT_S (default 60)."""
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import infinity  # noqa: E402
+from training_reference import ADAM, fresh_model, make_batches  # noqa: E402
+
+
+PERSISTENT = 100  # parameters of at most this many elements are replicated; the rest are split
+
+
+def config(nvme_root: str, tier: str, rank: int) -> dict:
+    path = os.path.join(nvme_root, f"rank{rank}")  # each rank its own (node-local) folder
+    os.makedirs(path, exist_ok=True)
+    offload = {"device": tier} | ({"nvme_path": path} if tier == "nvme" else {})
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": ADAM.lr, "betas": list(ADAM.betas), "eps": ADAM.eps,
+                                                       "weight_decay": ADAM.weight_decay}},
+            "zero_optimization": {"stage": 3, "sub_group_size": 20_000,
+                                  "stage3_param_persistence_threshold": PERSISTENT,
+                                  "offload_param": offload,
+                                  "offload_optimizer": offload | ({"buffer_count": 4} if tier == "nvme" else {})}}
+
+
+def main() -> None:
+    out, nvme_root, tier, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    fault_at = int(sys.argv[5]) if len(sys.argv) > 5 else -1
+    fault = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[sys.argv[6]] if fault_at >= 0 else None
+    timeout = float(sys.argv[7]) if len(sys.argv) > 7 else 60.0
+    infinity.init_distributed(timeout=datetime.timedelta(seconds=timeout))
+    if not torch.distributed.is_initialized():  # world 1 (init_distributed starts none): for the loss all-reduce
+        torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    engine, *_ = infinity.initialize(model=fresh_model(), config=config(nvme_root, tier, rank))
+    losses, reports = [], []
+    for step, (x, y) in enumerate(make_batches()[:steps]):
+        part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)  # this rank's part of the global batch
+        loss = engine(x[part], y[part])
+        if step == fault_at and rank == 1 and fault is not None:
+            os.kill(os.getpid(), fault)
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)  # the global batch's loss, for the comparison
+        losses.append(float(mean) / world)
+        reports.append(engine.step_report().to_dict())
+    weights = engine.parameter_values()
+    torch.save({"losses": losses, "reports": reports, "weights": weights, "rank": rank, "world": world,
+                "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.shards]},
+               f"{out}.rank{rank}.pt")
+    engine.close()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""ZeRO-3 across two processes on gloo: each rank holds half of every parameter on its own NVMe folder,
+all-gathers for a use and reduce-scatters gradients; the run equals one rank and plain torch."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training_reference import make_batches, plain_torch_run
+
+from dist_worker import PERSISTENT
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+STEPS = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path: Path, world: int, tier: str, steps: int = STEPS, fault: tuple[str, ...] = (),
+           waited: int | None = None, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """world processes of dist_worker.py, as torchrun would start them (RANK, WORLD_SIZE, MASTER_*).
+    Waits for the first `waited` ranks (all by default) and kills the rest; timeout only guards the test."""
+    port = free_port()
+    procs = []
+    try:
+        for rank in range(world):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+            args = [sys.executable, str(WORKER), str(tmp_path / "run"), str(tmp_path / "nvme"), tier, str(steps)]
+            procs.append(subprocess.Popen(args + list(fault), env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        done = []
+        for p in procs[:waited]:
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        return done
+    finally:
+        for p in procs:
+            p.kill()  # a rank left stopped by a fault test, or one that hangs past the guard
+            p.communicate()
+
+
+def results(tmp_path: Path, world: int) -> list[dict]:
+    return [torch.load(tmp_path / f"run.rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def check_ran(done: list[subprocess.CompletedProcess]) -> None:
+    for p in done:
+        assert p.returncode == 0, p.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return plain_torch_run(make_batches()[:STEPS])
+
+
+@pytest.fixture(scope="module")
+def nvme_runs(tmp_path_factory):
+    runs = {}
+    for world in (1, 2):
+        folder = tmp_path_factory.mktemp(f"world{world}")
+        check_ran(launch(folder, world, "nvme"))
+        runs[world] = results(folder, world)
+    return runs
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_two_ranks_equal_one_rank_and_plain_torch(nvme_runs, reference):
+    want_losses, want_weights = reference
+    one, two = nvme_runs[1][0], nvme_runs[2]
+    for got in (one["losses"], two[0]["losses"], two[1]["losses"]):
+        for g, w in zip(got, want_losses, strict=True):
+            assert abs(g - w) <= 1e-4 * abs(w)
+    for name, w in want_weights.items():
+        if name.endswith("qkv.bias"):
+            continue  # rounding noise becomes Adam steps there: see test_training.assert_same_weights
+        for run in (one, two[0], two[1]):
+            assert relative(run["weights"][name], w) <= 1e-4, name
+    assert all(torch.equal(two[0]["weights"][n], two[1]["weights"][n]) for n in want_weights)
+
+
+def test_each_rank_holds_half_of_each_parameter(nvme_runs):
+    """Parameters above the persistence threshold are split in two halves; the small ones are replicated."""
+    two = nvme_runs[2]
+    split = 0
+    for (name, numel, start0, length0, rep0), (_, _, start1, length1, rep1) in zip(two[0]["shards"], two[1]["shards"]):
+        if numel <= PERSISTENT:
+            assert rep0 and rep1 and length0 == length1 == numel, name
+            continue
+        split += 1
+        assert not rep0 and not rep1 and length0 == length1 == -(-numel // 2), name
+        assert (start0, start1) == (0, length0), name
+    assert split >= 8
+
+
+def test_each_rank_moves_about_half_the_nvme_bytes(nvme_runs):
+    def per_step(report_list):
+        steady = report_list[3:]
+        return (sum(r["bytes_read"] for r in steady) / len(steady), sum(r["bytes_written"] for r in steady) / len(steady))
+    one_read, one_written = per_step(nvme_runs[1][0]["reports"])
+    for rank in nvme_runs[2]:
+        read, written = per_step(rank["reports"])
+        assert 0.4 <= read / one_read <= 0.6, (read, one_read)
+        assert 0.4 <= written / one_written <= 0.6, (written, one_written)
+        assert rank["reports"][-1]["rank"] == rank["rank"]
+
+
+@pytest.mark.parametrize("tier", ["cpu", "none"])
+def test_two_ranks_with_host_and_compute_tiers(tmp_path, tier, reference):
+    check_ran(launch(tmp_path, 2, tier, steps=4))
+    want_losses, _ = reference
+    for run in results(tmp_path, 2):
+        for g, w in zip(run["losses"], want_losses[:4]):
+            assert abs(g - w) <= 1e-4 * abs(w)
+
+
+def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path):
+    done = launch(tmp_path, 2, "nvme", steps=4, fault=("2", "kill"), timeout=200)
+    assert done[1].returncode == -9
+    assert done[0].returncode != 0
+    message = done[0].stderr
+    assert "RankFailed" in message and "failed on rank 0 of 2" in message, message[-3000:]
+    assert "restart every rank from the last checkpoint" in message
+
+
+def test_a_rank_that_stops_answering_makes_the_other_fail_after_the_timeout(tmp_path):
+    """Rank 1 is alive but silent (SIGSTOP): rank 0's next collective gives up after the process group's
+    timeout (5 s here) with a RankFailed instead of waiting forever (the 200 s guard is only a backstop)."""
+    rank0, = launch(tmp_path, 2, "nvme", steps=4, fault=("2", "stop", "5"), waited=1, timeout=200)
+    assert rank0.returncode != 0
+    assert "RankFailed" in rank0.stderr and "failed on rank 0 of 2" in rank0.stderr, rank0.stderr[-3000:]
