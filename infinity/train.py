@@ -20,6 +20,7 @@ from infinity.exporter import from_config
 from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
 from infinity.timeline import Timeline
 from infinity.zero import Engine, Init, initialize
+from infinity.zero.ranks import Ranks, init_distributed
 
 log = logging.getLogger("infinity.train")
 
@@ -72,8 +73,9 @@ def load_config(job: TrainJob) -> Config:
     return Config.load(job.config, overrides=overrides)
 
 
-def build_model(job: TrainJob, config: Config) -> nn.Module:
-    """The GPT, built under zero.Init when parameters are offloaded to NVMe.
+def build_model(job: TrainJob, config: Config, ranks: Ranks = Ranks()) -> nn.Module:
+    """The GPT, built under zero.Init when parameters are offloaded to NVMe (by one process: with several
+    ranks each builds the model in host memory and initialize keeps its shards).
 
     [Note: Transformers models are built plainly] their constructors end with post_init(), which
     re-initialises every weight of the finished model; under zero.Init those weights would already be
@@ -82,7 +84,7 @@ def build_model(job: TrainJob, config: Config) -> nn.Module:
     torch.manual_seed(job.seed)
     if job.hf_config:
         return _hf_model(job.hf_config)
-    on_nvme = config.zero_optimization.offload_param.device is OffloadDevice.NVME
+    on_nvme = config.zero_optimization.offload_param.device is OffloadDevice.NVME and not ranks.several
     with Init(config=config, enabled=on_nvme):
         return Gpt(job.spec)
 
@@ -90,9 +92,11 @@ def build_model(job: TrainJob, config: Config) -> nn.Module:
 def run(job: TrainJob) -> Iterator[StepStats]:
     config = load_config(job)
     # Metrics start before the build, so zero.Init's writes are counted; initialize shares this server.
-    exporter = from_config(config.prometheus, setting="--metrics-port" if job.metrics_port else "prometheus.port")
+    ranks = init_distributed()  # under torchrun (infinity-train --nproc N): the process group first
+    exporter = from_config(config.prometheus, rank=ranks.rank,
+                           setting="--metrics-port" if job.metrics_port else "prometheus.port")
     try:
-        model = build_model(job, config)
+        model = build_model(job, config, ranks)
         engine, *_ = initialize(model=model, config=config)
         try:
             yield from _loop(engine, job, config, model)
@@ -107,7 +111,10 @@ def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module) -> It
     micro = int(config.train_micro_batch_size_per_gpu)
     window = engine.gradient_accumulation_steps()
     spec = _data_spec(job, model)
-    batches = synthetic_batches(spec, batch=micro, steps=job.steps * window, seed=job.seed + 1)
+    # Data parallelism: every rank draws the same global batches and trains on its own part of each.
+    world, rank = engine.world, engine.rank
+    batches = [(x[rank * micro:(rank + 1) * micro], y[rank * micro:(rank + 1) * micro]) for x, y in
+               synthetic_batches(spec, batch=micro * world, steps=job.steps * window, seed=job.seed + 1)]
     engine.train()
     timeline = Timeline(enabled=job.trace is not None)
     engine.trace_to(timeline)
@@ -115,7 +122,7 @@ def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module) -> It
         for step in range(job.steps):
             if step <= job.steps - TRACED_STEPS:  # drops the steps before the last TRACED_STEPS
                 timeline.clear()
-            yield _step(engine, job, batches[step * window:(step + 1) * window], step, micro * spec.context)
+            yield _step(engine, job, batches[step * window:(step + 1) * window], step, micro * world * spec.context)
     finally:
         if job.trace is not None:
             log.info("wrote the timeline of the last %d steps to %s", TRACED_STEPS, timeline.write(job.trace))
@@ -127,9 +134,12 @@ def _step(engine: Engine, job: TrainJob, window: list, step: int, tokens: int) -
         loss = _forward(engine, x, y, hf=job.hf_config is not None)
         engine.backward(loss)
         engine.step()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach().float())
+    mean = torch.stack(losses).mean()
+    if engine.world > 1:
+        engine.ranks.all_reduce_mean(mean, "the step's loss")  # the global batch's loss
     after, report = engine.io_stats(), engine.step_report()
-    return StepStats(step=step + 1, loss=sum(losses) / len(losses), step_s=time.perf_counter() - start,
+    return StepStats(step=step + 1, loss=float(mean), step_s=time.perf_counter() - start,
                      tokens=len(window) * tokens, bytes_read=after.bytes_read - before.bytes_read,
                      bytes_written=after.bytes_written - before.bytes_written, lr=engine.get_lr()[0],
                      stall_ratio=report.stall_ratio if report else 0.0, hit_ratio=report.hit_ratio if report else 1.0)

@@ -3,13 +3,16 @@
     infinity-train                                   # configs/nvme-local.json: both on NVMe under ./swap
     infinity-train --config configs/cpu-offload.json --steps 50 --hidden 1024 --layers 8
     infinity-train --nvme_path /local_nvme --batch 8 --seq 256 --json run.json
+    infinity-train --nproc 2                         # two data-parallel ranks (torchrun), ZeRO-3 across them
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import resource
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -46,14 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", "--metrics_port", type=int, metavar="N", dest="metrics_port",
                    help="serve Prometheus metrics at http://<prometheus.bind_address>:N/metrics while training "
                         "(N + LOCAL_RANK with several processes; docs/metrics.md)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine, launched with torchrun (torch.distributed.run "
+                        "--standalone); each holds 1/N of every parameter and trains on 1/N of each global batch "
+                        "of N x --batch sequences (default %(default)s)")
     return p
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """Runs this command again (less --nproc, which torchrun would take for its own option) in nproc
+    processes under torchrun; its exit code."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "infinity.cli.train", *rest]
+    return subprocess.run(command, check=False).returncode
 
 
 def job_from_args(ns: argparse.Namespace):  # -> TrainJob (imported late: torch loads slowly)
     from infinity.train import TrainJob
     problems = [f"--{name} must be at least 1, got {value}" for name, value in
                 (("steps", ns.steps), ("seq", ns.seq), ("hidden", ns.hidden), ("layers", ns.layers),
-                 ("heads", ns.heads), ("vocab", ns.vocab), ("batch", ns.batch or 1)) if value < 1]
+                 ("heads", ns.heads), ("vocab", ns.vocab), ("batch", ns.batch or 1), ("nproc", ns.nproc))
+                if value < 1]
     if ns.metrics_port is not None and not 1 <= ns.metrics_port <= 65535:
         problems.append(f"--metrics-port must be a port, 1 to 65535, got {ns.metrics_port}")
     if ns.trace is not None and not Path(ns.trace).resolve().parent.is_dir():
@@ -88,7 +112,7 @@ def summary(steps: list) -> dict:
 def train(ns: argparse.Namespace) -> dict:
     from infinity.train import run
     job = job_from_args(ns)
-    bar = ProgressBar(job.steps, sys.stderr, Cadence.EVERY)
+    bar = ProgressBar(job.steps, sys.stderr if _rank() == 0 else open(os.devnull, "w"), Cadence.EVERY)
     steps = []
     try:
         for stats in run(job):
@@ -97,7 +121,7 @@ def train(ns: argparse.Namespace) -> dict:
     finally:
         bar.close()
     result = summary(steps)
-    if ns.json:
+    if ns.json and _rank() == 0:
         Path(ns.json).write_text(json.dumps({"summary": result, "steps": [asdict(s) for s in steps]}, indent=2))
     return result
 
@@ -106,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("infinity.zero").setLevel(logging.INFO)  # the step report (steps_per_print, wall_clock_breakdown)
     ns = build_parser().parse_args(argv)
+    if ns.nproc > 1 and "RANK" not in os.environ:
+        return launch(ns.nproc, sys.argv[1:] if argv is None else list(argv))
     try:
         result = train(ns)
     except ValueError as err:
@@ -114,12 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InfinityError as err:
         print(f"infinity-train: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{result['steps']} steps: loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
+    if _rank() != 0:
+        return EXIT_OK  # rank 0 speaks for the run
+    ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = f" on {ranks} ranks (rank 0's I/O)" if ranks > 1 else ""
+    print(f"{result['steps']} steps{world}: loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
           f"{result['mean_step_s']:.2f} s/step, {result['tokens_per_s']:.0f} tokens/s, "
           f"{result['gb_read_per_step']:.3f} GB read and {result['gb_written_per_step']:.3f} GB written per step, "
           f"stalled {100 * result['stall_ratio']:.1f}% of the time, "
           f"peak RSS {result['peak_rss_gib']:.2f} GiB")
     return EXIT_OK
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 if __name__ == "__main__":

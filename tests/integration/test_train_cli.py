@@ -72,3 +72,24 @@ def test_missing_nvme_path_names_it_and_the_fix(tmp_path, capsys):
     assert main(["--nvme_path", str(missing), *SMALL]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "mkdir -p" in err
+
+
+def test_nproc_2_trains_two_data_parallel_ranks_under_torchrun(tmp_path):
+    """--nproc 2 starts two ranks with torchrun; each writes swap files under its own rank folder and
+    trains on half of each global batch; rank 0 writes the JSON and the summary line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    out, swap = tmp_path / "run.json", tmp_path / "swap"
+    swap.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    wide = [*SMALL, "--hidden", "256", "--heads", "4"]  # weights above the persistence threshold: split
+    done = subprocess.run([sys.executable, "-m", "infinity.cli.train", "--nproc", "2", "--nvme_path", str(swap),
+                           "--json", str(out), *wide], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 steps on 2 ranks" in done.stdout
+    record = json.loads(out.read_text())
+    assert all(s["tokens"] == 2 * 2 * 16 and s["bytes_read"] > 0 for s in record["steps"])  # the global batch
+    assert {p.name for p in (swap / "infinity-swap").iterdir()} == {"rank-0", "rank-1"}
