@@ -108,3 +108,12 @@ class EngineFailed(InfinityError):
 
 class UsageError(InfinityError):
     """The engine was driven out of order (step before backward, a parameter added after initialize)."""
+
+
+class CheckpointError(InfinityError):
+    """A checkpoint cannot be written or loaded as asked: a file missing, truncated or altered (named with
+    its expected and found size or checksum), or a checkpoint of another model or world size."""
+
+    def __init__(self, path: str, message: str, fix: str = ""):
+        self.path, self.fix = path, fix
+        super().__init__(f"checkpoint {path}: {message}" + (f"; {fix}" if fix else ""))
