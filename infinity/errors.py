@@ -120,3 +120,12 @@ class RankFailed(InfinityError):
                          f"within the process group's timeout (infinity.init_distributed(timeout=...)); the run "
                          f"cannot go on: restart every rank from the last checkpoint. Cause: "
                          f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+
+
+class CheckpointError(InfinityError):
+    """A checkpoint cannot be written or loaded as asked: a file missing, truncated or altered (named with
+    its expected and found size or checksum), or a checkpoint of another model or world size."""
+
+    def __init__(self, path: str, message: str, fix: str = ""):
+        self.path, self.fix = path, fix
+        super().__init__(f"checkpoint {path}: {message}" + (f"; {fix}" if fix else ""))

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from infinity.memory.stream import Part
 from infinity.swap.params import ParamHome
 from infinity.zero.ranks import Ranks
 from infinity.zero.shard import Shard
@@ -40,13 +41,13 @@ class ShardedHome(ParamHome):
         """The whole parameter's initial values; the inner home keeps this rank's piece."""
         self.inner.put(index, piece_of(values.detach().to(self.dtype), self.shards[index]))  # type: ignore[attr-defined]
 
-    def part(self, index: int) -> torch.Tensor:
-        """This rank's piece (flat, Shard.length elements) on the compute tier; release(index) after."""
-        return self.inner.fetch(index).reshape(-1)
+    def part(self, index: int) -> Part:
+        """This rank's piece where it rests (the inner home holds exactly the piece)."""
+        return self.inner.part(index)
 
     def fetch(self, index: int) -> torch.Tensor:
         shard = self.shards[index]
-        piece = self.part(index)
+        piece = self.inner.fetch(index).reshape(-1)
         whole = torch.empty(shard.length * self.ranks.world, dtype=self.dtype, device=self.device)
         try:
             self.ranks.all_gather(whole, piece.to(self.dtype).contiguous(), f"parameter {shard.name!r}")
