@@ -3,6 +3,9 @@ torchrun): trains the small GPT on its part of each global batch and writes what
 
     python tests/integration/dist_worker.py OUT NVME_ROOT TIER STEPS [FAULT_STEP kill|stop] [TIMEOUT_S]
 
+With $CKPT_SAVE_AT=N and $CKPT_DIR the run saves a checkpoint after step N; with $CKPT_RESUME=1 it first
+loads $CKPT_DIR's latest checkpoint and trains the steps after it (to STEPS).
+
 TIER: nvme (parameters and optimizer on NVMe), cpu, or none.  FAULT_STEP: rank 1 kills itself with
 SIGKILL (kill) or stops itself with SIGSTOP (stop: alive but silent) before that step's backward; the
 process group's timeout is TIMEOUT_S (default 60)."""
@@ -46,8 +49,15 @@ def main() -> None:
         torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     engine, *_ = infinity.initialize(model=fresh_model(), config=config(nvme_root, tier, rank))
+    ckpt, save_at = os.environ.get("CKPT_DIR"), int(os.environ.get("CKPT_SAVE_AT", "-1"))
+    first = 0
+    if os.environ.get("CKPT_RESUME"):
+        engine.load_checkpoint(ckpt)
+        first = engine.global_steps
     losses, reports = [], []
     for step, (x, y) in enumerate(make_batches()[:steps]):
+        if step < first:
+            continue
         part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)  # this rank's part of the global batch
         loss = engine(x[part], y[part])
         if step == fault_at and rank == 1 and fault is not None:
@@ -58,6 +68,8 @@ def main() -> None:
         torch.distributed.all_reduce(mean)  # the global batch's loss, for the comparison
         losses.append(float(mean) / world)
         reports.append(engine.step_report().to_dict())
+        if step + 1 == save_at:
+            engine.save_checkpoint(ckpt)
     weights = engine.parameter_values()
     torch.save({"losses": losses, "reports": reports, "weights": weights, "rank": rank, "world": world,
                 "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.shards]},

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def launch(tmp_path: Path, world: int, tier: str, steps: int = STEPS, fault: tuple[str, ...] = (),
-           waited: int | None = None, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+           waited: int | None = None, timeout: float = 240, **env_extra: str) -> list[subprocess.CompletedProcess]:
     """world processes of dist_worker.py, as torchrun would start them (RANK, WORLD_SIZE, MASTER_*).
     Waits for the first `waited` ranks (all by default) and kills the rest; timeout only guards the test."""
     port = free_port()
@@ -35,7 +35,8 @@ def launch(tmp_path: Path, world: int, tier: str, steps: int = STEPS, fault: tup
         for rank in range(world):
             env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+                   **env_extra}
             args = [sys.executable, str(WORKER), str(tmp_path / "run"), str(tmp_path / "nvme"), tier, str(steps)]
             procs.append(subprocess.Popen(args + list(fault), env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))
@@ -142,3 +143,17 @@ def test_a_rank_that_stops_answering_makes_the_other_fail_after_the_timeout(tmp_
     rank0, = launch(tmp_path, 2, "nvme", steps=4, fault=("2", "stop", "5"), waited=1, timeout=200)
     assert rank0.returncode != 0
     assert "RankFailed" in rank0.stderr and "failed on rank 0 of 2" in rank0.stderr, rank0.stderr[-3000:]
+
+
+def test_two_ranks_save_at_step_5_and_resume_in_fresh_processes_exactly(tmp_path, nvme_runs):
+    """Two ranks save after step 5 (each its own rank folder); two fresh processes load it and train steps
+    6-10: losses and weights equal the uninterrupted two-rank run bit for bit (fp32, CPU, gloo)."""
+    ckpt = tmp_path / "ckpt"
+    check_ran(launch(tmp_path / "first", 2, "nvme", steps=5, CKPT_DIR=str(ckpt), CKPT_SAVE_AT="5"))
+    assert (ckpt / "latest").read_text().strip() == "global_step5"
+    assert sorted(p.name for p in (ckpt / "global_step5").iterdir()) == ["rank_0", "rank_1"]
+    check_ran(launch(tmp_path / "second", 2, "nvme", CKPT_DIR=str(ckpt), CKPT_RESUME="1"))
+    resumed, whole = results(tmp_path / "second", 2), nvme_runs[2]
+    for got, want in zip(resumed, whole):
+        assert got["losses"] == want["losses"][5:]
+        assert all(torch.equal(got["weights"][n], w) for n, w in want["weights"].items())
