@@ -22,11 +22,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from infinity import metrics
 from infinity.errors import EngineFailed, InfinityError
+from infinity.io.files import AioFile
 from infinity.io.handle import IoFuture, IoHandle
 from infinity.memory.host_buffer import HostBuffer
 from infinity.io.align import round_up
@@ -34,6 +36,7 @@ from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore
 from infinity.memory.partition import Partition, State
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
+from infinity.memory.stream import FileEnd, Seen, copy
 
 log = logging.getLogger("infinity.memory")
 
@@ -305,6 +308,42 @@ class MemoryManager:
                 self.ledger.add("host", -slot.buffer.nbytes)
         if first_error is not None:
             raise first_error
+
+    # ---- checkpoints: part of an extent to or from another file -----------------
+    def copy_out(self, key: str, byte_offset: int, nbytes: int, target: AioFile, target_offset: int,
+                 staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
+        """Copies nbytes of key's extent from byte_offset into target at target_offset, chunk by chunk
+        through staging (infinity.memory.stream); seen gets each chunk in order.  The extent must hold the
+        current values (on NVMe, or a clean host copy).  A failure here leaves the swap files as they were."""
+        e = self._at_rest(key, byte_offset, nbytes)
+        copy(self.handle, FileEnd(self.store.file(e.extent), e.extent.offset + byte_offset),
+             FileEnd(target, target_offset), nbytes, staging, seen)
+
+    def copy_in(self, key: str, byte_offset: int, nbytes: int, source: AioFile, source_offset: int,
+                staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
+        """The reverse of copy_out: nbytes of source from source_offset into key's extent at byte_offset.
+        A clean host copy is read again after.  A failure latches (the extent is half overwritten)."""
+        e = self._at_rest(key, byte_offset, nbytes)
+        try:
+            copy(self.handle, FileEnd(source, source_offset),
+                 FileEnd(self.store.file(e.extent), e.extent.offset + byte_offset), nbytes, staging, seen)
+            if e.slot is not None:
+                self.handle.pread(self._host_bytes(e), self.store.file(e.extent), e.extent.offset)
+        except BaseException as err:
+            self.fail(err)
+            raise
+
+    def _at_rest(self, key: str, byte_offset: int, nbytes: int) -> Entry:
+        self.check_healthy()
+        self.flush({key})
+        e = self._entry(key)
+        if e.partition.state not in (State.ON_NVME, State.HOST_CLEAN):
+            raise InfinityError(f"partition {key!r} is {e.partition.state.value}; copies to or from a file need "
+                                f"it at rest (on NVMe or a clean host copy)")
+        if byte_offset % ALIGNMENT or byte_offset < 0 or byte_offset + nbytes > e.extent.capacity:
+            raise InfinityError(f"bytes [{byte_offset}, {byte_offset + nbytes}) are not an aligned range of "
+                                f"partition {key!r} ({e.extent.capacity} bytes)")
+        return e
 
     # ---- health ------------------------------------------------------------
     def check_healthy(self) -> None:

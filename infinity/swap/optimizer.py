@@ -27,6 +27,7 @@ from torch.optim.adam import adam
 from infinity.errors import CapacityError
 from infinity.memory.manager import MemoryManager
 from infinity.memory.pool import BufferPool
+from infinity.memory.stream import HostPart, SwapPart
 from infinity.swap.layout import FP32, Group, Slice, padded
 from infinity.timeline import NO_TIMELINE, Track
 
@@ -107,6 +108,10 @@ class NvmeOptimizer:
             self.manager.start_write(key(g.index, "master"))
             self.manager.finish_write(key(g.index, "master"))
             self.manager.drop(key(g.index, "master"))
+
+    def state_part(self, s: Slice, state: str) -> SwapPart:
+        """Where slice s's state (master, exp_avg or exp_avg_sq) lives: its part of the sub-group's swap file."""
+        return SwapPart(self.manager, key(s.group, state), s.offset * FP32)
 
     def put_grad(self, s: Slice, grad: torch.Tensor) -> None:
         """Sends a parameter's final fp32 gradient to its sub-group's swap file (asynchronously)."""
@@ -204,6 +209,10 @@ class HostOptimizer:
         for g, flat in zip(self.groups, self.flat):
             for s in g.slices:
                 flat["master"][s.offset:s.end].copy_(values(s).reshape(-1))
+
+    def state_part(self, s: Slice, state: str) -> HostPart:
+        """Slice s's state (master, exp_avg or exp_avg_sq): a view of its sub-group's flat vector."""
+        return HostPart(self.flat[s.group][state][s.offset:s.end])
 
     def put_grad(self, s: Slice, grad: torch.Tensor) -> None:
         self.flat[s.group]["grad"][s.offset:s.end].copy_(grad.reshape(-1))

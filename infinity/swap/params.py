@@ -15,6 +15,7 @@ import torch
 from infinity.memory.manager import MemoryManager
 from infinity.memory.partition import State
 from infinity.memory.pool import BufferPool
+from infinity.memory.stream import HostPart, Part, SwapPart
 from infinity.swap.swap_in import swap_in
 
 
@@ -40,6 +41,10 @@ class ParamHome(ABC):
     @abstractmethod
     def write(self, index: int, values: torch.Tensor) -> set[str]:
         """New values (flat, fp32, possibly padded); returns memory-manager keys still being written."""
+
+    @abstractmethod
+    def part(self, index: int) -> Part:
+        """Where the values rest between uses (for checkpoints): a tensor, or a partition of a swap file."""
 
     def start_fetch(self, index: int) -> None:
         """Begins moving the values towards the compute tier; a later fetch finishes it."""
@@ -73,6 +78,9 @@ class ComputeHome(ParamHome):
     def release(self, index: int) -> None:
         pass
 
+    def part(self, index: int) -> Part:
+        return HostPart(self._params[index].data)
+
     def write(self, index: int, values: torch.Tensor) -> set[str]:
         p = self._params[index]
         p.data.copy_(values[: p.numel()].view_as(p))
@@ -94,6 +102,9 @@ class HostHome(ParamHome):
 
     def release(self, index: int) -> None:
         pass
+
+    def part(self, index: int) -> Part:
+        return HostPart(self._host[index])
 
     def write(self, index: int, values: torch.Tensor) -> set[str]:
         host = self._host[index]
@@ -133,6 +144,9 @@ class NvmeHome(ParamHome):
 
     def put(self, index: int, values: torch.Tensor) -> None:
         self.manager.write_through(self._keys[index], values.to(self.dtype))
+
+    def part(self, index: int) -> Part:
+        return SwapPart(self.manager, self._keys[index])
 
     def start_fetch(self, index: int) -> None:
         k = self._keys[index]

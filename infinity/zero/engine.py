@@ -23,6 +23,7 @@ from infinity.memory.host_buffer import PinPolicy
 from infinity.memory.manager import MemoryManager
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import MemoryReport
+from infinity.memory.stream import Part
 from infinity.swap.layout import plan_groups
 from infinity.swap.optimizer import BUFFERS_PER_GROUP, HostOptimizer, NvmeOptimizer
 from infinity.schedule import persistent_set
@@ -192,6 +193,46 @@ class Engine:
         from infinity.checkpoint.model_file import save_16bit_model
 
         return save_16bit_model(self, Path(save_dir), save_filename, exclude_frozen_parameters)
+
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict[str, Any] | None = None) -> bool:
+        """Writes this rank's folder save_dir/tag/rank_<r> (tag: global_step<N>) durably, streaming NVMe-resident
+        state through the async-IO engine, then `latest` once every rank has (infinity/checkpoint/save.py).
+        client_state must load with torch.load(weights_only=True).  Call it after step()."""
+        from infinity.checkpoint.save import save
+
+        self._between_steps("save_checkpoint")
+        self.coordinator.settle()
+        try:
+            save(self, save_dir, tag, client_state)
+        finally:
+            self.coordinator.read_ahead_of_next_step()
+        return True
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None) -> tuple[str, Any]:
+        """Restores everything save_checkpoint wrote for this rank (tag None: the one `latest` names), after
+        checking sizes, checksums, the world size and the model; returns (the tag's folder, client_state)."""
+        from infinity.checkpoint.load import load
+
+        self._between_steps("load_checkpoint")
+        self.coordinator.settle()
+        try:
+            loaded = load(self, load_dir, tag)
+        finally:
+            self.coordinator.read_ahead_of_next_step()
+        self.lr = self._lr()
+        return loaded
+
+    def _between_steps(self, what: str) -> None:
+        self._check_usable()
+        if self._forward_open or self._pending_backward or self.coordinator.gathered() or \
+                self.micro_steps % self.settings.gradient_accumulation_steps:
+            raise UsageError(f"{what}() was called with a step half done (a forward, backward or gradient "
+                             f"accumulation window not finished by step()); call it after engine.step()")
+
+    def _param_part(self, i: int) -> Part:
+        """Where this rank's part of parameter i (engine.shards[i]) rests between uses: what checkpoints save
+        and load.  [Note: one place]  With a world of one rank the part is the whole parameter."""
+        return self.homes[i].part(i)
 
     def zero_grad(self) -> None:
         """Gradients leave the compute tier as they are made; nothing to clear."""

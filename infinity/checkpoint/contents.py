@@ -1,0 +1,56 @@
+"""What a checkpoint holds of an engine: the tensors of model.safetensors and optimizer.safetensors,
+each with the place its values live (engine._param_part, the optimizer's state_part), and the
+manifest's entries for them.  Save and load build the same lists, so they agree by construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from infinity.checkpoint.format import (SAFETENSORS_DTYPES, BufferEntry, OptimizerState, ParamEntry, dtype_name,
+                                        element_size, optimizer_tensor, stored_numel)
+from infinity.errors import CheckpointError
+from infinity.memory.stream import HostPart
+from infinity.checkpoint.tensors import TensorSpec
+from infinity.zero.settings import dtype_of
+
+if TYPE_CHECKING:
+    from infinity.zero.engine import Engine
+
+
+@dataclass(frozen=True)
+class Contents:
+    params: tuple[ParamEntry, ...]
+    buffers: tuple[BufferEntry, ...]
+    model: tuple[TensorSpec, ...]  # parameters' parts in engine order, then buffers
+    optimizer: tuple[TensorSpec, ...]  # every master, then every exp_avg, then every exp_avg_sq
+
+    @property
+    def largest(self) -> int:
+        return max((s.nbytes for s in self.model + self.optimizer), default=0)
+
+
+def contents_of(engine: "Engine") -> Contents:
+    dtype = dtype_of(engine.settings.precision)
+    params = tuple(ParamEntry.of(shard, dtype) for shard in engine.shards)
+    model = [TensorSpec(p.name, dtype, p.stored, engine._param_part(i)) for i, p in enumerate(params)]
+    buffers = []
+    for name, tensor in extra_tensors(engine):
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(name, f"buffer {name!r} is {tensor.dtype}, which a checkpoint cannot hold",
+                                  f"use one of {', '.join(dtype_name(d) for d in SAFETENSORS_DTYPES)}")
+        entry = BufferEntry(name, tuple(tensor.shape), dtype_name(tensor.dtype),
+                            stored_numel(tensor.numel(), element_size(tensor.dtype)))
+        buffers.append(entry)
+        model.append(TensorSpec(name, tensor.dtype, entry.stored, HostPart(tensor)))
+    optimizer = [TensorSpec(optimizer_tensor(state, p.name), torch.float32, stored_numel(p.real, 4),
+                            engine.optimizer.state_part(engine._slice[i], state.value))
+                 for state in OptimizerState for i, p in enumerate(params)]
+    return Contents(params, tuple(buffers), tuple(model), tuple(optimizer))
+
+
+def extra_tensors(engine: "Engine") -> list[tuple[str, torch.Tensor]]:
+    """Persistent buffers and frozen parameters (state_dict entries that are not trained parameters)."""
+    trained = {id(p) for p in engine.params}
+    return [(name, t) for name, t in engine.module.state_dict(keep_vars=True).items() if id(t) not in trained]

@@ -1,0 +1,89 @@
+"""engine.load_checkpoint: checks a rank folder against this engine, then streams it back in.
+
+[Note: what is checked, and when]  Before anything changes: the manifest is there (a folder without
+one is an unfinished save), it was written by a world of this size for this rank, and it holds this
+model (the same parameter names, shapes, parts and dtypes, and the same buffers); every file has the
+size the manifest gives, and the small files (state, random generators, client state) their
+checksums.  The two large files are checked as they stream into the swap files and host tensors, so
+they are read once; a checksum that differs there is found only after the engine's state was
+overwritten, so the engine is latched failed (EngineFailed from then on) and the error names the file.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from infinity.checkpoint import state, tensors
+from infinity.checkpoint.contents import Contents, contents_of
+from infinity.checkpoint.format import (CLIENT_STATE_FILE, CONSOLIDATE_HINT, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
+                                        STATE_FILE, Manifest, RankFiles, rank_dir, resolve_tag, tag_dir)
+from infinity.checkpoint.save import Streaming, io_handle
+from infinity.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from infinity.zero.engine import Engine
+
+log = logging.getLogger("infinity.checkpoint")
+
+SHOWN = 8  # differences listed in a model mismatch
+
+
+def load(engine: "Engine", load_dir: str | Path, tag: str | None,
+         streaming: Streaming = Streaming()) -> tuple[str, Any]:
+    """(the checkpoint's tag folder, its client_state) after restoring everything this rank saved."""
+    ckpt_dir = Path(load_dir)
+    tag = resolve_tag(ckpt_dir, tag)
+    folder = rank_dir(ckpt_dir, tag, engine.rank)
+    if not tag_dir(ckpt_dir, tag).is_dir():
+        raise CheckpointError(str(tag_dir(ckpt_dir, tag)), "does not exist", "check the folder and the tag")
+    if not folder.is_dir():
+        raise CheckpointError(str(folder), f"does not exist: this checkpoint has no folder for rank {engine.rank} "
+                              f"(saved with fewer ranks than this run's {engine.world}?)", CONSOLIDATE_HINT)
+    files = RankFiles(folder)
+    manifest = files.manifest
+    check_world(manifest, engine.world, engine.rank, folder)
+    contents = contents_of(engine)
+    check_model(manifest, contents, folder)
+    files.verify([STATE_FILE, RNG_FILE, CLIENT_STATE_FILE])  # sizes of all, checksums of the small ones
+    client, saved, rng = files.client_state(), files.state(), files.rng()
+    with engine._failing_on_error(True), io_handle(engine, ckpt_dir) as handle:
+        staging = tensors.staging_buffers(contents.largest, streaming.chunk_bytes, streaming.count)
+        tensors.read(folder / OPTIMIZER_FILE, manifest.file(OPTIMIZER_FILE),
+                     {s.name: s for s in contents.optimizer}, handle, staging)
+        tensors.read(folder / MODEL_FILE, manifest.file(MODEL_FILE), {s.name: s for s in contents.model}, handle,
+                     staging)
+        state.restore(engine, saved, rng, str(folder))
+    log.info("loaded checkpoint %s (rank %d of %d) from %s", tag, engine.rank, engine.world, folder)
+    return str(tag_dir(ckpt_dir, tag)), client
+
+
+def check_world(manifest: Manifest, world: int, rank: int, folder: Path) -> None:
+    if manifest.world != world or manifest.rank != rank:
+        raise CheckpointError(str(folder), f"was saved by rank {manifest.rank} of a world of {manifest.world} "
+                              f"ranks; this is rank {rank} of {world}", CONSOLIDATE_HINT)
+
+
+def check_model(manifest: Manifest, contents: Contents, folder: Path) -> None:
+    """Raises a CheckpointError listing how the checkpoint's model differs from this engine's."""
+    diffs = differences({p.name: p for p in manifest.params}, {p.name: p for p in contents.params},
+                        ("shape", "start", "length", "replicated", "dtype"), "parameter")
+    diffs += differences({b.name: b for b in manifest.buffers}, {b.name: b for b in contents.buffers},
+                         ("shape", "dtype"), "buffer")
+    if diffs:
+        shown = "; ".join(diffs[:SHOWN]) + (f"; and {len(diffs) - SHOWN} more" if len(diffs) > SHOWN else "")
+        raise CheckpointError(str(folder), f"holds another model than this engine's ({len(diffs)} differences: "
+                              f"{shown})", "load it into the model it was saved from (and the same precision), "
+                              "or " + CONSOLIDATE_HINT + " (strict=False takes the parameters that match)")
+
+
+def differences(saved: dict[str, Any], here: dict[str, Any], fields: tuple[str, ...], what: str) -> list[str]:
+    diffs = [f"{what} {name!r} is in the checkpoint, not in this model" for name in saved if name not in here]
+    diffs += [f"{what} {name!r} is in this model, not in the checkpoint" for name in here if name not in saved]
+    for name in saved.keys() & here.keys():
+        for f in fields:
+            a, b = getattr(saved[name], f), getattr(here[name], f)
+            if a != b:
+                diffs.append(f"{what} {name!r}: {f} {list(a) if isinstance(a, tuple) else a} in the checkpoint, "
+                             f"{list(b) if isinstance(b, tuple) else b} here")
+    return sorted(diffs)

@@ -1,0 +1,110 @@
+"""engine.save_checkpoint: each rank writes its own folder, durably, manifest last; then `latest`.
+
+[Note: the order of a save]
+1. client_state is checked first (refused before anything is written);
+2. the rank folder is created (new entries fsynced) and a manifest already there is removed, so a tag
+   saved again is incomplete, never a mix of two saves, until its new manifest lands;
+3. rng.safetensors, state.json, client_state.pt, optimizer.safetensors, model.safetensors: each to a
+   temporary name, fsynced, renamed (checkpoint/files.py); the two large files stream from the swap
+   files (or host tensors) through the async-IO engine in chunks;
+4. manifest.json, listing every file's size and checksum, the same way; the folder is fsynced;
+5. every rank waits for every other (a torch.distributed barrier when it is initialized), then rank 0
+   replaces `latest`, and all wait again so no rank returns before `latest` names the new tag.
+A process killed anywhere before 5 leaves `latest` naming the previous complete checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+
+from infinity.checkpoint import files, state, tensors
+from infinity.checkpoint.contents import contents_of
+from infinity.checkpoint.format import (CLIENT_STATE_FILE, MANIFEST, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
+                                        STATE_FILE, Manifest, check_tag, dtype_name, rank_dir)
+from infinity.io import DirectPolicy, IoHandle, open_handle
+from infinity.zero.settings import dtype_of
+
+if TYPE_CHECKING:
+    from infinity.zero.engine import Engine
+
+log = logging.getLogger("infinity.checkpoint")
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """The staging buffers a checkpoint streams through: count x chunk_bytes of host memory at most."""
+
+    chunk_bytes: int = 8 << 20
+    count: int = 4
+
+
+def save(engine: "Engine", save_dir: str | Path, tag: str | None, client_state: Any,
+         streaming: Streaming = Streaming()) -> Path:
+    """Writes this rank's folder of the checkpoint and, once every rank has, `latest`; returns the folder."""
+    tag = check_tag(tag if tag is not None else f"global_step{engine.global_steps}")
+    ckpt_dir = Path(save_dir)
+    folder = rank_dir(ckpt_dir, tag, engine.rank)
+    client = state.client_state_bytes(client_state if client_state is not None else {}, str(folder))
+    files.make_dirs(folder)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    files.fsync_dir(folder)
+    files.remove_temporaries(folder)
+    contents = contents_of(engine)
+    written = [tensors_file(folder, RNG_FILE, state.rng_tensors()),
+               files.write_bytes(folder, STATE_FILE, json_bytes(state.engine_state(engine))),
+               files.write_bytes(folder, CLIENT_STATE_FILE, client)]
+    with io_handle(engine, ckpt_dir) as handle:
+        staging = tensors.staging_buffers(contents.largest, streaming.chunk_bytes, streaming.count)
+        written.append(tensors.write(folder, OPTIMIZER_FILE, contents.optimizer, handle, staging))
+        written.append(tensors.write(folder, MODEL_FILE, contents.model, handle, staging))
+    manifest = Manifest(tag=tag, world=engine.world, rank=engine.rank,
+                        precision=dtype_name(dtype_of(engine.settings.precision)), global_steps=engine.global_steps,
+                        params=contents.params, buffers=contents.buffers, files=tuple(written),
+                        config=engine.config.to_dict() if engine.config is not None else None,
+                        settings=state.settings_json(engine.settings))
+    files.write_bytes(folder, MANIFEST, manifest.to_json().encode())
+    files.fsync_dir(folder)
+    barrier()
+    if engine.rank == 0:
+        files.write_latest(ckpt_dir, tag)
+    barrier()
+    log.info("saved checkpoint %s (rank %d of %d) in %s", tag, engine.rank, engine.world, folder)
+    return folder
+
+
+def tensors_file(folder: Path, name: str, values: dict[str, torch.Tensor]) -> Any:
+    from safetensors.torch import save
+
+    return files.write_bytes(folder, name, save(values))
+
+
+def json_bytes(data: Any) -> bytes:
+    return json.dumps(data, indent=1).encode()
+
+
+def barrier() -> None:
+    """Waits for every rank when torch.distributed runs (one process: nothing to wait for)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def io_handle(engine: "Engine", folder: Path) -> Iterator[IoHandle]:
+    """The run's own async-IO handle (its first memory manager's), or with nothing on NVMe, one opened
+    for this checkpoint and closed after."""
+    managers = list(engine._managers.values())
+    if managers:
+        yield managers[0].handle
+        return
+    handle = open_handle(engine.settings.aio, nvme_path=folder, direct=DirectPolicy.AUTO)
+    try:
+        yield handle
+    finally:
+        handle.close()
+

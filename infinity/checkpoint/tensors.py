@@ -1,0 +1,140 @@
+"""safetensors files streamed to and from where the values live (swap files or host tensors).
+
+A safetensors file is an 8-byte little-endian header length, a JSON header, then the tensors' raw
+bytes laid end to end.  Here the header is padded with spaces so the data starts ALIGNMENT bytes into
+the file and every tensor is a whole number of ALIGNMENT bytes (format.py), so each tensor moves
+between its file and its swap file with O_DIRECT, through a few staging buffers, never whole in memory.
+The checksum is computed over the bytes as they pass, in file order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from infinity.checkpoint import files
+from infinity.checkpoint.format import ALIGNMENT, SAFETENSORS_DTYPES, TORCH_DTYPES, FileEntry, check_file, \
+    element_size, file_checksum, new_checksum
+from infinity.errors import CheckpointError
+from infinity.io.align import round_up
+from infinity.io.files import Access, open_file
+from infinity.io.handle import IoHandle
+from infinity.memory.host_buffer import HostBuffer, PinPolicy
+from infinity.memory.stream import Part
+
+HEADER_LIMIT = 100 << 20  # safetensors' own limit on the header
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One 1-D tensor of a file: its name, dtype, stored elements (whole ALIGNMENT bytes) and its values."""
+
+    name: str
+    dtype: torch.dtype
+    numel: int
+    part: Part
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+
+def header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header, padded with spaces to a multiple of ALIGNMENT bytes."""
+    entries: dict[str, object] = {"__metadata__": metadata}
+    pos = 0
+    for s in specs:
+        entries[s.name] = {"dtype": SAFETENSORS_DTYPES[s.dtype], "shape": [s.numel], "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    total = round_up(8 + len(text), ALIGNMENT)
+    return struct.pack("<Q", total - 8) + text + b" " * (total - 8 - len(text))
+
+
+def write(folder: Path, name: str, specs: Sequence[TensorSpec], handle: IoHandle, staging: Sequence[HostBuffer],
+          metadata: dict[str, str] | None = None) -> FileEntry:
+    """Writes folder/name durably from the specs' parts; returns its size and checksum."""
+    final = folder / name
+    temp = files.temp_path(final)
+    temp.unlink(missing_ok=True)
+    digest = new_checksum()
+    head = header(specs, metadata or {})
+    out = open_file(temp, Access.WRITE)
+    out.label = "checkpoint"
+    try:
+        block = HostBuffer(len(head), pin=PinPolicy.PAGEABLE)
+        block.tensor.copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+        digest.update(head)
+        handle.pwrite(block.tensor, out, 0)
+        pos = len(head)
+        for s in specs:
+            s.part.save(handle, out, pos, s.nbytes, staging, seen=lambda chunk: digest.update(chunk.numpy()))
+            pos += s.nbytes
+        files.commit(temp, final, out.buffered_fd)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    finally:
+        out.close()
+    return FileEntry(name, pos, digest.hexdigest())
+
+
+def read_header(path: Path) -> tuple[bytes, dict[str, dict]]:
+    """The header's bytes (length included) and its tensor entries, checked to be well formed."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(str(path), f"is {len(raw)} bytes: too short for a safetensors header")
+        (length,) = struct.unpack("<Q", raw)
+        if length > HEADER_LIMIT:
+            raise CheckpointError(str(path), f"claims a header of {length} bytes (altered?)")
+        text = f.read(length)
+    try:
+        entries = json.loads(text)
+    except ValueError as err:
+        raise CheckpointError(str(path), f"its safetensors header is not JSON ({err})") from None
+    entries.pop("__metadata__", None)
+    return raw + text, entries
+
+
+def read(path: Path, expected: FileEntry, specs: dict[str, TensorSpec], handle: IoHandle,
+         staging: Sequence[HostBuffer]) -> None:
+    """Streams every tensor of path into its spec's part, checking dtype and size against the spec and
+    the whole file's size and checksum against expected (a CheckpointError naming the file)."""
+    size = os.stat(path).st_size
+    check_file(path.parent, expected, size, None)
+    try:
+        head, entries = read_header(path)
+        if set(entries) != set(specs):
+            raise CheckpointError(str(path), f"holds tensors {sorted(set(entries) ^ set(specs))[:5]} that do not "
+                                  f"match its manifest")
+    except CheckpointError:
+        check_file(path.parent, expected, *file_checksum(path))  # an altered header: say so by its checksum
+        raise
+    digest = new_checksum()
+    digest.update(head)
+    source = open_file(path, Access.READ)
+    try:
+        for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            spec = specs[name]
+            start, end = entry["data_offsets"]
+            if TORCH_DTYPES.get(entry["dtype"]) != spec.dtype or end - start != spec.nbytes \
+                    or (len(head) + start) % ALIGNMENT:
+                raise CheckpointError(str(path), f"tensor {name!r} is {entry['dtype']} of {end - start} bytes at "
+                                      f"{start}; expected {spec.dtype} of {spec.nbytes} bytes, aligned")
+            spec.part.load(handle, source, len(head) + start, spec.nbytes, staging,
+                           seen=lambda chunk: digest.update(chunk.numpy()))
+    finally:
+        source.close()
+    check_file(path.parent, expected, size, digest.hexdigest())
+
+
+def staging_buffers(largest: int, chunk_bytes: int, count: int) -> list[HostBuffer]:
+    """count aligned buffers of chunk_bytes, or fewer bytes when the largest tensor is smaller."""
+    size = max(ALIGNMENT, min(round_up(chunk_bytes, ALIGNMENT), round_up(largest, ALIGNMENT)))
+    return [HostBuffer(size, pin=PinPolicy.PAGEABLE, zero=False) for _ in range(count)]
