@@ -111,8 +111,6 @@ INERT: dict[str, str] = {
                                                "allgather_partitions", "reduce_bucket_size", "allgather_bucket_size")},
     "optimizer.params.torch_adam": "infinity's optimizer swapper runs its own Adam update",
     f"{ZERO}.log_trace_cache_warnings": "infinity always warns once when a step leaves the recorded module order",
-    f"{ZERO}.stage3_gather_16bit_weights_on_model_save": "this build writes no model checkpoints yet (issue 7); "
-                                                          "engine.parameter_values() returns the full weights",
     f"{ZERO}.offload_optimizer.fast_init": "infinity has one initialisation path for optimizer states on NVMe",
     "checkpoint.load_universal": _CHECKPOINT,
     "checkpoint.use_node_local_storage": _CHECKPOINT,

@@ -6,8 +6,10 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -189,14 +191,18 @@ class Engine:
         """Every parameter's current values by name, as fp32 copies in host memory (read one at a time
         from wherever they live; reads the coordinator started ahead are given up first and restarted
         after, so the copies never compete with them for staging buffers)."""
-        self._check_usable()
-        if self._forward_open or self.coordinator.gathered():
-            raise UsageError("parameter_values() was called between a forward and its backward (the step's "
-                             "parameters are gathered or being read); call it after backward() or step()")
-        self.coordinator.settle()
-        out = {name: self._read_values(i).clone() for i, name in enumerate(self.names)}
-        self.coordinator.read_ahead_of_next_step()
-        return out
+        with self._settled("parameter_values()"):
+            return {name: self._read_values(i).clone() for i, name in enumerate(self.names)}
+
+    def save_16bit_model(self, save_dir: str | os.PathLike[str], save_filename: str = "pytorch_model.safetensors",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """Writes the whole model's weights in the compute dtype, and its buffers, to save_dir/save_filename
+        as one safetensors file (infinity.checkpoint.model_file); False, with a warning, when
+        stage3_gather_16bit_weights_on_model_save is off, as DeepSpeed does.  With several ranks every
+        rank must call it (parameters are gathered); rank 0 writes."""
+        from infinity.checkpoint.model_file import save_16bit_model
+
+        return save_16bit_model(self, Path(save_dir), save_filename, exclude_frozen_parameters)
 
     def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict[str, Any] | None = None) -> bool:
         """Writes this rank's folder save_dir/tag/rank_<r> (tag: global_step<N>) durably, streaming NVMe-resident
@@ -385,6 +391,29 @@ class Engine:
         i = s.index
         values = self.params[i].detach().float() if i not in self._adopted else self._read_values(i)
         return piece_of(values, self.shards[i]) if self.world > 1 else values
+
+    @contextlib.contextmanager
+    def _settled(self, caller: str) -> Iterator[None]:
+        """Reads the coordinator started ahead are given up for the block and restarted after, so that
+        fetching parameters one at a time never competes with them for staging buffers."""
+        self._check_usable()
+        if self._forward_open or self.coordinator.gathered():
+            raise UsageError(f"{caller} was called between a forward and its backward (the step's parameters "
+                             "are gathered or being read); call it after backward() or step()")
+        self.coordinator.settle()
+        try:
+            yield
+        finally:
+            self.coordinator.read_ahead_of_next_step()
+
+    @contextlib.contextmanager
+    def _whole(self, i: int) -> Iterator[torch.Tensor]:
+        """Parameter i whole and shaped, in the compute dtype, on the compute tier, for the block (with
+        several ranks an all-gather: every rank enters it for the same i, in the same order)."""
+        try:
+            yield self.homes[i].fetch(i).detach()
+        finally:
+            self.homes[i].release(i)
 
     def _read_values(self, i: int) -> torch.Tensor:
         """Parameter i's values from its home, fp32 in host memory (may share storage with a resident one)."""

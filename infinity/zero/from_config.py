@@ -9,7 +9,7 @@ from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
 from infinity.zero.loss_scale import LossScaleSettings
 from infinity.zero.schedule import Decay, LrSchedule, Warmup
-from infinity.zero.settings import EngineSettings
+from infinity.zero.settings import EngineSettings, ModelSave
 
 TIERS = {OffloadDevice.NONE: Tier.COMPUTE, OffloadDevice.CPU: Tier.HOST, OffloadDevice.NVME: Tier.NVME}
 
@@ -47,7 +47,15 @@ def settings_from_config(config: Config, rank: int = 0) -> EngineSettings:
         max_live_parameters=zero.stage3_max_live_parameters, max_reuse_distance=zero.stage3_max_reuse_distance,
         report_every=1 if config.wall_clock_breakdown else config.steps_per_print,
         rank=rank,
+        model_save=_model_save(config),
     )
+
+
+def _model_save(config: Config) -> ModelSave:
+    """DeepSpeed gathers a stage-3 model for save_16bit_model only with the key on; below stage 3 the
+    weights are whole anyway."""
+    zero = config.zero_optimization
+    return ModelSave.GATHER if zero.stage3_gather_16bit_weights_on_model_save or zero.stage != 3 else ModelSave.SKIP
 
 
 def _check_ready(config: Config) -> OptimizerConfig:

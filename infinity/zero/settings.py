@@ -1,6 +1,7 @@
 """What the engine needs to know, as one frozen object (built from a Config by infinity.zero.from_config)."""
 from __future__ import annotations
 
+import enum
 import sys
 from dataclasses import dataclass, field
 
@@ -21,6 +22,13 @@ DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precisi
 def dtype_of(precision: Precision) -> torch.dtype:
     """The dtype of parameters and gradients on the compute tier."""
     return DTYPES[precision]
+
+
+class ModelSave(enum.Enum):
+    """What engine.save_16bit_model does (zero_optimization.stage3_gather_16bit_weights_on_model_save)."""
+
+    GATHER = "gather"  # gathers each parameter whole, one at a time, and streams the file (rank 0 writes)
+    SKIP = "skip"  # writes nothing, warns and returns False: DeepSpeed's answer under stage 3 with the key off
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class EngineSettings:
     report_every: int = 10  # log the step report every this many steps (steps_per_print; 1: wall_clock_breakdown)
     param_max_in_cpu: int = 0  # parameter elements on NVMe that also keep a host copy (offload_param.max_in_cpu)
     rank: int = 0
+    model_save: ModelSave = ModelSave.GATHER
 
 
 def budgets_of(settings: EngineSettings) -> Budgets:
