@@ -35,6 +35,7 @@ def config(nvme_root: str, tier: str, rank: int) -> dict:
                                                        "weight_decay": ADAM.weight_decay}},
             "zero_optimization": {"stage": 3, "sub_group_size": 20_000,
                                   "stage3_param_persistence_threshold": PERSISTENT,
+                                  "stage3_gather_16bit_weights_on_model_save": True,
                                   "offload_param": offload,
                                   "offload_optimizer": offload | ({"buffer_count": 4} if tier == "nvme" else {})}}
 
@@ -71,6 +72,8 @@ def main() -> None:
         if step + 1 == save_at:
             engine.save_checkpoint(ckpt)
     weights = engine.parameter_values()
+    if os.environ.get("SAVE_16BIT_DIR"):
+        engine.save_16bit_model(os.environ["SAVE_16BIT_DIR"])  # every rank gathers; rank 0 writes
     torch.save({"losses": losses, "reports": reports, "weights": weights, "rank": rank, "world": world,
                 "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.shards]},
                f"{out}.rank{rank}.pt")

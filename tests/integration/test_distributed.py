@@ -157,3 +157,37 @@ def test_two_ranks_save_at_step_5_and_resume_in_fresh_processes_exactly(tmp_path
     for got, want in zip(resumed, whole):
         assert got["losses"] == want["losses"][5:]
         assert all(torch.equal(got["weights"][n], w) for n, w in want["weights"].items())
+
+
+def test_consolidating_a_two_rank_checkpoint_gives_the_models_state_dict(tmp_path, nvme_runs):
+    """A checkpoint two real ranks saved after step 10, merged by infinity-consolidate, equals the two-rank
+    run's parameters exactly, is within 1e-4 of the single-process run's, and loads into the plain model."""
+    from safetensors.torch import load_file
+
+    from infinity.cli.consolidate import main as consolidate
+    from training_reference import fresh_model
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "model.safetensors"
+    check_ran(launch(tmp_path, 2, "nvme", CKPT_DIR=str(ckpt), CKPT_SAVE_AT=str(STEPS)))
+    assert consolidate([str(ckpt), str(out)]) == 0
+    merged = load_file(out)
+    two, one = results(tmp_path, 2)[0]["weights"], nvme_runs[1][0]["weights"]
+    assert merged.keys() == two.keys()
+    assert all(torch.equal(merged[n], w) for n, w in two.items())
+    assert all(relative(merged[n], w) <= 1e-4 for n, w in one.items() if not n.endswith("qkv.bias"))
+    fresh_model().load_state_dict(merged, strict=True)
+
+
+def test_save_16bit_model_with_two_ranks_writes_the_whole_model_once(tmp_path):
+    from safetensors.torch import load_file
+
+    from training_reference import fresh_model
+
+    saved = tmp_path / "model"
+    check_ran(launch(tmp_path, 2, "nvme", steps=2, SAVE_16BIT_DIR=str(saved)))
+    files = list(saved.iterdir())
+    assert [f.name for f in files] == ["pytorch_model.safetensors"]
+    weights = load_file(files[0])
+    want = results(tmp_path, 2)[0]["weights"]
+    assert all(torch.equal(weights[n], w) for n, w in want.items())
+    fresh_model().load_state_dict(weights, strict=True)
