@@ -7,9 +7,12 @@ parameter with one all-gather on the compute tier.
 
 [Note: collective order]  Every rank must gather the same parameters in the same order.  The
 coordinator gathers in module-hook order, which is the model's own order on every rank; reads ahead,
-hits and misses are local decisions that start no collective.  A model whose control flow differs
-between ranks (a module skipped on one rank only) would pair different parameters' all-gathers: keep
-the control flow the same on every rank.
+hits and misses are local decisions that start no collective.  Whether a use gathers at all (or
+finds the parameter kept from an earlier use) follows from the trace, the budgets and the staging
+buffers' accounting, which change only at the coordinator's own calls, never with I/O timing (a read
+being done or not only decides hit against late), so it is the same on every rank.  A model whose
+control flow differs between ranks (a module skipped on one rank only) would pair different
+parameters' all-gathers: keep the control flow the same on every rank.
 """
 from __future__ import annotations
 
