@@ -65,25 +65,27 @@ def check_world(manifest: Manifest, world: int, rank: int, folder: Path) -> None
 
 
 def check_model(manifest: Manifest, contents: Contents, folder: Path) -> None:
-    """Raises a CheckpointError listing how the checkpoint's model differs from this engine's."""
+    """Raises a CheckpointError saying how the checkpoint's model differs from this engine's."""
     diffs = differences({p.name: p for p in manifest.params}, {p.name: p for p in contents.params},
-                        ("shape", "start", "length", "replicated", "dtype"), "parameter")
+                        ("shape", "start", "length", "replicated", "dtype"), "parameters")
     diffs += differences({b.name: b for b in manifest.buffers}, {b.name: b for b in contents.buffers},
-                         ("shape", "dtype"), "buffer")
+                         ("shape", "dtype"), "buffers")
     if diffs:
-        shown = "; ".join(diffs[:SHOWN]) + (f"; and {len(diffs) - SHOWN} more" if len(diffs) > SHOWN else "")
-        raise CheckpointError(str(folder), f"holds another model than this engine's ({len(diffs)} differences: "
-                              f"{shown})", "load it into the model it was saved from (and the same precision), "
-                              "or " + CONSOLIDATE_HINT + " (strict=False takes the parameters that match)")
+        raise CheckpointError(str(folder), f"holds another model than this engine's ({'; '.join(diffs)})",
+                              "load it into the model it was saved from (and the same precision), or "
+                              + CONSOLIDATE_HINT + " (strict=False takes the parameters that match)")
 
 
 def differences(saved: dict[str, Any], here: dict[str, Any], fields: tuple[str, ...], what: str) -> list[str]:
-    diffs = [f"{what} {name!r} is in the checkpoint, not in this model" for name in saved if name not in here]
-    diffs += [f"{what} {name!r} is in this model, not in the checkpoint" for name in here if name not in saved]
-    for name in saved.keys() & here.keys():
-        for f in fields:
-            a, b = getattr(saved[name], f), getattr(here[name], f)
-            if a != b:
-                diffs.append(f"{what} {name!r}: {f} {list(a) if isinstance(a, tuple) else a} in the checkpoint, "
-                             f"{list(b) if isinstance(b, tuple) else b} here")
-    return sorted(diffs)
+    """What differs, in at most four lines, each naming up to SHOWN entries."""
+    found = [(f"{what} only in the checkpoint", [n for n in saved if n not in here]),
+             (f"{what} only in this model", [n for n in here if n not in saved])]
+    changed = [f"{name} {f} {_text(getattr(saved[name], f))} in the checkpoint, {_text(getattr(here[name], f))} here"
+               for name in saved if name in here for f in fields if getattr(saved[name], f) != getattr(here[name], f)]
+    found.append((f"{what} that differ", changed))
+    return [f"{title}: {', '.join(items[:SHOWN])}" + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+            for title, items in found if items]
+
+
+def _text(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
