@@ -15,6 +15,7 @@ A process killed anywhere before 5 leaves `latest` naming the previous complete 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from infinity.checkpoint import files, state, tensors
 from infinity.checkpoint.contents import contents_of
 from infinity.checkpoint.format import (CLIENT_STATE_FILE, MANIFEST, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
                                         STATE_FILE, Manifest, check_tag, dtype_name, rank_dir)
+from infinity.config.training import TagValidation
+from infinity.errors import CheckpointError
 from infinity.io import DirectPolicy, IoHandle, open_handle
 from infinity.zero.settings import dtype_of
 
@@ -48,6 +51,7 @@ def save(engine: "Engine", save_dir: str | Path, tag: str | None, client_state: 
          streaming: Streaming = Streaming()) -> Path:
     """Writes this rank's folder of the checkpoint and, once every rank has, `latest`; returns the folder."""
     tag = check_tag(tag if tag is not None else f"global_step{engine.global_steps}")
+    validate_tag(tag, engine.config.checkpoint.tag_validation if engine.config is not None else TagValidation.WARN)
     ckpt_dir = Path(save_dir)
     folder = rank_dir(ckpt_dir, tag, engine.rank)
     client = state.client_state_bytes(client_state if client_state is not None else {}, str(folder))
@@ -86,6 +90,23 @@ def tensors_file(folder: Path, name: str, values: dict[str, torch.Tensor]) -> An
 
 def json_bytes(data: Any) -> bytes:
     return json.dumps(data, indent=1).encode()
+
+
+def validate_tag(tag: str, policy: TagValidation) -> None:
+    """checkpoint.tag_validation: with torch.distributed running, every rank must save under the same tag
+    (compared by a hash of it); Warn logs a disagreement, Fail raises, Ignore does not compare."""
+    if policy is TagValidation.IGNORE or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    digest = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:7], "little")
+    low, high = (torch.tensor([digest], dtype=torch.int64, device=device) for _ in range(2))
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    if int(low) != int(high):
+        message = f"ranks save under different checkpoint tags (this rank: {tag!r})"
+        if policy is TagValidation.FAIL:
+            raise CheckpointError(tag, message, "pass the same tag on every rank (checkpoint.tag_validation is Fail)")
+        log.warning("%s; checkpoint.tag_validation is Warn", message)
 
 
 def barrier() -> None:

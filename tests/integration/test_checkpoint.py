@@ -276,3 +276,17 @@ def test_save_and_load_refuse_a_step_half_done(tmp_path, batches):
         assert read_latest(tmp_path / "ckpt") == "window-closed"
     finally:
         engine.close()
+
+
+def test_a_checkpoint_loads_into_other_tiers_and_sub_groups(tmp_path, batches):
+    want_losses, want_weights = uninterrupted(tmp_path, batches)
+    saved_at_step_5(tmp_path, tmp_path / "ckpt", batches).close()
+    engine = Engine(fresh_model(), settings(str(tmp_path), param=Tier.HOST, optimizer=Tier.HOST,
+                                            sub_group_size=5_000))
+    try:
+        engine.load_checkpoint(str(tmp_path / "ckpt"))
+        assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
+        got = engine.parameter_values()
+    finally:
+        engine.close()
+    assert all(torch.equal(got[name], want_weights[name]) for name in want_weights)

@@ -1,0 +1,303 @@
+"""Checkpoint save and load of NVMe-resident state against the async-IO engine's own bandwidth (issue 7).
+
+A GPT is built under infinity.zero.Init and trained one step through infinity.initialize with its bf16
+parameters and its fp32 master weights and Adam moments in swap files (so every byte of state is real
+on the drive).  Each round then runs, in alternating order, on the same checkpoint folder:
+
+  save        engine.save_checkpoint(CKPT, tag): swap files -> checkpoint files through the run's handle
+              (reads and writes of N bytes, sha256 of every byte), N = the checkpoint's bytes
+  raw write   the run's own handle (same aio settings) writes N bytes into a new file in CKPT from one
+              host buffer, two requests of --raw_chunk bytes in flight: the bandwidth to keep up with
+  load        engine.load_checkpoint(CKPT, tag), the checkpoint's cached pages dropped first
+  raw read    the same handle reads that file's N bytes back, cached pages dropped first
+  sha256      hashlib's sha256 of N bytes in 8 MiB updates (what every save and load computes), one core
+
+and takes save GB/s / raw write GB/s and load GB/s / raw read GB/s per round (medians reported).  Peak RSS
+growth during a save is sampled every 2 ms from /proc/self/status (VmRSS above the value just before).
+With --consolidate, infinity-consolidate of the last checkpoint runs in a fresh process and its peak RSS
+(ru_maxrss) is set against a process that only imports it, and against the largest tensor.
+
+    python -m benchmarks.checkpoint --nvme_path swap --hidden 1024 --layers 8 --rounds 5 --consolidate \\
+        --json bench-out/checkpoint.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import infinity
+from infinity.io import check_nvme_path, open_file
+from infinity.io.files import Access
+from infinity.memory import HostBuffer
+from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
+from infinity.zero import Engine, Init
+
+from benchmarks.bounded_memory import config_for, git_state, status_bytes
+
+
+class RssPeak:
+    """Highest VmRSS seen by a thread sampling every `period` seconds while the block runs, above the
+    value when it began."""
+
+    def __init__(self, period: float = 0.002):
+        self.period, self.base, self.peak = period, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, status_bytes("VmRSS"))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "RssPeak":
+        self.base = self.peak = status_bytes("VmRSS")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, status_bytes("VmRSS"))
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def drop_cache(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open_file(path, Access.READ) as f:
+                f.drop_cached_pages()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+class Raw:
+    """N bytes through the run's own async-IO handle, written to and read from one file in CKPT."""
+
+    def __init__(self, engine: Engine, folder: Path, nbytes: int, chunk: int):
+        self.handle = next(iter(engine._managers.values())).handle
+        self.path, self.nbytes = folder / "raw.bin", nbytes
+        self.buffer = HostBuffer(min(chunk, -(-nbytes // 4096) * 4096))
+        self.buffer.tensor.fill_(7)
+
+    def _requests(self, submit: Callable[..., Any]) -> None:
+        in_flight, pos, size = [], 0, self.buffer.nbytes
+        while pos < self.nbytes:
+            if len(in_flight) == 2:
+                in_flight.pop(0).wait()
+            n = min(size, -(-(self.nbytes - pos) // 4096) * 4096)
+            in_flight.append(submit(self.buffer.tensor[:n], self.file, pos))
+            pos += n
+        for f in in_flight:
+            f.wait()
+
+    def write(self) -> float:
+        self.path.unlink(missing_ok=True)  # a new file each time, as each save writes new files
+        started = time.perf_counter()
+        with open_file(self.path, Access.WRITE) as self.file:
+            self._requests(self.handle.submit_write)
+            os.fsync(self.file.buffered_fd)  # the save fsyncs its files too
+        return time.perf_counter() - started
+
+    def hash(self, chunk: int = 8 << 20) -> float:
+        """Seconds for sha256 of N bytes, fed in chunks as a save feeds it (the checksum every save computes)."""
+        digest, data = hashlib.sha256(), self.buffer.tensor.numpy()
+        started = time.perf_counter()
+        for pos in range(0, self.nbytes, chunk):
+            at = pos % self.buffer.nbytes
+            digest.update(data[at:at + min(chunk, self.nbytes - pos)])
+        return time.perf_counter() - started
+
+    def read(self) -> float:
+        with open_file(self.path, Access.READ) as self.file:
+            self.file.drop_cached_pages()
+            started = time.perf_counter()
+            self._requests(self.handle.submit_read)
+            return time.perf_counter() - started
+
+
+def build(args: argparse.Namespace, folder: str) -> tuple[Engine, GptSpec]:
+    spec = GptSpec(vocab=args.vocab, context=64, hidden=args.hidden, layers=args.layers, heads=args.heads)
+    config = config_for(folder)
+    config["zero_optimization"]["sub_group_size"] = args.sub_group_size
+    config["zero_optimization"]["offload_param"]["buffer_size"] = args.sub_group_size
+    torch.manual_seed(0)
+    with Init(config=config):
+        model = Gpt(spec)
+    engine, *_ = infinity.initialize(model=model, config=config)
+    x, y = synthetic_batches(spec, batch=1, steps=1)[0]
+    x, y = x[:, :16], y[:, :16]
+    engine.backward(engine(x, y))
+    engine.step()  # every optimizer state is now written (unwritten extents read as zeros without I/O)
+    return engine, spec
+
+
+def one_round(engine: Engine, ckpt: Path, raw: Raw, r: int) -> dict[str, Any]:
+    tag = f"round{r}"
+    row: dict[str, Any] = {"round": r}
+
+    def save() -> None:
+        with RssPeak() as rss:
+            started = time.perf_counter()
+            engine.save_checkpoint(ckpt, tag=tag)
+            row["save_s"] = time.perf_counter() - started
+        row["save_rss_growth"] = rss.growth
+        row["bytes"] = folder_bytes(ckpt / tag)
+
+    def load() -> None:
+        drop_cache(ckpt / tag)
+        with RssPeak() as rss:
+            started = time.perf_counter()
+            engine.load_checkpoint(ckpt, tag=tag)
+            row["load_s"] = time.perf_counter() - started
+        row["load_rss_growth"] = rss.growth
+
+    def raw_write() -> None:
+        row["raw_write_s"] = raw.write()
+
+    def raw_read() -> None:
+        row["raw_read_s"] = raw.read()
+
+    def sha256() -> None:
+        row["sha256_s"] = raw.hash()
+
+    writes, reads = [save, raw_write], [load, raw_read]
+    if r % 2:
+        writes, reads = writes[::-1], reads[::-1]
+    row["order"] = "-".join(f.__name__ for f in writes + reads + [sha256])
+    for go in writes + reads + [sha256]:
+        go()
+    gb = row["bytes"] / 1e9
+    row.update(save_gbps=gb / row["save_s"], raw_write_gbps=raw.nbytes / 1e9 / row["raw_write_s"],
+               load_gbps=gb / row["load_s"], raw_read_gbps=raw.nbytes / 1e9 / row["raw_read_s"])
+    row["sha256_gbps"] = raw.nbytes / 1e9 / row["sha256_s"]
+    row["save_over_raw"] = row["save_gbps"] / row["raw_write_gbps"]
+    row["load_over_raw"] = row["load_gbps"] / row["raw_read_gbps"]
+    # a save reads N bytes from swap files and writes N: against the raw read and write of N, one after the other
+    row["save_over_raw_copy"] = row["save_gbps"] / (raw.nbytes / 1e9 / (row["raw_read_s"] + row["raw_write_s"]))
+    return row
+
+
+def consolidation_rss(ckpt: Path, tag: str, out: Path, largest: int) -> dict[str, Any]:
+    """Peak RSS of infinity-consolidate in a fresh process, against one that only imports it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                       os.environ.get("PYTHONPATH")]))}
+
+    def peak(argv: list[str]) -> tuple[int, float]:
+        code = ("import resource, sys; from infinity.cli.consolidate import main; "
+                "rc = main(sys.argv[1:]) if len(sys.argv) > 1 else 0; "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise SystemExit(f"consolidate failed: {done.stderr}")
+        return int(done.stdout.split()[-1]) * 1024, time.perf_counter() - started
+    base, _ = peak([])
+    used, seconds = peak([str(ckpt), str(out), "--tag", tag])
+    written = out.stat().st_size
+    out.unlink()
+    return {"import_only_maxrss": base, "consolidate_maxrss": used, "growth": used - base, "seconds": seconds,
+            "largest_tensor_bytes": largest, "growth_over_largest": (used - base) / largest, "out_bytes": written}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+    keys = ("save_gbps", "raw_write_gbps", "load_gbps", "raw_read_gbps", "sha256_gbps", "save_over_raw",
+            "load_over_raw", "save_over_raw_copy")
+    out: dict[str, Any] = {f"median_{k}": med(k) for k in keys}
+    out.update({f"range_{k}": [min(r[k] for r in rows), max(r[k] for r in rows)] for k in keys})
+    out["checkpoint_bytes"] = rows[0]["bytes"]
+    out["max_save_rss_growth"] = max(r["save_rss_growth"] for r in rows)
+    out["max_save_rss_growth_over_checkpoint"] = out["max_save_rss_growth"] / rows[0]["bytes"]
+    out["max_load_rss_growth"] = max(r["load_rss_growth"] for r in rows)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "torch": torch.__version__, "load_avg": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nvme_path", default="swap", help="folder for swap files (default %(default)s)")
+    p.add_argument("--ckpt_path", help="checkpoint folder, removed at the end (default NVME_PATH/ckpt-bench)")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--sub_group_size", type=int, default=10_000_000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--raw_chunk", type=int, default=256 << 20, help="bytes per raw request (default 256 MiB)")
+    p.add_argument("--consolidate", action="store_true", help="also measure infinity-consolidate's peak RSS")
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    folder = os.path.abspath(check_nvme_path(args.nvme_path))
+    ckpt = Path(args.ckpt_path or os.path.join(folder, "ckpt-bench"))
+    if ckpt.exists() and any(ckpt.iterdir()):
+        raise SystemExit(f"{ckpt} holds files; the benchmark removes its checkpoint folder at the end, so give a new "
+                         "or empty --ckpt_path")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    engine, spec = build(args, folder)
+    built = time.perf_counter() - started
+    rows: list[dict[str, Any]] = []
+    try:
+        engine.save_checkpoint(ckpt, tag="warmup")  # learns N; first-touch costs stay out of the rounds
+        nbytes = folder_bytes(ckpt / "warmup")
+        shutil.rmtree(ckpt / "warmup")
+        raw = Raw(engine, ckpt, nbytes, args.raw_chunk)
+        for r in range(args.rounds):
+            rows.append(one_round(engine, ckpt, raw, r))
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
+                  flush=True)
+            if r < args.rounds - 1:
+                shutil.rmtree(ckpt / f"round{r}")
+        result: dict[str, Any] = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(), "git": git_state(), "argv": sys.argv, "spec": spec.__dict__,
+            "parameters": sum(s.numel() for s in engine.shapes), "build_and_step_s": built, "rounds": rows,
+            "summary": summarize(rows)}
+        if args.consolidate:
+            largest = max(s.numel() for s in engine.shapes) * 4  # fp32, as consolidated
+            result["consolidate"] = consolidation_rss(ckpt, f"round{args.rounds - 1}",
+                                                      ckpt / "consolidated.safetensors", largest)
+    finally:
+        engine.close()
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    s = result["summary"]
+    print(f"checkpoint {s['checkpoint_bytes'] / 1e9:.2f} GB; median of {args.rounds} rounds: save "
+          f"{s['median_save_gbps']:.2f} GB/s = {s['median_save_over_raw']:.3f} x raw write; load "
+          f"{s['median_load_gbps']:.2f} GB/s = {s['median_load_over_raw']:.3f} x raw read; peak RSS growth in a save "
+          f"{s['max_save_rss_growth'] / 1e6:.0f} MB = {100 * s['max_save_rss_growth_over_checkpoint']:.1f}% of it")
+    if "consolidate" in result:
+        c = result["consolidate"]
+        print(f"consolidate: peak RSS +{c['growth'] / 1e6:.0f} MB over an import-only process "
+              f"({c['growth_over_largest']:.2f} x the largest tensor, {c['largest_tensor_bytes'] / 1e6:.0f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Streamed copies through a few staging buffers (infinity/memory/stream.py) and the memory manager's
+copy_out / copy_in between a swap extent and another file: real files, both backends, odd sizes."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+
+from infinity.errors import InfinityError
+from infinity.io import Access, open_file
+from infinity.memory import HostBuffer
+from infinity.memory.manager import MemoryManager
+from infinity.memory.nvme_store import ALIGNMENT, NvmeStore
+from infinity.memory.pool import BufferPool
+from infinity.memory.stream import FileEnd, TensorEnd, copy
+
+
+def staging(count: int, nbytes: int = 2 * ALIGNMENT) -> list[HostBuffer]:
+    return [HostBuffer(nbytes, zero=False) for _ in range(count)]
+
+
+@pytest.mark.parametrize("nbytes", [1, ALIGNMENT, 5 * ALIGNMENT, 7 * ALIGNMENT + 199])
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_file_to_file_copies_every_byte_and_shows_them_in_order(tmp_path, make_handle, nbytes, count):
+    data = os.urandom(nbytes)
+    (tmp_path / "src").write_bytes(os.urandom(2 * ALIGNMENT) + data + os.urandom(100))
+    handle = make_handle()
+    seen = hashlib.sha256()
+    with open_file(tmp_path / "src", Access.READ) as src, open_file(tmp_path / "dst", Access.WRITE) as dst:
+        copy(handle, FileEnd(src, 2 * ALIGNMENT), FileEnd(dst, ALIGNMENT), nbytes, staging(count),
+             lambda chunk: seen.update(chunk.numpy()))
+    assert (tmp_path / "dst").read_bytes()[ALIGNMENT:] == data
+    assert seen.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_tensor_ends_pad_with_zeros_and_drop_the_padding(tmp_path, make_handle):
+    values = torch.arange(1000, dtype=torch.float32)  # 4000 bytes, stored as 4096
+    handle = make_handle()
+    with open_file(tmp_path / "f", Access.READ_WRITE) as f:
+        copy(handle, TensorEnd(values), FileEnd(f, 0), ALIGNMENT, staging(2))
+        raw = (tmp_path / "f").read_bytes()
+        assert raw[:4000] == values.numpy().tobytes() and raw[4000:] == bytes(96)
+        back = torch.zeros(1000)
+        copy(handle, FileEnd(f, 0), TensorEnd(back), ALIGNMENT, staging(2))
+    assert torch.equal(back, values)
+
+
+def test_a_failed_read_completes_the_others_and_raises(tmp_path, make_handle):
+    (tmp_path / "short").write_bytes(os.urandom(3 * ALIGNMENT))
+    handle = make_handle()
+    with open_file(tmp_path / "short", Access.READ) as src, open_file(tmp_path / "dst", Access.WRITE) as dst:
+        with pytest.raises(InfinityError, match="short read"):
+            copy(handle, FileEnd(src, 0), FileEnd(dst, 0), 8 * ALIGNMENT, staging(4))
+
+
+def test_manager_copies_part_of_an_extent_out_and_in(tmp_path, make_handle):
+    manager = MemoryManager(make_handle(), NvmeStore(tmp_path), torch.device("cpu"))
+    pool = BufferPool("p", 2, 4 * ALIGNMENT, "test")
+    try:
+        manager.add("x", 3 * ALIGNMENT // 4, torch.float32, region="param", pool=pool)
+        manager.store.reserve()
+        values = torch.randn(3 * ALIGNMENT // 4)
+        manager.write_through("x", values)
+        with open_file(tmp_path / "ckpt", Access.READ_WRITE) as f:
+            manager.copy_out("x", ALIGNMENT, 2 * ALIGNMENT, f, 0, staging(2, ALIGNMENT))
+            assert (tmp_path / "ckpt").read_bytes() == values.numpy().tobytes()[ALIGNMENT:]
+            os.pwrite(f.buffered_fd, bytes(2 * ALIGNMENT), 0)  # zeros go back into the same range
+            manager.copy_in("x", ALIGNMENT, 2 * ALIGNMENT, f, 0, staging(2, ALIGNMENT))
+            manager.start_read("x")
+            back = manager.finish_read("x").clone()
+            with pytest.raises(InfinityError, match="host_dirty; copies to or from a file need it at rest"):
+                manager.stage("x")
+                manager.copy_out("x", 0, ALIGNMENT, f, 0, staging(1, ALIGNMENT))
+            with pytest.raises(InfinityError, match="not an aligned range"):
+                manager.start_write("x")
+                manager.finish_write("x")
+                manager.copy_in("x", 100, ALIGNMENT, f, 0, staging(1, ALIGNMENT))
+            manager.drop("x")
+        first = ALIGNMENT // 4  # elements before the copied range
+        assert torch.equal(back[:first], values[:first]) and not back[first:].any()
+    finally:
+        manager.close()
