@@ -65,6 +65,13 @@ class ParamHome(ABC):
     def cancel_fetch(self, index: int) -> None:
         """A read started by start_fetch will not be used: complete it and give its buffer back."""
 
+    def gathers_ahead(self) -> bool:
+        """Whether gather_ahead does anything (homes holding a rank's shard: infinity/zero/gather.py)."""
+        return False
+
+    def gather_ahead(self, index: int) -> None:
+        """Brings the whole parameter ahead of its use, where that takes more than a read (an all-gather)."""
+
 
 class ComputeHome(ParamHome):
     """The parameter keeps its own storage on the compute tier."""

@@ -127,6 +127,7 @@ class Coordinator:
             self._gather(i, mine)
         if position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)
+            self._gather_ahead(position)
         if self.timeline.enabled:
             self._draw(m, phase)
 
@@ -201,6 +202,22 @@ class Coordinator:
                 break  # every staging buffer is out; the next module's hook tries again
             self.homes[i].start_fetch(i)
             self._in_flight.add(i)
+
+    def _gather_ahead(self, position: int) -> None:
+        """[Note: gathering ahead]  With several ranks a use needs the read of this rank's piece and an
+        all-gather of every rank's.  The next module's pieces whose reads were started ahead are gathered
+        now, so the all-gathers run while this module computes (waiting here for a read not yet done
+        counts as read wait).  Which pieces is decided by the trace and the reads started, which are
+        the same on every rank (gather.py's note), so every rank starts the same all-gathers in the
+        same order.  One module ahead keeps the extra whole parameters on the compute tier to one
+        module's worth."""
+        trace = self.cursor.trace
+        if trace is None or position + 1 >= len(trace):
+            return
+        for i in trace.uses[position + 1].partitions:
+            if i in self._in_flight and self.homes[i].gathers_ahead():
+                with self.clock.waiting(Wait.READ), self.timeline.span("gather ahead", Track.WAIT, param=i):
+                    self.homes[i].gather_ahead(i)
 
     def _preempt(self, i: int, position: int) -> bool:
         """[Note: nearer reads first]  A partition dropped after its use may be needed again before reads

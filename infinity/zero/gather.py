@@ -22,7 +22,7 @@ import torch
 
 from infinity.memory.stream import Part
 from infinity.swap.params import ParamHome
-from infinity.zero.ranks import Ranks
+from infinity.zero.ranks import Pending, Ranks
 from infinity.zero.shard import Shard
 
 
@@ -39,6 +39,8 @@ class ShardedHome(ParamHome):
                  device: torch.device):
         self.inner, self.shards, self.ranks = inner, shards, ranks
         self.dtype, self.device = dtype, device
+        self._ahead: dict[int, tuple[torch.Tensor, Pending]] = {}  # all-gathers started before their use
+        self.gathered_ahead = 0  # all-gathers started ahead so far (the tests read it)
 
     def put(self, index: int, values: torch.Tensor) -> None:
         """The whole parameter's initial values; the inner home keeps this rank's piece."""
@@ -50,6 +52,13 @@ class ShardedHome(ParamHome):
 
     def fetch(self, index: int) -> torch.Tensor:
         shard = self.shards[index]
+        if index in self._ahead:
+            whole, pending = self._ahead.pop(index)
+            try:
+                pending.wait()
+            finally:
+                self.inner.release(index)
+            return whole[: shard.numel].view(shard.shape)
         piece = self.inner.fetch(index).reshape(-1)
         whole = torch.empty(shard.length * self.ranks.world, dtype=self.dtype, device=self.device)
         try:
@@ -57,6 +66,21 @@ class ShardedHome(ParamHome):
         finally:
             self.inner.release(index)  # the piece's staging buffer goes back as soon as the whole is built
         return whole[: shard.numel].view(shard.shape)
+
+    def gather_ahead(self, index: int) -> None:
+        """Completes the read of index's piece and starts its all-gather, to run while the module before
+        its use computes; fetch(index) waits for it.  A collective: every rank calls it at the same point
+        ([Note: gathering ahead] in coordinator.py)."""
+        if index in self._ahead:
+            return
+        shard = self.shards[index]
+        piece = self.inner.fetch(index).reshape(-1).to(self.dtype).contiguous()
+        whole = torch.empty(shard.length * self.ranks.world, dtype=self.dtype, device=self.device)
+        self._ahead[index] = (whole, self.ranks.all_gather_start(whole, piece, f"parameter {shard.name!r}"))
+        self.gathered_ahead += 1
+
+    def gathers_ahead(self) -> bool:
+        return True
 
     def fetch_many(self, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         for i in indices:
@@ -75,7 +99,15 @@ class ShardedHome(ParamHome):
         return self.inner.can_start_fetch()
 
     def read_ready(self, index: int) -> bool:
-        return self.inner.read_ready(index)
+        ahead = self._ahead.get(index)
+        return ahead[1].done() if ahead is not None else self.inner.read_ready(index)
 
     def cancel_fetch(self, index: int) -> None:
-        self.inner.cancel_fetch(index)
+        ahead = self._ahead.pop(index, None)
+        if ahead is None:
+            self.inner.cancel_fetch(index)
+            return
+        try:
+            ahead[1].wait()  # the other ranks take part in it: it completes, and its result is dropped
+        finally:
+            self.inner.release(index)

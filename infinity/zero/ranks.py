@@ -40,6 +40,11 @@ class Ranks:
         """out (world × piece elements) = every rank's piece, in rank order."""
         self._run("all-gather", what, dist.all_gather_into_tensor, out, piece)
 
+    def all_gather_start(self, out: torch.Tensor, piece: torch.Tensor, what: str) -> "Pending":
+        """all_gather, started: it runs in the process group's own thread until Pending.wait()."""
+        work = self._run("all-gather", what, dist.all_gather_into_tensor, out, piece, async_op=True)
+        return Pending(work, self, "all-gather", what)
+
     def reduce_scatter_mean(self, out: torch.Tensor, whole: torch.Tensor, what: str) -> None:
         """out = this rank's piece of the mean over ranks of whole (world × out elements)."""
         self._run("reduce-scatter", what, dist.reduce_scatter_tensor, out, whole)
@@ -56,11 +61,27 @@ class Ranks:
         if self.several:
             self._run("barrier", what, dist.barrier)
 
-    def _run(self, op: str, what: str, collective: Any, *args: Any) -> None:
+    def _run(self, op: str, what: str, collective: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            collective(*args)
+            return collective(*args, **kwargs)
         except (RuntimeError, dist.DistError) as err:  # DistBackendError, gloo's closed connections, timeouts
             raise RankFailed(op, what, self.rank, self.world, err) from err
+
+
+@dataclass
+class Pending:
+    """A collective in flight; wait() completes it (a failure raises RankFailed, as a blocking one would)."""
+
+    work: Any
+    ranks: Ranks
+    op: str
+    what: str
+
+    def done(self) -> bool:
+        return bool(self.work.is_completed())
+
+    def wait(self) -> None:
+        self.ranks._run(self.op, self.what, self.work.wait)
 
 
 def current() -> Ranks:

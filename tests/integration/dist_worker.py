@@ -75,7 +75,8 @@ def main() -> None:
     if os.environ.get("SAVE_16BIT_DIR"):
         engine.save_16bit_model(os.environ["SAVE_16BIT_DIR"])  # every rank gathers; rank 0 writes
     torch.save({"losses": losses, "reports": reports, "weights": weights, "rank": rank, "world": world,
-                "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.shards]},
+                "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.shards],
+                "gathered_ahead": sum({id(h): getattr(h, "gathered_ahead", 0) for h in engine.homes}.values())},
                f"{out}.rank{rank}.pt")
     engine.close()
     torch.distributed.destroy_process_group()

@@ -91,6 +91,8 @@ def test_two_ranks_equal_one_rank_and_plain_torch(nvme_runs, reference):
         for run in (one, two[0], two[1]):
             assert relative(run["weights"][name], w) <= 1e-4, name
     assert all(torch.equal(two[0]["weights"][n], two[1]["weights"][n]) for n in want_weights)
+    # from step 2 on (the first records the trace) the next module's all-gathers start ahead of its use
+    assert two[0]["gathered_ahead"] == two[1]["gathered_ahead"] > 0
 
 
 def test_each_rank_holds_half_of_each_parameter(nvme_runs):
