@@ -290,3 +290,17 @@ def test_a_checkpoint_loads_into_other_tiers_and_sub_groups(tmp_path, batches):
     finally:
         engine.close()
     assert all(torch.equal(got[name], want_weights[name]) for name in want_weights)
+
+
+def test_loading_into_a_live_engine_refreshes_kept_host_copies(tmp_path, batches):
+    """offload_param.max_in_cpu: parameters keep host copies beside their swap files; a load into the
+    same engine, two steps on, overwrites both, and the run goes on as if it had stopped at step 5."""
+    want_losses, _ = uninterrupted(tmp_path, batches, param_max_in_cpu=10 ** 9)
+    engine = saved_at_step_5(tmp_path, tmp_path / "ckpt", batches, param_max_in_cpu=10 ** 9)
+    try:
+        train(engine, batches[SAVE_AT:SAVE_AT + 2])
+        assert engine.homes[0].kept  # host copies are in use
+        engine.load_checkpoint(str(tmp_path / "ckpt"))
+        assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
+    finally:
+        engine.close()
