@@ -49,7 +49,8 @@ def header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata}
     pos = 0
     for s in specs:
-        entries[s.name] = {"dtype": SAFETENSORS_DTYPES[s.dtype], "shape": [s.numel], "data_offsets": [pos, pos + s.nbytes]}
+        entries[s.name] = {"dtype": SAFETENSORS_DTYPES[s.dtype], "shape": [s.numel],
+                           "data_offsets": [pos, pos + s.nbytes]}
         pos += s.nbytes
     text = json.dumps(entries, separators=(",", ":")).encode()
     total = round_up(8 + len(text), ALIGNMENT)
