@@ -11,9 +11,11 @@ transfer completes every other one in flight (their buffers must not be reused u
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -67,6 +69,63 @@ class TensorEnd:
         data = self._bytes()[pos:pos + chunk.numel()]
         data.copy_(chunk[:data.numel()])
         return None
+
+
+class Joined:
+    """The transfers of one chunk's pieces (a Chain's), as one future."""
+
+    def __init__(self, futures: list[IoFuture | None]):
+        self.futures = [f for f in futures if f is not None]
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def wait(self) -> int:
+        moved, first = 0, None
+        for f in self.futures:  # every piece is waited for, then the first error raised
+            try:
+                moved += f.wait()
+            except Exception as err:
+                first = first or err
+        if first is not None:
+            raise first
+        return moved
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Several ends laid end to end, (end, nbytes) each: one copy streams them all, so the pipeline
+    keeps reads and writes in flight across tensor boundaries instead of draining at each."""
+
+    pieces: tuple[tuple[End, int], ...]
+    starts: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        starts, pos = [], 0
+        for _, n in self.pieces:
+            starts.append(pos)
+            pos += n
+        object.__setattr__(self, "starts", starts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.pieces)
+
+    def _split(self, chunk: torch.Tensor, pos: int) -> Iterator[tuple[End, torch.Tensor, int]]:
+        end_pos = pos + chunk.numel()
+        i = max(0, bisect.bisect_right(self.starts, pos) - 1)
+        while i < len(self.pieces) and self.starts[i] < end_pos:
+            end, n = self.pieces[i]
+            lo, hi = max(pos, self.starts[i]), min(end_pos, self.starts[i] + n)
+            if lo < hi:
+                yield end, chunk[lo - pos:hi - pos], lo - self.starts[i]
+            i += 1
+
+    def read(self, handle: IoHandle, chunk: torch.Tensor, pos: int) -> IoFuture | None:
+        return Joined([end.read(handle, piece, at) for end, piece, at in self._split(chunk, pos)])
+
+    def write(self, handle: IoHandle, chunk: torch.Tensor, pos: int) -> IoFuture | None:
+        return Joined([end.write(handle, piece, at) for end, piece, at in self._split(chunk, pos)])
 
 
 def copy(handle: IoHandle, source: End, target: End, nbytes: int, staging: Sequence[HostBuffer],
@@ -125,31 +184,32 @@ class HostPart:
 
     tensor: torch.Tensor
 
-    def save(self, handle: IoHandle, file: AioFile, offset: int, nbytes: int, staging: Sequence[HostBuffer],
-             seen: Seen | None = None) -> None:
+    def source(self) -> torch.Tensor:
+        """The values as contiguous host memory (a compute-tier tensor: one host copy of it)."""
         values = self.tensor.detach().reshape(-1)
-        if values.device.type != "cpu" or not values.is_contiguous():
-            values = values.cpu().contiguous()  # a compute-tier (CUDA) parameter: one host copy of it
-        copy(handle, TensorEnd(values), FileEnd(file, offset), nbytes, staging, seen)
+        return values if values.device.type == "cpu" and values.is_contiguous() else values.cpu().contiguous()
 
-    def load(self, handle: IoHandle, file: AioFile, offset: int, nbytes: int, staging: Sequence[HostBuffer],
-             seen: Seen | None = None) -> None:
+    def target(self) -> torch.Tensor:
+        """Host memory to load into: the tensor itself when it is contiguous host memory, else a copy
+        that `finish_load` puts in place."""
         t = self.tensor
-        in_place = t.device.type == "cpu" and t.is_contiguous()
-        values = t.detach().reshape(-1) if in_place else torch.empty(t.numel(), dtype=t.dtype)
-        copy(handle, FileEnd(file, offset), TensorEnd(values), nbytes, staging, seen)
-        if not in_place:
+        if t.device.type == "cpu" and t.is_contiguous():
+            return t.detach().reshape(-1)
+        return torch.empty(t.numel(), dtype=t.dtype)
+
+    def finish_load(self, loaded: torch.Tensor) -> None:
+        if loaded.data_ptr() != self.tensor.data_ptr():
             with torch.no_grad():
-                t.copy_(values.view(t.shape))
+                self.tensor.copy_(loaded.view(self.tensor.shape))
 
 
 class Swapped(Protocol):
     """The memory manager's side of a SwapPart (see MemoryManager.copy_out / copy_in)."""
 
-    def copy_out(self, key: str, byte_offset: int, nbytes: int, target: AioFile, target_offset: int,
+    def copy_out(self, ranges: Sequence[tuple[str, int, int]], target: AioFile, target_offset: int,
                  staging: Sequence[HostBuffer], seen: Seen | None = None) -> None: ...
 
-    def copy_in(self, key: str, byte_offset: int, nbytes: int, source: AioFile, source_offset: int,
+    def copy_in(self, ranges: Sequence[tuple[str, int, int]], source: AioFile, source_offset: int,
                 staging: Sequence[HostBuffer], seen: Seen | None = None) -> None: ...
 
 
@@ -162,13 +222,45 @@ class SwapPart:
     key: str
     byte_offset: int = 0
 
-    def save(self, handle: IoHandle, file: AioFile, offset: int, nbytes: int, staging: Sequence[HostBuffer],
-             seen: Seen | None = None) -> None:
-        self.manager.copy_out(self.key, self.byte_offset, nbytes, file, offset, staging, seen)
-
-    def load(self, handle: IoHandle, file: AioFile, offset: int, nbytes: int, staging: Sequence[HostBuffer],
-             seen: Seen | None = None) -> None:
-        self.manager.copy_in(self.key, self.byte_offset, nbytes, file, offset, staging, seen)
-
 
 Part = HostPart | SwapPart
+
+
+def _mover(part: Part) -> int:
+    """Parts moved by one call: host tensors together, swap parts by their manager."""
+    return id(part.manager) if isinstance(part, SwapPart) else 0
+
+
+def save_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFile, offset: int,
+               staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
+    """Writes each part's first nbytes (zero-padded) into file from offset on, end to end: each run of
+    consecutive parts of one memory manager in one pipelined copy (MemoryManager.copy_out), host
+    tensors through handle."""
+    pos = offset
+    for _, run in groupby(parts, key=lambda pn: _mover(pn[0])):
+        items = list(run)
+        first = items[0][0]
+        if isinstance(first, SwapPart):
+            first.manager.copy_out([(p.key, p.byte_offset, n) for p, n in items], file, pos, staging, seen)
+        else:
+            chain = Chain(tuple((TensorEnd(p.source()), n) for p, n in items))
+            copy(handle, chain, FileEnd(file, pos), chain.nbytes, staging, seen)
+        pos += sum(n for _, n in items)
+
+
+def load_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFile, offset: int,
+               staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
+    """The reverse of save_parts: file's bytes from offset on into each part (its padding dropped)."""
+    pos = offset
+    for _, run in groupby(parts, key=lambda pn: _mover(pn[0])):
+        items = list(run)
+        first = items[0][0]
+        if isinstance(first, SwapPart):
+            first.manager.copy_in([(p.key, p.byte_offset, n) for p, n in items], file, pos, staging, seen)
+        else:
+            targets = [(p, p.target()) for p, _ in items]
+            chain = Chain(tuple((TensorEnd(t), n) for (_, t), (_, n) in zip(targets, items)))
+            copy(handle, FileEnd(file, pos), chain, chain.nbytes, staging, seen)
+            for p, t in targets:
+                p.finish_load(t)
+        pos += sum(n for _, n in items)
