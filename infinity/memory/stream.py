@@ -227,8 +227,12 @@ Part = HostPart | SwapPart
 
 
 def _mover(part: Part) -> int:
-    """Parts moved by one call: host tensors together, swap parts by their manager."""
-    return id(part.manager) if isinstance(part, SwapPart) else 0
+    """Parts moved by one call: swap parts by their manager, host tensors together; a tensor that is not
+    contiguous host memory (a CUDA parameter) alone, so only one host copy of such exists at a time."""
+    if isinstance(part, SwapPart):
+        return id(part.manager)
+    t = part.tensor
+    return 0 if t.device.type == "cpu" and t.is_contiguous() else id(part)
 
 
 def save_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFile, offset: int,
