@@ -304,3 +304,36 @@ def test_loading_into_a_live_engine_refreshes_kept_host_copies(tmp_path, batches
         assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
     finally:
         engine.close()
+
+
+def test_a_full_disk_fails_the_save_and_training_goes_on(tmp_path, batches):
+    """The checkpoint folder on a real 1 MiB tmpfs: optimizer.safetensors (1.8 MB) does not fit.  The
+    save raises the AioError (ENOSPC or a short write, the temporary file's path), removes its temporary file, leaves
+    `latest` alone, and the run trains on exactly as if no save had been tried."""
+    import errno
+
+    from infinity.errors import AioError
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here ({mounted.stderr.strip()}); needs root")
+    try:
+        want_losses, _ = uninterrupted(tmp_path, batches)
+        engine = Engine(fresh_model(), settings(str(tmp_path)))
+        try:
+            train(engine, batches[:SAVE_AT])
+            with pytest.raises(AioError) as err:
+                engine.save_checkpoint(str(folder))
+            # ENOSPC, or a short write when the kernel wrote what fitted; both name the path and free space
+            assert err.value.errno in (errno.ENOSPC, errno.EIO) and f".{OPTIMIZER_FILE}.tmp-" in err.value.path
+            assert "free space" in str(err.value)
+            rank = folder / f"global_step{SAVE_AT}" / "rank_0"
+            assert not (folder / LATEST).exists() and not [p for p in rank.iterdir() if ".tmp-" in p.name]
+            assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
+        finally:
+            engine.close()
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
