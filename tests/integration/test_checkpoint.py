@@ -337,3 +337,43 @@ def test_a_full_disk_fails_the_save_and_training_goes_on(tmp_path, batches):
             engine.close()
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_initialize_with_a_warmup_schedule_resumes_its_position(tmp_path, batches):
+    """Through infinity.initialize: the lr schedule continues where it was, and the manifest holds the
+    resolved config."""
+    import infinity
+
+    from training_reference import ADAM
+
+    zero = {"stage": 3, "sub_group_size": 20_000, "stage3_param_persistence_threshold": 0,
+            "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)},
+            "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path), "buffer_count": 4}}
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "zero_optimization": zero,
+           "optimizer": {"type": "AdamW", "params": {"lr": ADAM.lr, "weight_decay": ADAM.weight_decay}},
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3,
+                                                         "warmup_num_steps": 8, "warmup_type": "linear"}}}
+
+    def run(steps, save=False, load=False):
+        engine, _, _, scheduler = infinity.initialize(model=fresh_model(), config=cfg)
+        try:
+            if load:
+                engine.load_checkpoint(str(tmp_path / "ckpt"))
+            lrs = []
+            for x, y in steps:
+                lrs.append(scheduler.get_last_lr()[0])
+                loss = engine(x, y)
+                engine.backward(loss)
+                engine.step()
+                lrs.append(loss.item())
+            if save:
+                engine.save_checkpoint(str(tmp_path / "ckpt"))
+            return lrs, engine.config.to_dict()
+        finally:
+            engine.close()
+
+    want, resolved = run(batches)
+    run(batches[:SAVE_AT], save=True)
+    got, _ = run(batches[SAVE_AT:], load=True)
+    assert got == want[2 * SAVE_AT:]  # lrs and losses of steps 6-10
+    assert open_rank(tmp_path / "ckpt").manifest.config == resolved
