@@ -3,8 +3,8 @@ reads of later chunks in flight while earlier chunks are written (checkpoints: s
 file, host tensor <-> checkpoint file).
 
 [Note: the pipeline]  With n staging buffers, up to max(1, n // 2) reads are in flight ahead of the
-chunk being handed on; each chunk, once read, is shown to `seen` (a checksum, in file order) and its
-write is submitted at once.  A read waits for a buffer only when every buffer is reading or writing;
+chunk being handed on; each chunk, once read, has its write submitted at once and is then shown to
+`seen` (a checksum, in file order).  A read waits for a buffer only when every buffer is reading or writing;
 then it completes the oldest write.  So at most n chunks of memory are ever used, whatever the size
 copied, and the async-IO engine's threads read and write while the caller's thread hashes.  A failed
 transfer completes every other one in flight (their buffers must not be reused under them) and raises.
@@ -131,43 +131,66 @@ class Chain:
 def copy(handle: IoHandle, source: End, target: End, nbytes: int, staging: Sequence[HostBuffer],
          seen: Seen | None = None) -> None:
     """Copies nbytes from source to target through staging (see the note above)."""
-    chunk = min(b.nbytes for b in staging)
-    positions = iter(range(0, nbytes, chunk))
-    pending = next(positions, None)
-    free: deque[int] = deque(range(len(staging)))
-    reads: deque[tuple[int, int, IoFuture | None]] = deque()  # (position, buffer, read)
-    writes: deque[tuple[int, IoFuture | None]] = deque()  # (buffer, write)
-    depth = max(1, len(staging) // 2)
-    try:
-        while pending is not None or reads:
-            while pending is not None and len(reads) < depth:
-                if not free:
-                    if reads:
-                        break  # hand on a chunk first
-                    free.append(_complete(writes.popleft()))
-                b = free.popleft()
-                view = staging[b].tensor[:min(chunk, nbytes - pending)]
-                reads.append((pending, b, source.read(handle, view, pending)))
-                pending = next(positions, None)
-            pos, b, future = reads.popleft()
-            if future is not None:
-                future.wait()
-            view = staging[b].tensor[:min(chunk, nbytes - pos)]
-            if seen is not None:
-                seen(view)
-            writes.append((b, target.write(handle, view, pos)))
-            while writes and (writes[0][1] is None or writes[0][1].done()):
-                free.append(_complete(writes.popleft()))
-        while writes:
-            _complete(writes.popleft())
-    except BaseException:
-        for future in [f for _, _, f in reads] + [f for _, f in writes]:
-            if future is not None:
-                try:
+    _Pipeline(handle, source, target, nbytes, staging).run(seen)
+
+
+class _Pipeline:
+    """One copy's state: chunks not yet read, reads and writes in flight, free buffers."""
+
+    def __init__(self, handle: IoHandle, source: End, target: End, nbytes: int, staging: Sequence[HostBuffer]):
+        self.handle, self.source, self.target, self.nbytes, self.staging = handle, source, target, nbytes, staging
+        self.chunk = min(b.nbytes for b in staging)
+        self.positions = iter(range(0, nbytes, self.chunk))
+        self.pending = next(self.positions, None)
+        self.free: deque[int] = deque(range(len(staging)))
+        self.reads: deque[tuple[int, int, IoFuture | None]] = deque()  # (position, buffer, read)
+        self.writes: deque[tuple[int, IoFuture | None]] = deque()  # (buffer, write)
+        self.depth = max(1, len(staging) // 2)
+
+    def run(self, seen: Seen | None) -> None:
+        """[Note: the write goes before the checksum]  A chunk, once read, is only read from: its write is
+        submitted first, reads ahead are topped up with other buffers, and only then is it shown to seen,
+        so the async-IO threads move bytes while this thread hashes."""
+        try:
+            while self.pending is not None or self.reads:
+                self._read_ahead(holding=None)
+                pos, b, future = self.reads.popleft()
+                if future is not None:
                     future.wait()
-                except Exception:  # the first error is the one raised
-                    pass
-        raise
+                view = self._view(b, pos)
+                self.writes.append((b, self.target.write(self.handle, view, pos)))
+                self._read_ahead(holding=b)
+                if seen is not None:
+                    seen(view)
+            while self.writes:
+                _complete(self.writes.popleft())
+        except BaseException:
+            for future in [f for _, _, f in self.reads] + [f for _, f in self.writes]:
+                if future is not None:
+                    try:
+                        future.wait()
+                    except Exception:  # the first error is the one raised
+                        pass
+            raise
+
+    def _view(self, b: int, pos: int) -> torch.Tensor:
+        return self.staging[b].tensor[:min(self.chunk, self.nbytes - pos)]
+
+    def _read_ahead(self, holding: int | None) -> None:
+        """Starts reads up to depth ahead, into free buffers or ones whose write is done (never the buffer
+        holding, still to be hashed); waits for the oldest write only when nothing else is in flight."""
+        while self.pending is not None and len(self.reads) < self.depth:
+            while self.writes and self.writes[0][0] != holding and \
+                    (self.writes[0][1] is None or self.writes[0][1].done()):
+                self.free.append(_complete(self.writes.popleft()))
+            if not self.free:
+                if self.reads or holding is not None:
+                    return  # hand on (or hash) a chunk first
+                self.free.append(_complete(self.writes.popleft()))
+            b = self.free.popleft()
+            self.reads.append((self.pending, b, self.source.read(self.handle, self._view(b, self.pending),
+                                                                 self.pending)))
+            self.pending = next(self.positions, None)
 
 
 def _complete(item: tuple[int, IoFuture | None]) -> int:
