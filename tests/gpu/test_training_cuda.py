@@ -30,7 +30,7 @@ from infinity.zero import Engine, EngineSettings, Precision
 from infinity.zero.settings import dtype_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from training_reference import ADAM, SPEC, fresh_model, make_batches  # noqa: E402
+from training_reference import ADAM, SPEC, fresh_model, make_batches, train  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -80,16 +80,6 @@ def settings(tmp_path, param: Tier, optimizer: Tier, **extra) -> EngineSettings:
                 optimizer_nvme_path=str(tmp_path), adam=ADAM, gradient_clipping=CLIP, sub_group_size=20_000,
                 optimizer_buffer_count=4)
     return EngineSettings(**{**base, **extra})
-
-
-def train(engine: Engine, batches) -> list[float]:
-    losses = []
-    for x, y in batches:
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
 
 
 def final_weights(engine: Engine) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from training_reference import ADAM, fresh_model, make_batches  # noqa: E402
+from training_reference import ADAM, fresh_model, make_batches, train  # noqa: E402
 
 from infinity.swap.params import Tier  # noqa: E402
 from infinity.zero import Engine, EngineSettings  # noqa: E402
@@ -28,16 +28,6 @@ def settings(nvme: str, param: Tier = Tier.NVME, optimizer: Tier = Tier.NVME, **
     base = dict(param_tier=param, optimizer_tier=optimizer, param_nvme_path=nvme, optimizer_nvme_path=nvme, adam=ADAM,
                 gradient_clipping=1.0, sub_group_size=20_000, optimizer_buffer_count=4)
     return EngineSettings(**{**base, **extra})
-
-
-def train(engine: Engine, batches) -> list[float]:
-    losses = []
-    for x, y in batches:
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
 
 
 def resume(ckpt: str, nvme: str, out: str) -> None:

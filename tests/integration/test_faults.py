@@ -19,7 +19,7 @@ from infinity.swap import optimizer as optimizer_module
 from infinity.swap.params import Tier
 from infinity.zero import Engine, EngineSettings, UsageError
 
-from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run
+from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run, train
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 SENTINEL = b"a user's file next to the swap files" * 100
@@ -34,16 +34,6 @@ def settings(nvme_path, backend: Backend = Backend.AUTO, **extra) -> EngineSetti
     return EngineSettings(param_tier=Tier.NVME, optimizer_tier=Tier.NVME, param_nvme_path=str(nvme_path),
                           optimizer_nvme_path=str(nvme_path), adam=ADAM, gradient_clipping=1.0,
                           sub_group_size=20_000, aio=AioConfig(backend=backend), **extra)
-
-
-def train(engine: Engine, batches) -> list[float]:
-    losses = []
-    for x, y in batches:
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
 
 
 def swap_file(engine: Engine, region: str) -> str:

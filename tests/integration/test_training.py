@@ -9,7 +9,7 @@ from infinity.swap.params import Tier
 from infinity.zero import Engine, EngineSettings, Precision, UsageError
 from infinity.zero.settings import dtype_of
 
-from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run
+from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run, train
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +25,6 @@ def settings(tmp_path, param: Tier, optimizer: Tier, **extra) -> EngineSettings:
                 optimizer_nvme_path=str(tmp_path), adam=ADAM, gradient_clipping=1.0, sub_group_size=20_000,
                 optimizer_buffer_count=4)
     return EngineSettings(**{**base, **extra})
-
-
-def train(engine: Engine, batches) -> list[float]:
-    losses = []
-    for x, y in batches:
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
 
 
 def final_weights(engine: Engine) -> dict[str, torch.Tensor]:

@@ -35,3 +35,14 @@ def plain_torch_run(batches, clip: float = 1.0, accumulation: int = 1):
             opt.step()
             opt.zero_grad()
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train(engine, batches) -> list[float]:
+    """Steps an infinity engine (or anything shaped like one) over batches; the losses."""
+    losses = []
+    for x, y in batches:
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
