@@ -28,7 +28,8 @@ class Contents:
 
     @property
     def largest(self) -> int:
-        return max((s.nbytes for s in self.model + self.optimizer), default=0)
+        """Data bytes of the larger of the two files (staging never needs more)."""
+        return max(sum(s.nbytes for s in self.model), sum(s.nbytes for s in self.optimizer))
 
 
 def contents_of(engine: "Engine") -> Contents:

@@ -25,7 +25,7 @@ from infinity.io.align import round_up
 from infinity.io.files import Access, open_file
 from infinity.io.handle import IoHandle
 from infinity.memory.host_buffer import HostBuffer, PinPolicy
-from infinity.memory.stream import Part
+from infinity.memory.stream import Part, load_parts, save_parts
 
 HEADER_LIMIT = 100 << 20  # safetensors' own limit on the header
 
@@ -49,7 +49,8 @@ def header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata}
     pos = 0
     for s in specs:
-        entries[s.name] = {"dtype": SAFETENSORS_DTYPES[s.dtype], "shape": [s.numel], "data_offsets": [pos, pos + s.nbytes]}
+        entries[s.name] = {"dtype": SAFETENSORS_DTYPES[s.dtype], "shape": [s.numel],
+                           "data_offsets": [pos, pos + s.nbytes]}
         pos += s.nbytes
     text = json.dumps(entries, separators=(",", ":")).encode()
     total = round_up(8 + len(text), ALIGNMENT)
@@ -71,10 +72,9 @@ def write(folder: Path, name: str, specs: Sequence[TensorSpec], handle: IoHandle
         block.tensor.copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
         digest.update(head)
         handle.pwrite(block.tensor, out, 0)
-        pos = len(head)
-        for s in specs:
-            s.part.save(handle, out, pos, s.nbytes, staging, seen=lambda chunk: digest.update(chunk.numpy()))
-            pos += s.nbytes
+        save_parts(handle, [(s.part, s.nbytes) for s in specs], out, len(head), staging,
+                   seen=lambda chunk: digest.update(chunk.numpy()))
+        pos = len(head) + sum(s.nbytes for s in specs)
         files.commit(temp, final, out.buffered_fd)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -116,25 +116,34 @@ def read(path: Path, expected: FileEntry, specs: dict[str, TensorSpec], handle: 
     except CheckpointError:
         check_file(path.parent, expected, *file_checksum(path))  # an altered header: say so by its checksum
         raise
+    parts = in_file_order(path, head, entries, specs)
     digest = new_checksum()
     digest.update(head)
     source = open_file(path, Access.READ)
     try:
-        for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            spec = specs[name]
-            start, end = entry["data_offsets"]
-            if TORCH_DTYPES.get(entry["dtype"]) != spec.dtype or end - start != spec.nbytes \
-                    or (len(head) + start) % ALIGNMENT:
-                raise CheckpointError(str(path), f"tensor {name!r} is {entry['dtype']} of {end - start} bytes at "
-                                      f"{start}; expected {spec.dtype} of {spec.nbytes} bytes, aligned")
-            spec.part.load(handle, source, len(head) + start, spec.nbytes, staging,
-                           seen=lambda chunk: digest.update(chunk.numpy()))
+        load_parts(handle, parts, source, len(head), staging, seen=lambda chunk: digest.update(chunk.numpy()))
     finally:
         source.close()
     check_file(path.parent, expected, size, digest.hexdigest())
 
 
+def in_file_order(path: Path, head: bytes, entries: dict[str, dict], specs: dict[str, TensorSpec]) -> list:
+    """(part, nbytes) of every tensor in the order the file holds them, each checked against its spec
+    (dtype, size) and laid end to end from the data's start (so every one is ALIGNMENT-aligned)."""
+    parts, pos = [], 0
+    for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        spec = specs[name]
+        start, end = entry["data_offsets"]
+        if TORCH_DTYPES.get(entry["dtype"]) != spec.dtype or end - start != spec.nbytes or start != pos \
+                or len(head) % ALIGNMENT:
+            raise CheckpointError(str(path), f"tensor {name!r} is {entry['dtype']} of {end - start} bytes at "
+                                  f"{start}; expected {spec.dtype} of {spec.nbytes} bytes at {pos}, aligned")
+        parts.append((spec.part, spec.nbytes))
+        pos = end
+    return parts
+
+
 def staging_buffers(largest: int, chunk_bytes: int, count: int) -> list[HostBuffer]:
-    """count aligned buffers of chunk_bytes, or fewer bytes when the largest tensor is smaller."""
+    """count aligned buffers of chunk_bytes, or fewer bytes when the largest file's data is smaller."""
     size = max(ALIGNMENT, min(round_up(chunk_bytes, ALIGNMENT), round_up(largest, ALIGNMENT)))
     return [HostBuffer(size, pin=PinPolicy.PAGEABLE, zero=False) for _ in range(count)]

@@ -36,7 +36,7 @@ from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore
 from infinity.memory.partition import Partition, State
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
-from infinity.memory.stream import FileEnd, Seen, copy
+from infinity.memory.stream import Chain, FileEnd, Seen, copy
 
 log = logging.getLogger("infinity.memory")
 
@@ -309,41 +309,44 @@ class MemoryManager:
         if first_error is not None:
             raise first_error
 
-    # ---- checkpoints: part of an extent to or from another file -----------------
-    def copy_out(self, key: str, byte_offset: int, nbytes: int, target: AioFile, target_offset: int,
+    # ---- checkpoints: ranges of extents to or from another file -------------------
+    def copy_out(self, ranges: Sequence[tuple[str, int, int]], target: AioFile, target_offset: int,
                  staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
-        """Copies nbytes of key's extent from byte_offset into target at target_offset, chunk by chunk
-        through staging (infinity.memory.stream); seen gets each chunk in order.  The extent must hold the
-        current values (on NVMe, or a clean host copy).  A failure here leaves the swap files as they were."""
-        e = self._at_rest(key, byte_offset, nbytes)
-        copy(self.handle, FileEnd(self.store.file(e.extent), e.extent.offset + byte_offset),
-             FileEnd(target, target_offset), nbytes, staging, seen)
+        """Copies each (key, byte_offset, nbytes) range of a swap extent into target, end to end from
+        target_offset, in one pipelined copy through staging (infinity.memory.stream); seen gets each chunk
+        in order.  Each extent must hold the current values (on NVMe, or a clean host copy).  A failure
+        here leaves the swap files as they were."""
+        copy(self.handle, self._chain(ranges), FileEnd(target, target_offset), sum(r[2] for r in ranges),
+             staging, seen)
 
-    def copy_in(self, key: str, byte_offset: int, nbytes: int, source: AioFile, source_offset: int,
+    def copy_in(self, ranges: Sequence[tuple[str, int, int]], source: AioFile, source_offset: int,
                 staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
-        """The reverse of copy_out: nbytes of source from source_offset into key's extent at byte_offset.
-        A clean host copy is read again after.  A failure latches (the extent is half overwritten)."""
-        e = self._at_rest(key, byte_offset, nbytes)
+        """The reverse of copy_out; clean host copies are read again after.  A failure latches (extents
+        half overwritten)."""
         try:
-            copy(self.handle, FileEnd(source, source_offset),
-                 FileEnd(self.store.file(e.extent), e.extent.offset + byte_offset), nbytes, staging, seen)
-            if e.slot is not None:
+            copy(self.handle, FileEnd(source, source_offset), self._chain(ranges), sum(r[2] for r in ranges),
+                 staging, seen)
+            for e in {id(e): e for e in (self._entries[k] for k, _, _ in ranges) if e.slot is not None}.values():
                 self.handle.pread(self._host_bytes(e), self.store.file(e.extent), e.extent.offset)
         except BaseException as err:
             self.fail(err)
             raise
 
-    def _at_rest(self, key: str, byte_offset: int, nbytes: int) -> Entry:
+    def _chain(self, ranges: Sequence[tuple[str, int, int]]) -> Chain:
+        """The ranges' bytes in their swap files, end to end, each checked to be at rest and aligned."""
         self.check_healthy()
-        self.flush({key})
-        e = self._entry(key)
-        if e.partition.state not in (State.ON_NVME, State.HOST_CLEAN):
-            raise InfinityError(f"partition {key!r} is {e.partition.state.value}; copies to or from a file need "
-                                f"it at rest (on NVMe or a clean host copy)")
-        if byte_offset % ALIGNMENT or byte_offset < 0 or byte_offset + nbytes > e.extent.capacity:
-            raise InfinityError(f"bytes [{byte_offset}, {byte_offset + nbytes}) are not an aligned range of "
-                                f"partition {key!r} ({e.extent.capacity} bytes)")
-        return e
+        self.flush({k for k, _, _ in ranges})
+        pieces = []
+        for key, byte_offset, nbytes in ranges:
+            e = self._entry(key)
+            if e.partition.state not in (State.ON_NVME, State.HOST_CLEAN):
+                raise InfinityError(f"partition {key!r} is {e.partition.state.value}; copies to or from a file "
+                                    f"need it at rest (on NVMe or a clean host copy)")
+            if byte_offset % ALIGNMENT or byte_offset < 0 or byte_offset + nbytes > e.extent.capacity:
+                raise InfinityError(f"bytes [{byte_offset}, {byte_offset + nbytes}) are not an aligned range of "
+                                    f"partition {key!r} ({e.extent.capacity} bytes)")
+            pieces.append((FileEnd(self.store.file(e.extent), e.extent.offset + byte_offset), nbytes))
+        return Chain(tuple(pieces))
 
     # ---- health ------------------------------------------------------------
     def check_healthy(self) -> None:

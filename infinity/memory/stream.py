@@ -3,17 +3,19 @@ reads of later chunks in flight while earlier chunks are written (checkpoints: s
 file, host tensor <-> checkpoint file).
 
 [Note: the pipeline]  With n staging buffers, up to max(1, n // 2) reads are in flight ahead of the
-chunk being handed on; each chunk, once read, is shown to `seen` (a checksum, in file order) and its
-write is submitted at once.  A read waits for a buffer only when every buffer is reading or writing;
+chunk being handed on; each chunk, once read, has its write submitted at once and is then shown to
+`seen` (a checksum, in file order).  A read waits for a buffer only when every buffer is reading or writing;
 then it completes the oldest write.  So at most n chunks of memory are ever used, whatever the size
 copied, and the async-IO engine's threads read and write while the caller's thread hashes.  A failed
 transfer completes every other one in flight (their buffers must not be reused under them) and raises.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -69,46 +71,126 @@ class TensorEnd:
         return None
 
 
+class Joined:
+    """The transfers of one chunk's pieces (a Chain's), as one future."""
+
+    def __init__(self, futures: list[IoFuture | None]):
+        self.futures = [f for f in futures if f is not None]
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def wait(self) -> int:
+        moved, first = 0, None
+        for f in self.futures:  # every piece is waited for, then the first error raised
+            try:
+                moved += f.wait()
+            except Exception as err:
+                first = first or err
+        if first is not None:
+            raise first
+        return moved
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Several ends laid end to end, (end, nbytes) each: one copy streams them all, so the pipeline
+    keeps reads and writes in flight across tensor boundaries instead of draining at each."""
+
+    pieces: tuple[tuple[End, int], ...]
+    starts: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        starts, pos = [], 0
+        for _, n in self.pieces:
+            starts.append(pos)
+            pos += n
+        object.__setattr__(self, "starts", starts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.pieces)
+
+    def _split(self, chunk: torch.Tensor, pos: int) -> Iterator[tuple[End, torch.Tensor, int]]:
+        end_pos = pos + chunk.numel()
+        i = max(0, bisect.bisect_right(self.starts, pos) - 1)
+        while i < len(self.pieces) and self.starts[i] < end_pos:
+            end, n = self.pieces[i]
+            lo, hi = max(pos, self.starts[i]), min(end_pos, self.starts[i] + n)
+            if lo < hi:
+                yield end, chunk[lo - pos:hi - pos], lo - self.starts[i]
+            i += 1
+
+    def read(self, handle: IoHandle, chunk: torch.Tensor, pos: int) -> IoFuture | None:
+        return Joined([end.read(handle, piece, at) for end, piece, at in self._split(chunk, pos)])
+
+    def write(self, handle: IoHandle, chunk: torch.Tensor, pos: int) -> IoFuture | None:
+        return Joined([end.write(handle, piece, at) for end, piece, at in self._split(chunk, pos)])
+
+
 def copy(handle: IoHandle, source: End, target: End, nbytes: int, staging: Sequence[HostBuffer],
          seen: Seen | None = None) -> None:
     """Copies nbytes from source to target through staging (see the note above)."""
-    chunk = min(b.nbytes for b in staging)
-    positions = iter(range(0, nbytes, chunk))
-    pending = next(positions, None)
-    free: deque[int] = deque(range(len(staging)))
-    reads: deque[tuple[int, int, IoFuture | None]] = deque()  # (position, buffer, read)
-    writes: deque[tuple[int, IoFuture | None]] = deque()  # (buffer, write)
-    depth = max(1, len(staging) // 2)
-    try:
-        while pending is not None or reads:
-            while pending is not None and len(reads) < depth:
-                if not free:
-                    if reads:
-                        break  # hand on a chunk first
-                    free.append(_complete(writes.popleft()))
-                b = free.popleft()
-                view = staging[b].tensor[:min(chunk, nbytes - pending)]
-                reads.append((pending, b, source.read(handle, view, pending)))
-                pending = next(positions, None)
-            pos, b, future = reads.popleft()
-            if future is not None:
-                future.wait()
-            view = staging[b].tensor[:min(chunk, nbytes - pos)]
-            if seen is not None:
-                seen(view)
-            writes.append((b, target.write(handle, view, pos)))
-            while writes and (writes[0][1] is None or writes[0][1].done()):
-                free.append(_complete(writes.popleft()))
-        while writes:
-            _complete(writes.popleft())
-    except BaseException:
-        for future in [f for _, _, f in reads] + [f for _, f in writes]:
-            if future is not None:
-                try:
+    _Pipeline(handle, source, target, nbytes, staging).run(seen)
+
+
+class _Pipeline:
+    """One copy's state: chunks not yet read, reads and writes in flight, free buffers."""
+
+    def __init__(self, handle: IoHandle, source: End, target: End, nbytes: int, staging: Sequence[HostBuffer]):
+        self.handle, self.source, self.target, self.nbytes, self.staging = handle, source, target, nbytes, staging
+        self.chunk = min(b.nbytes for b in staging)
+        self.positions = iter(range(0, nbytes, self.chunk))
+        self.pending = next(self.positions, None)
+        self.free: deque[int] = deque(range(len(staging)))
+        self.reads: deque[tuple[int, int, IoFuture | None]] = deque()  # (position, buffer, read)
+        self.writes: deque[tuple[int, IoFuture | None]] = deque()  # (buffer, write)
+        self.depth = max(1, len(staging) // 2)
+
+    def run(self, seen: Seen | None) -> None:
+        """[Note: the write goes before the checksum]  A chunk, once read, is only read from: its write is
+        submitted first, reads ahead are topped up with other buffers, and only then is it shown to seen,
+        so the async-IO threads move bytes while this thread hashes."""
+        try:
+            while self.pending is not None or self.reads:
+                self._read_ahead(holding=None)
+                pos, b, future = self.reads.popleft()
+                if future is not None:
                     future.wait()
-                except Exception:  # the first error is the one raised
-                    pass
-        raise
+                view = self._view(b, pos)
+                self.writes.append((b, self.target.write(self.handle, view, pos)))
+                self._read_ahead(holding=b)
+                if seen is not None:
+                    seen(view)
+            while self.writes:
+                _complete(self.writes.popleft())
+        except BaseException:
+            for future in [f for _, _, f in self.reads] + [f for _, f in self.writes]:
+                if future is not None:
+                    try:
+                        future.wait()
+                    except Exception:  # the first error is the one raised
+                        pass
+            raise
+
+    def _view(self, b: int, pos: int) -> torch.Tensor:
+        return self.staging[b].tensor[:min(self.chunk, self.nbytes - pos)]
+
+    def _read_ahead(self, holding: int | None) -> None:
+        """Starts reads up to depth ahead, into free buffers or ones whose write is done (never the buffer
+        holding, still to be hashed); waits for the oldest write only when nothing else is in flight."""
+        while self.pending is not None and len(self.reads) < self.depth:
+            while self.writes and self.writes[0][0] != holding and \
+                    (self.writes[0][1] is None or self.writes[0][1].done()):
+                self.free.append(_complete(self.writes.popleft()))
+            if not self.free:
+                if self.reads or holding is not None:
+                    return  # hand on (or hash) a chunk first
+                self.free.append(_complete(self.writes.popleft()))
+            b = self.free.popleft()
+            self.reads.append((self.pending, b, self.source.read(self.handle, self._view(b, self.pending),
+                                                                 self.pending)))
+            self.pending = next(self.positions, None)
 
 
 def _complete(item: tuple[int, IoFuture | None]) -> int:
@@ -125,31 +207,32 @@ class HostPart:
 
     tensor: torch.Tensor
 
-    def save(self, handle: IoHandle, file: AioFile, offset: int, nbytes: int, staging: Sequence[HostBuffer],
-             seen: Seen | None = None) -> None:
+    def source(self) -> torch.Tensor:
+        """The values as contiguous host memory (a compute-tier tensor: one host copy of it)."""
         values = self.tensor.detach().reshape(-1)
-        if values.device.type != "cpu" or not values.is_contiguous():
-            values = values.cpu().contiguous()  # a compute-tier (CUDA) parameter: one host copy of it
-        copy(handle, TensorEnd(values), FileEnd(file, offset), nbytes, staging, seen)
+        return values if values.device.type == "cpu" and values.is_contiguous() else values.cpu().contiguous()
 
-    def load(self, handle: IoHandle, file: AioFile, offset: int, nbytes: int, staging: Sequence[HostBuffer],
-             seen: Seen | None = None) -> None:
+    def target(self) -> torch.Tensor:
+        """Host memory to load into: the tensor itself when it is contiguous host memory, else a copy
+        that `finish_load` puts in place."""
         t = self.tensor
-        in_place = t.device.type == "cpu" and t.is_contiguous()
-        values = t.detach().reshape(-1) if in_place else torch.empty(t.numel(), dtype=t.dtype)
-        copy(handle, FileEnd(file, offset), TensorEnd(values), nbytes, staging, seen)
-        if not in_place:
+        if t.device.type == "cpu" and t.is_contiguous():
+            return t.detach().reshape(-1)
+        return torch.empty(t.numel(), dtype=t.dtype)
+
+    def finish_load(self, loaded: torch.Tensor) -> None:
+        if loaded.data_ptr() != self.tensor.data_ptr():
             with torch.no_grad():
-                t.copy_(values.view(t.shape))
+                self.tensor.copy_(loaded.view(self.tensor.shape))
 
 
 class Swapped(Protocol):
     """The memory manager's side of a SwapPart (see MemoryManager.copy_out / copy_in)."""
 
-    def copy_out(self, key: str, byte_offset: int, nbytes: int, target: AioFile, target_offset: int,
+    def copy_out(self, ranges: Sequence[tuple[str, int, int]], target: AioFile, target_offset: int,
                  staging: Sequence[HostBuffer], seen: Seen | None = None) -> None: ...
 
-    def copy_in(self, key: str, byte_offset: int, nbytes: int, source: AioFile, source_offset: int,
+    def copy_in(self, ranges: Sequence[tuple[str, int, int]], source: AioFile, source_offset: int,
                 staging: Sequence[HostBuffer], seen: Seen | None = None) -> None: ...
 
 
@@ -162,13 +245,49 @@ class SwapPart:
     key: str
     byte_offset: int = 0
 
-    def save(self, handle: IoHandle, file: AioFile, offset: int, nbytes: int, staging: Sequence[HostBuffer],
-             seen: Seen | None = None) -> None:
-        self.manager.copy_out(self.key, self.byte_offset, nbytes, file, offset, staging, seen)
-
-    def load(self, handle: IoHandle, file: AioFile, offset: int, nbytes: int, staging: Sequence[HostBuffer],
-             seen: Seen | None = None) -> None:
-        self.manager.copy_in(self.key, self.byte_offset, nbytes, file, offset, staging, seen)
-
 
 Part = HostPart | SwapPart
+
+
+def _mover(part: Part) -> int:
+    """Parts moved by one call: swap parts by their manager, host tensors together; a tensor that is not
+    contiguous host memory (a CUDA parameter) alone, so only one host copy of such exists at a time."""
+    if isinstance(part, SwapPart):
+        return id(part.manager)
+    t = part.tensor
+    return 0 if t.device.type == "cpu" and t.is_contiguous() else id(part)
+
+
+def save_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFile, offset: int,
+               staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
+    """Writes each part's first nbytes (zero-padded) into file from offset on, end to end: each run of
+    consecutive parts of one memory manager in one pipelined copy (MemoryManager.copy_out), host
+    tensors through handle."""
+    pos = offset
+    for _, run in groupby(parts, key=lambda pn: _mover(pn[0])):
+        items = list(run)
+        first = items[0][0]
+        if isinstance(first, SwapPart):
+            first.manager.copy_out([(p.key, p.byte_offset, n) for p, n in items], file, pos, staging, seen)
+        else:
+            chain = Chain(tuple((TensorEnd(p.source()), n) for p, n in items))
+            copy(handle, chain, FileEnd(file, pos), chain.nbytes, staging, seen)
+        pos += sum(n for _, n in items)
+
+
+def load_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFile, offset: int,
+               staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
+    """The reverse of save_parts: file's bytes from offset on into each part (its padding dropped)."""
+    pos = offset
+    for _, run in groupby(parts, key=lambda pn: _mover(pn[0])):
+        items = list(run)
+        first = items[0][0]
+        if isinstance(first, SwapPart):
+            first.manager.copy_in([(p.key, p.byte_offset, n) for p, n in items], file, pos, staging, seen)
+        else:
+            targets = [(p, p.target()) for p, _ in items]
+            chain = Chain(tuple((TensorEnd(t), n) for (_, t), (_, n) in zip(targets, items)))
+            copy(handle, FileEnd(file, pos), chain, chain.nbytes, staging, seen)
+            for p, t in targets:
+                p.finish_load(t)
+        pos += sum(n for _, n in items)

@@ -194,7 +194,8 @@ class Engine:
 
         return save_16bit_model(self, Path(save_dir), save_filename, exclude_frozen_parameters)
 
-    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict[str, Any] | None = None) -> bool:
+    def save_checkpoint(self, save_dir: str, tag: str | None = None,
+                        client_state: dict[str, Any] | None = None) -> bool:
         """Writes this rank's folder save_dir/tag/rank_<r> (tag: global_step<N>) durably, streaming NVMe-resident
         state through the async-IO engine, then `latest` once every rank has (infinity/checkpoint/save.py).
         client_state must load with torch.load(weights_only=True).  Call it after step()."""

@@ -1,6 +1,7 @@
 """Training runs for the checkpoint tests, also run as a script in a fresh process:
 
-    python checkpoint_run.py resume CKPT NVME OUT   load CKPT's latest, train steps 6-10, write losses and weights to OUT
+    python checkpoint_run.py resume CKPT NVME OUT   load CKPT's latest, train steps 6-10, write losses and
+                                                    weights to OUT
     python checkpoint_run.py hang CKPT NVME         save at step 5, train to 7, and stop forever while saving step 7
                                                     (after optimizer.safetensors is written, before its rename)
 """

@@ -290,3 +290,90 @@ def test_a_checkpoint_loads_into_other_tiers_and_sub_groups(tmp_path, batches):
     finally:
         engine.close()
     assert all(torch.equal(got[name], want_weights[name]) for name in want_weights)
+
+
+def test_loading_into_a_live_engine_refreshes_kept_host_copies(tmp_path, batches):
+    """offload_param.max_in_cpu: parameters keep host copies beside their swap files; a load into the
+    same engine, two steps on, overwrites both, and the run goes on as if it had stopped at step 5."""
+    want_losses, _ = uninterrupted(tmp_path, batches, param_max_in_cpu=10 ** 9)
+    engine = saved_at_step_5(tmp_path, tmp_path / "ckpt", batches, param_max_in_cpu=10 ** 9)
+    try:
+        train(engine, batches[SAVE_AT:SAVE_AT + 2])
+        assert engine.homes[0].kept  # host copies are in use
+        engine.load_checkpoint(str(tmp_path / "ckpt"))
+        assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
+    finally:
+        engine.close()
+
+
+def test_a_full_disk_fails_the_save_and_training_goes_on(tmp_path, batches):
+    """The checkpoint folder on a real 1 MiB tmpfs: optimizer.safetensors (1.8 MB) does not fit.  The
+    save raises the AioError (ENOSPC or a short write, the temporary file's path), removes its temporary file, leaves
+    `latest` alone, and the run trains on exactly as if no save had been tried."""
+    import errno
+
+    from infinity.errors import AioError
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here ({mounted.stderr.strip()}); needs root")
+    try:
+        want_losses, _ = uninterrupted(tmp_path, batches)
+        engine = Engine(fresh_model(), settings(str(tmp_path)))
+        try:
+            train(engine, batches[:SAVE_AT])
+            with pytest.raises(AioError) as err:
+                engine.save_checkpoint(str(folder))
+            # ENOSPC, or a short write when the kernel wrote what fitted; both name the path and free space
+            assert err.value.errno in (errno.ENOSPC, errno.EIO) and f".{OPTIMIZER_FILE}.tmp-" in err.value.path
+            assert "free space" in str(err.value)
+            rank = folder / f"global_step{SAVE_AT}" / "rank_0"
+            assert not (folder / LATEST).exists() and not [p for p in rank.iterdir() if ".tmp-" in p.name]
+            assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
+        finally:
+            engine.close()
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_initialize_with_a_warmup_schedule_resumes_its_position(tmp_path, batches):
+    """Through infinity.initialize: the lr schedule continues where it was, and the manifest holds the
+    resolved config."""
+    import infinity
+
+    from training_reference import ADAM
+
+    zero = {"stage": 3, "sub_group_size": 20_000, "stage3_param_persistence_threshold": 0,
+            "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)},
+            "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path), "buffer_count": 4}}
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "zero_optimization": zero,
+           "optimizer": {"type": "AdamW", "params": {"lr": ADAM.lr, "weight_decay": ADAM.weight_decay}},
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3,
+                                                         "warmup_num_steps": 8, "warmup_type": "linear"}}}
+
+    def run(steps, save=False, load=False):
+        engine, _, _, scheduler = infinity.initialize(model=fresh_model(), config=cfg)
+        try:
+            if load:
+                engine.load_checkpoint(str(tmp_path / "ckpt"))
+            lrs = []
+            for x, y in steps:
+                lrs.append(scheduler.get_last_lr()[0])
+                loss = engine(x, y)
+                engine.backward(loss)
+                engine.step()
+                lrs.append(loss.item())
+            if save:
+                engine.save_checkpoint(str(tmp_path / "ckpt"))
+            return lrs, engine.config.to_dict()
+        finally:
+            engine.close()
+
+    want, resolved = run(batches)
+    run(batches[:SAVE_AT], save=True)
+    got, _ = run(batches[SAVE_AT:], load=True)
+    assert got == want[2 * SAVE_AT:]  # lrs and losses of steps 6-10
+    assert open_rank(tmp_path / "ckpt").manifest.config == resolved

@@ -14,7 +14,7 @@ from infinity.memory import HostBuffer
 from infinity.memory.manager import MemoryManager
 from infinity.memory.nvme_store import ALIGNMENT, NvmeStore
 from infinity.memory.pool import BufferPool
-from infinity.memory.stream import FileEnd, TensorEnd, copy
+from infinity.memory.stream import Chain, FileEnd, TensorEnd, copy
 
 
 def staging(count: int, nbytes: int = 2 * ALIGNMENT) -> list[HostBuffer]:
@@ -47,6 +47,28 @@ def test_tensor_ends_pad_with_zeros_and_drop_the_padding(tmp_path, make_handle):
     assert torch.equal(back, values)
 
 
+@pytest.mark.parametrize("count", [1, 3, 4])
+def test_a_chain_streams_many_pieces_across_chunk_boundaries(tmp_path, make_handle, count):
+    """Pieces of 1, 2 and 5 blocks from two files and a tensor, through chunks of 2 blocks: chunks
+    straddle pieces, and every byte lands in order."""
+    a, b = os.urandom(8 * ALIGNMENT), os.urandom(8 * ALIGNMENT)
+    (tmp_path / "a").write_bytes(a)
+    (tmp_path / "b").write_bytes(b)
+    values = torch.arange(3 * ALIGNMENT // 4, dtype=torch.float32)
+    handle = make_handle()
+    with open_file(tmp_path / "a", Access.READ) as fa, open_file(tmp_path / "b", Access.READ) as fb, \
+            open_file(tmp_path / "out", Access.READ_WRITE) as out:
+        chain = Chain(((FileEnd(fa, 3 * ALIGNMENT), ALIGNMENT), (TensorEnd(values), 3 * ALIGNMENT),
+                       (FileEnd(fb, 0), 2 * ALIGNMENT), (FileEnd(fa, 0), 5 * ALIGNMENT)))
+        copy(handle, chain, FileEnd(out, ALIGNMENT), chain.nbytes, staging(count))
+        want = a[3 * ALIGNMENT:4 * ALIGNMENT] + values.numpy().tobytes() + b[:2 * ALIGNMENT] + a[:5 * ALIGNMENT]
+        assert (tmp_path / "out").read_bytes()[ALIGNMENT:] == want
+        back = torch.zeros_like(values)
+        into = Chain(((TensorEnd(torch.zeros(1024)), ALIGNMENT), (TensorEnd(back), 3 * ALIGNMENT)))
+        copy(handle, FileEnd(out, ALIGNMENT), into, into.nbytes, staging(count))
+    assert torch.equal(back, values)
+
+
 def test_a_failed_read_completes_the_others_and_raises(tmp_path, make_handle):
     (tmp_path / "short").write_bytes(os.urandom(3 * ALIGNMENT))
     handle = make_handle()
@@ -64,19 +86,19 @@ def test_manager_copies_part_of_an_extent_out_and_in(tmp_path, make_handle):
         values = torch.randn(3 * ALIGNMENT // 4)
         manager.write_through("x", values)
         with open_file(tmp_path / "ckpt", Access.READ_WRITE) as f:
-            manager.copy_out("x", ALIGNMENT, 2 * ALIGNMENT, f, 0, staging(2, ALIGNMENT))
+            manager.copy_out([("x", ALIGNMENT, 2 * ALIGNMENT)], f, 0, staging(2, ALIGNMENT))
             assert (tmp_path / "ckpt").read_bytes() == values.numpy().tobytes()[ALIGNMENT:]
             os.pwrite(f.buffered_fd, bytes(2 * ALIGNMENT), 0)  # zeros go back into the same range
-            manager.copy_in("x", ALIGNMENT, 2 * ALIGNMENT, f, 0, staging(2, ALIGNMENT))
+            manager.copy_in([("x", ALIGNMENT, 2 * ALIGNMENT)], f, 0, staging(2, ALIGNMENT))
             manager.start_read("x")
             back = manager.finish_read("x").clone()
             with pytest.raises(InfinityError, match="host_dirty; copies to or from a file need it at rest"):
                 manager.stage("x")
-                manager.copy_out("x", 0, ALIGNMENT, f, 0, staging(1, ALIGNMENT))
+                manager.copy_out([("x", 0, ALIGNMENT)], f, 0, staging(1, ALIGNMENT))
             with pytest.raises(InfinityError, match="not an aligned range"):
                 manager.start_write("x")
                 manager.finish_write("x")
-                manager.copy_in("x", 100, ALIGNMENT, f, 0, staging(1, ALIGNMENT))
+                manager.copy_in([("x", 100, ALIGNMENT)], f, 0, staging(1, ALIGNMENT))
             manager.drop("x")
         first = ALIGNMENT // 4  # elements before the copied range
         assert torch.equal(back[:first], values[:first]) and not back[first:].any()
