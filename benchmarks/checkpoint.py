@@ -15,7 +15,7 @@ on the drive).  Each round then runs, in alternating order, on the same checkpoi
 and takes save GB/s / raw write GB/s and load GB/s / raw read GB/s per round (medians reported).  Peak RSS
 growth during a save is sampled every 2 ms from /proc/self/status (VmRSS above the value just before).
 With --consolidate, infinity-consolidate of the last checkpoint runs in a fresh process and its peak RSS
-(ru_maxrss) is set against a process that only imports it, and against the largest tensor.
+(VmHWM) is set against a process that only imports it, and against the largest tensor.
 
     python -m benchmarks.checkpoint --nvme_path swap --hidden 1024 --layers 8 --rounds 5 --consolidate \\
         --json bench-out/checkpoint.json
@@ -197,14 +197,17 @@ def one_round(engine: Engine, ckpt: Path, raw: Raw, r: int) -> dict[str, Any]:
 
 
 def consolidation_rss(ckpt: Path, tag: str, out: Path, largest: int) -> dict[str, Any]:
-    """Peak RSS of infinity-consolidate in a fresh process, against one that only imports it."""
+    """Peak RSS (VmHWM) of infinity-consolidate in a fresh process, against one that only imports it."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                        os.environ.get("PYTHONPATH")]))}
 
     def peak(argv: list[str]) -> tuple[int, float]:
-        code = ("import resource, sys; from infinity.cli.consolidate import main; "
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of this large process
+        # would report at least the parent's RSS at fork
+        code = ("import sys; from infinity.cli.consolidate import main; "
                 "rc = main(sys.argv[1:]) if len(sys.argv) > 1 else 0; "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
+                "print(int(hwm.split()[1])); sys.exit(rc)")
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
         if done.returncode:
@@ -214,7 +217,7 @@ def consolidation_rss(ckpt: Path, tag: str, out: Path, largest: int) -> dict[str
     used, seconds = peak([str(ckpt), str(out), "--tag", tag])
     written = out.stat().st_size
     out.unlink()
-    return {"import_only_maxrss": base, "consolidate_maxrss": used, "growth": used - base, "seconds": seconds,
+    return {"import_only_hwm": base, "consolidate_hwm": used, "growth": used - base, "seconds": seconds,
             "largest_tensor_bytes": largest, "growth_over_largest": (used - base) / largest, "out_bytes": written}
 
 
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     built = time.perf_counter() - started
     rows: list[dict[str, Any]] = []
     try:
-        engine.save_checkpoint(ckpt, tag="warmup")  # learns N; first-touch costs stay out of the rounds
+        with RssPeak() as first:  # learns N; first-touch costs stay out of the rounds
+            engine.save_checkpoint(ckpt, tag="warmup")
         nbytes = folder_bytes(ckpt / "warmup")
         shutil.rmtree(ckpt / "warmup")
         raw = Raw(engine, ckpt, nbytes, args.raw_chunk)
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "git": git_state(), "argv": sys.argv, "spec": spec.__dict__,
-            "parameters": sum(s.numel() for s in engine.shapes), "build_and_step_s": built, "rounds": rows,
+            "parameters": sum(s.numel() for s in engine.shapes), "build_and_step_s": built,
+            "first_save_rss_growth": first.growth, "rounds": rows,
             "summary": summarize(rows)}
         if args.consolidate:
             largest = max(s.numel() for s in engine.shapes) * 4  # fp32, as consolidated
@@ -291,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {s['checkpoint_bytes'] / 1e9:.2f} GB; median of {args.rounds} rounds: save "
           f"{s['median_save_gbps']:.2f} GB/s = {s['median_save_over_raw']:.3f} x raw write; load "
           f"{s['median_load_gbps']:.2f} GB/s = {s['median_load_over_raw']:.3f} x raw read; peak RSS growth in a save "
-          f"{s['max_save_rss_growth'] / 1e6:.0f} MB = {100 * s['max_save_rss_growth_over_checkpoint']:.1f}% of it")
+          f"{s['max_save_rss_growth'] / 1e6:.0f} MB = {100 * s['max_save_rss_growth_over_checkpoint']:.1f}% of it "
+          f"(the process's first save: {result['first_save_rss_growth'] / 1e6:.0f} MB)")
     if "consolidate" in result:
         c = result["consolidate"]
         print(f"consolidate: peak RSS +{c['growth'] / 1e6:.0f} MB over an import-only process "

@@ -73,7 +73,7 @@ def layout(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = Non
     """The header and offsets of a file holding specs in order; a CheckpointError for a repeated name or
     a dtype safetensors cannot hold."""
     entries: dict[str, Any] = {}
-    if metadata:
+    if metadata is not None:
         entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     begin, spans = 0, []
     for spec in specs:

@@ -67,3 +67,17 @@ def test_incomplete_or_wrong_writes_leave_the_previous_file(tmp_path):
         with TensorFileWriter(path, specs) as out:
             out.write("w", items["w"].float())
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_the_layout_is_the_checkpoint_files_header_for_its_1d_aligned_tensors():
+    """One header builder: the checkpoint writer's (infinity/checkpoint/tensors.py) bytes come out of
+    layout() too, so it can build its header there."""
+    from infinity.checkpoint import tensors
+    from infinity.checkpoint.format import ALIGNMENT, stored_numel
+    from infinity.memory.stream import HostPart
+
+    theirs = [tensors.TensorSpec(n, d, stored_numel(k, d.itemsize), HostPart(torch.zeros(k, dtype=d)))
+              for n, d, k in (("master/a", torch.float32, 5), ("b", torch.bfloat16, 3000), ("c", torch.int64, 1))]
+    mine = [TensorSpec(s.name, s.dtype, (s.numel,)) for s in theirs]
+    assert layout(mine, {"k": "v"}, ALIGNMENT).header == tensors.header(theirs, {"k": "v"})
+    assert layout(mine, {}, ALIGNMENT).header == tensors.header(theirs, {})
