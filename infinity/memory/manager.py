@@ -175,6 +175,32 @@ class MemoryManager:
         self.ledger.add("compute", e.extent.nbytes)
         return e.compute
 
+    def lent(self, key: str) -> bool:
+        """Whether key's compute copy is its staging buffer, lent (to_compute on CPU)."""
+        return self._entry(key).copy is ComputeCopy.LENT
+
+    def unlend(self, key: str) -> torch.Tensor:
+        """A partition whose compute copy is a lent buffer gets a copy of its own, and the buffer goes back
+        (replaced if a tensor outside still views it): for one kept on the compute tier beyond its use.
+        Returns the compute copy (unchanged if it was not lent).  The caller must drop its own views of the
+        old one first, so that they are not taken for views outside."""
+        e = self._entry(key)
+        if e.copy is not ComputeCopy.LENT or e.slot is None or e.slot.pool is None:
+            return e.compute  # type: ignore[return-value]
+        e.compute, e.copy = e.compute.clone(), ComputeCopy.COPY  # type: ignore[union-attr]
+        self._return_lent(e)
+        self._give_back(e)
+        return e.compute
+
+    def _return_lent(self, e: Entry) -> None:
+        """Accounts a lent buffer as the pool's again; replaces it there if a tensor outside views it."""
+        self._lending.give_back(e.slot.pool)  # type: ignore[union-attr]
+        self.ledger.add("host", e.extent.nbytes)
+        if e.slot.buffer.views_outside():  # type: ignore[union-attr]
+            log.debug("partition %r: a tensor outside still views its lent buffer; the pool gets a new one",
+                      e.partition.key)
+            e.slot.pool.replace(e.slot.index)  # type: ignore[union-attr]
+
     def drop_compute(self, key: str) -> None:
         """Forgets the compute-tier copy; the NVMe extent (and a kept host copy) still hold the values.
         A lent buffer goes back to its pool (or, if tensors outside still view it, is replaced there)."""
@@ -183,11 +209,7 @@ class MemoryManager:
         self.ledger.add("compute", -e.extent.nbytes)
         if e.copy is ComputeCopy.LENT and e.slot is not None and e.slot.pool is not None:
             e.copy = ComputeCopy.COPY
-            self._lending.give_back(e.slot.pool)
-            self.ledger.add("host", e.extent.nbytes)
-            if e.slot.buffer.views_outside():
-                log.debug("partition %r: a tensor outside still views its lent buffer; the pool gets a new one", key)
-                e.slot.pool.replace(e.slot.index)
+            self._return_lent(e)
             e.partition.move_to(State.ON_NVME)
             self._give_back(e)
             return

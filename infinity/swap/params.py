@@ -67,6 +67,16 @@ class ParamHome(ABC):
     def cancel_fetch(self, index: int) -> None:
         """A read started by start_fetch will not be used: complete it and give its buffer back."""
 
+    def lent(self, index: int) -> bool:
+        """Whether the parameter's compute copy is a staging buffer lent to the compute tier (CPU)."""
+        return False
+
+    def unlend(self, index: int) -> torch.Tensor:
+        """A parameter kept on the compute tier beyond its use whose compute copy is a lent staging buffer
+        gets a copy of its own (the buffer goes back to the pool for reads ahead); returns it.  The caller
+        drops its views of the old values first."""
+        raise NotImplementedError(f"{type(self).__name__} lends no buffers")
+
     def advance(self, index: int) -> None:
         """A fetch started ahead whose read has completed goes one tier further now (on CUDA: the copy to
         the device is issued on the side stream), so fetch finds it there."""
@@ -192,6 +202,12 @@ class NvmeHome(ParamHome):
             self.manager.finish_read(k)
         if self.manager.state(k) is State.HOST_CLEAN and index not in self.kept:
             self.manager.drop(k)  # a kept copy stays in host memory, as it would after a use
+
+    def lent(self, index: int) -> bool:
+        return self.manager.lent(self._keys[index])
+
+    def unlend(self, index: int) -> torch.Tensor:
+        return self.manager.unlend(self._keys[index]).view(self._shapes[index])
 
     def advance(self, index: int) -> None:
         if self._ahead:

@@ -169,6 +169,7 @@ class Coordinator:
                 self._drop(i)
             else:
                 self._kept.add(i)
+                self._unlend(i)
         if released and position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)  # a dropped partition needed again soon is read again now
 
@@ -281,6 +282,15 @@ class Coordinator:
                 self._drop(i)
             elif i in self._in_flight:
                 self._cancel(i)
+
+    def _unlend(self, i: int) -> None:
+        """[Note: kept parameters give their staging buffer back]  On CPU a gathered parameter's compute
+        copy may be its staging buffer (infinity/memory/compute_tier.py).  Kept until a later use, it
+        would hold that buffer all the while and leave fewer for reads ahead (with the default reuse
+        distance every parameter is kept from forward to backward), so it gets a copy of its own."""
+        if self.homes[i].lent(i):
+            self.params[i].data = self._empty[i]  # the parameter's view must not count as a view outside
+            self.params[i].data = self.homes[i].unlend(i)
 
     def _resident(self) -> set[int]:
         return {i for i in self.offloaded if self._users[i] > 0} | self._kept

@@ -124,3 +124,18 @@ def test_a_lent_buffer_viewed_by_autograd_at_release_is_replaced_and_results_sta
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, want_losses))
     for name, w in want_weights.items():
         assert float((weights[name] - w).norm() / w.norm()) <= 1e-5, name
+
+
+def test_parameters_kept_from_forward_to_backward_hold_no_staging_buffer(tmp_path, batches):
+    engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME))  # reuse distance 1e9: all kept
+    try:
+        train(engine, batches[:3])
+        x, y = batches[3]
+        loss = engine(x, y)
+        kept = engine.coordinator._kept
+        assert kept and not any(engine.homes[i].lent(i) for i in kept)
+        assert engine._param_pool.in_use == len(engine.coordinator._in_flight)  # only reads ahead hold buffers
+        engine.backward(loss)
+        engine.step()
+    finally:
+        engine.close()

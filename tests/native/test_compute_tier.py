@@ -124,3 +124,17 @@ def test_start_to_compute_does_nothing_on_cpu(parts):
     assert manager.start_to_compute("d") is False
     assert torch.equal(manager.finish_read("d"), values["d"])
     manager.drop("d")
+
+
+def test_unlend_gives_a_kept_partition_a_copy_of_its_own_and_the_buffer_back(parts):
+    manager, pool, values = parts
+    manager.lend_to_compute(pool, reserve=1)
+    lent = fetch(manager, "a")
+    assert manager.lent("a") and pool.in_use == 1
+    del lent
+    own = manager.unlend("a")
+    assert not manager.lent("a") and not shares(own, pool) and torch.equal(own, values["a"])
+    assert pool.in_use == 0 and pool.replaced == 0 and manager.state("a") is State.ON_COMPUTE
+    assert manager.unlend("a") is own  # not lent: unchanged
+    manager.drop_compute("a")
+    assert manager.state("a") is State.ON_NVME and manager.ledger.report().compute_bytes == 0
