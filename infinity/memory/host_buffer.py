@@ -51,6 +51,11 @@ class PagePolicy(enum.Enum):
     BASE = "base"  # the kernel's default pages (for comparison; slower for large transfers)
 
 
+def _storage_uses(t: torch.Tensor) -> int:
+    """References to t's storage (each tensor viewing it holds one; the query's own wrapper is counted too)."""
+    return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+
+
 class HostBuffer:
     """nbytes of host memory aligned to `alignment`, as a uint8 tensor (.tensor) or numpy array (.numpy())."""
 
@@ -71,6 +76,15 @@ class HostBuffer:
             self.tensor.zero_()  # also faults the pages in, so the first transfer does not pay for it
         self.alignment = alignment
         self.pinned = pinned
+        self._own_uses = _storage_uses(self.tensor)
+
+    def views_outside(self) -> int:
+        """How many tensors other than .tensor share this buffer's memory now (0 when nobody else holds it).
+
+        [Note: counting views]  Every tensor that views the buffer (a slice, a dtype view, a Parameter whose
+        .data was set to one, a tensor autograd saved for backward) holds one reference to the same torch
+        storage; the count is that storage's use count less the buffer's own, taken at construction."""
+        return _storage_uses(self.tensor) - self._own_uses
 
     @property
     def nbytes(self) -> int:

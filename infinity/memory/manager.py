@@ -3,13 +3,15 @@
 A partition's bytes live in an NVMe extent.  To use them, the manager borrows a host buffer from the
 partition's pool, reads the extent into it (READING -> HOST_CLEAN), and either hands out a typed view
 of that buffer (host work such as the optimizer step) or copies it to the compute tier and gives the
-buffer back at once (ON_COMPUTE).  New values come in through `stage` (HOST_DIRTY) and go out through
+buffer back at once (ON_COMPUTE).  On a CPU compute tier the buffer itself may be lent as the compute
+copy until `drop_compute` (`lend_to_compute`; infinity/memory/compute_tier.py); on CUDA the copy to the
+device may be issued ahead of use (`start_to_compute`).  New values come in through `stage` (HOST_DIRTY) and go out through
 `start_write` (WRITING -> HOST_CLEAN); `drop` returns the buffer.  Every change of place goes through
 the partition's state table.
 
 A partition may keep its host copy (`keep_host_copy`, offload_param.max_in_cpu): its first read goes
 into a buffer of its own rather than the pool's, which it keeps after `to_compute`, so it rests in
-HOST_CLEAN and later uses skip NVMe.  New values reach it through `write_kept`, which updates the host
+HOST_CLEAN and later uses skip NVMe.  New values reach it through `write_held`, which updates the host
 copy and writes it through, so both places hold the same bytes whenever nothing is in flight.
 
 Any error in a transfer, at submit or at completion, latches: from then on every call that moves
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -30,6 +31,7 @@ from infinity import metrics
 from infinity.errors import EngineFailed, InfinityError
 from infinity.io.files import AioFile
 from infinity.io.handle import IoFuture, IoHandle
+from infinity.memory.compute_tier import Arriving, ComputeCopy, ComputeTierMoves, DeviceCopies, Lending
 from infinity.memory.host_buffer import HostBuffer
 from infinity.io.align import round_up
 from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore
@@ -60,10 +62,12 @@ class Entry:
     future: IoFuture | None = None
     compute: torch.Tensor | None = field(default=None, repr=False)
     kept: bool = False  # keeps its host copy between uses (keep_host_copy)
+    copy: ComputeCopy = ComputeCopy.COPY  # how its compute copy was made (LENT: it is the host buffer)
+    arriving: Arriving | None = field(default=None, repr=False)  # a copy to the device issued ahead
     kind: str = "other"  # for metrics: param, grad or optimizer_state, from its region
 
 
-class MemoryManager:
+class MemoryManager(ComputeTierMoves):
     def __init__(self, handle: IoHandle, store: NvmeStore, compute_device: torch.device):
         self.handle, self.store, self.device = handle, store, compute_device
         self.ledger = TierLedger()
@@ -71,7 +75,8 @@ class MemoryManager:
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
         self._pending: list[tuple[str, IoFuture, Slot | None]] = []
-        self._h2d: torch.cuda.Stream | None = None  # host-to-device copies on CUDA (to_compute)
+        self._device_copies = DeviceCopies(compute_device) if compute_device.type == "cuda" else None
+        self._lending = Lending()
 
     # ---- registration ------------------------------------------------------
     def add(self, key: str, numel: int, dtype: torch.dtype, region: str, pool: BufferPool) -> Partition:
@@ -121,59 +126,11 @@ class MemoryManager:
             raise InfinityError(f"partition {key!r} has no host copy (state {e.partition.state.value})")
         return e.slot.buffer.view(e.dtype, e.partition.numel)
 
-    def to_compute(self, key: str) -> torch.Tensor:
-        """Copies the host copy to the compute tier and gives the host buffer back (a kept one stays)."""
-        self.check_healthy()
-        e = self._entry(key)
-        host = self.host_view(key)
-        started = time.perf_counter() if metrics.ACTIVE else 0.0
-        if self.device.type == "cpu":
-            e.compute = host.clone()
-        elif self.device.type == "cuda":
-            e.compute = self._copy_to_cuda(host)
-        else:
-            e.compute = host.to(self.device, copy=True)
-        if started:
-            metrics.transfer("host", "compute", e.kind, e.extent.nbytes, time.perf_counter() - started)
-        e.partition.move_to(State.ON_COMPUTE)
-        if not e.kept:
-            self._give_back(e)
-        self.ledger.add("compute", e.extent.nbytes)
-        return e.compute
-
-    def _copy_to_cuda(self, host: torch.Tensor) -> torch.Tensor:
-        """host's values on the device, copied on a side stream; returns once the copy has read host.
-
-        [Note: the side stream, and what waits for what]
-        The copy runs on the manager's own stream, so it does not queue behind the compute stream's
-        work, and the caller waits for the copy alone (its host buffer goes back to the pool at once),
-        not for every kernel queued before it.  The compute stream waits on the copy's event before it
-        reads the values.  The copy is allocated on the side stream and used on the compute stream:
-        record_stream keeps the caching allocator from handing its memory to the next copy while
-        kernels queued on the compute stream still read it (tests/gpu/test_manager_cuda.py)."""
-        compute = torch.cuda.current_stream(self.device)
-        if self._h2d is None:
-            self._h2d = torch.cuda.Stream(self.device)
-        copied = torch.cuda.Event()
-        with torch.cuda.stream(self._h2d):
-            values = host.to(self.device, non_blocking=True)
-            copied.record(self._h2d)
-        compute.wait_event(copied)
-        values.record_stream(compute)
-        copied.synchronize()
-        return values
-
-    def drop_compute(self, key: str) -> None:
-        """Forgets the compute-tier copy; the NVMe extent (and a kept host copy) still hold the values."""
-        e = self._entry(key)
-        e.partition.move_to(State.HOST_CLEAN if e.slot is not None else State.ON_NVME)
-        e.compute = None
-        self.ledger.add("compute", -e.extent.nbytes)
-
     # ---- host -> NVMe ------------------------------------------------------
     def stage(self, key: str, values: torch.Tensor | None = None, timeout: float | None = None) -> torch.Tensor:
         """Marks the host copy as newer than NVMe; with values, first copies them into a borrowed buffer."""
         e = self._entry(key)
+        self._forget_arriving(e)
         if values is not None and e.slot is None:
             e.slot = self._borrow(e, timeout)
         e.partition.move_to(State.HOST_DIRTY)
@@ -195,6 +152,7 @@ class MemoryManager:
         """Gives back the host buffer of a clean partition (no write: NVMe already holds it)."""
         e = self._entry(key)
         e.partition.move_to(State.ON_NVME)
+        self._forget_arriving(e)
         self._give_back(e)
 
     def write_through(self, key: str, values: torch.Tensor) -> None:
@@ -246,23 +204,33 @@ class MemoryManager:
                                 f"keeping its host copy")
         e.kept = True
 
-    def write_kept(self, key: str, values: torch.Tensor) -> None:
-        """New values of a kept partition: copied into its host copy (HOST_DIRTY) and written from there
-        (WRITING); `flush` completes the write (HOST_CLEAN), and host and NVMe hold the same bytes again."""
+    def write_held(self, key: str, values: torch.Tensor) -> None:
+        """New values (converted to the partition's dtype as they are copied) into its host copy
+        (HOST_DIRTY), written from there (WRITING); `flush` completes the write (HOST_CLEAN), and host and
+        NVMe hold the same bytes again.  A kept partition uses its own buffer; another one, which must be
+        on NVMe, borrows one from its pool and holds it, like a completed read, until `drop` or a use."""
         self.check_healthy()
         self.flush({key})
         e = self._entry(key)
-        if not e.kept or e.partition.state not in (State.ON_NVME, State.HOST_CLEAN):
-            raise InfinityError(f"partition {key!r} is {e.partition.state.value}"
-                                f"{'' if e.kept else ', not kept'}; write_kept needs a kept partition at rest")
+        if e.partition.state not in ((State.ON_NVME, State.HOST_CLEAN) if e.kept else (State.ON_NVME,)):
+            raise InfinityError(f"partition {key!r} is {e.partition.state.value}; write_held needs a kept partition "
+                                f"at rest or one on NVMe")
+        if not self.can_hold(key):
+            raise InfinityError(f"partition {key!r}: {e.extent.capacity} bytes (whole blocks) do not fit a buffer of "
+                                f"pool {e.pool.name!r}; write it with write_part")
         self.stage(key, values.reshape(-1)[: e.partition.numel])
         e.partition.move_to(State.WRITING)
-        e.future = self._submit(False, self._host_bytes(e), e, 0)
+        e.future = self._submit(False, e.slot.buffer.tensor[: e.extent.capacity], e, 0)  # type: ignore[union-attr]
         with self._lock:
             self._pending.append((key, e.future, None))
 
+    def can_hold(self, key: str) -> bool:
+        """Whether write_held can write key from a host buffer in whole blocks (see _host_bytes)."""
+        e = self._entry(key)
+        return e.kept or e.pool.buffer_bytes >= e.extent.capacity
+
     def flush(self, keys: set[str] | None = None) -> None:
-        """Waits for write_part and write_kept transfers (of keys, or all), giving back their buffers."""
+        """Waits for write_part and write_held transfers (of keys, or all), giving back their buffers."""
         with self._lock:
             chosen = [p for p in self._pending if keys is None or p[0] in keys]
         self._complete(chosen)
@@ -300,7 +268,7 @@ class MemoryManager:
                 self.fail(err)
                 first_error = first_error or err
             e = self._entries[key]
-            if e.future is future:  # a write_kept: its host copy is clean again, or still dirty
+            if e.future is future:  # a write_held: its host copy is clean again, or still dirty
                 e.future = None
                 e.partition.move_to(State.HOST_CLEAN if ok else State.HOST_DIRTY)
             if slot is not None:
@@ -398,6 +366,13 @@ class MemoryManager:
         self.ledger.add("host", e.extent.nbytes)
         return Slot(e.pool, index, buffer)
 
+    @staticmethod
+    def _forget_arriving(e: Entry) -> None:
+        """A copy to the device issued ahead and not used: its host buffer may change once it completes."""
+        if e.arriving is not None:
+            e.arriving.copied.synchronize()
+            e.arriving = None
+
     def _give_back(self, e: Entry) -> None:
         """Returns the host buffer to its pool, or frees the partition's own kept one."""
         if e.slot is not None:
@@ -413,7 +388,7 @@ class MemoryManager:
         cache (native/src/aio.c).  A buffered write in flight beside an O_DIRECT write to a neighbouring
         extent of the same file can be lost: the page cache's folio may span both, and the kernel then
         fails to invalidate it ("Page cache invalidation failure on direct I/O" in dmesg; seen here with
-        write_kept of a 768-byte bias beside its 48 KiB weight).  write_part pads to whole blocks for
+        a kept copy's write of a 768-byte bias beside its 48 KiB weight).  write_part pads to whole blocks for
         this reason, and a kept copy, whose buffer is its extent's capacity, does the same."""
         if e.slot is None:
             raise InfinityError(f"partition {e.partition.key!r} has no host buffer to transfer")

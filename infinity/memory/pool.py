@@ -32,6 +32,7 @@ class BufferPool:
         self._free = list(range(buffer_count))
         self._cond = threading.Condition()
         self.peak_in_use = 0
+        self.replaced = 0  # buffers replaced because tensors outside still viewed them (replace)
         self.pinned = any(b.pinned for b in self._all)
         metrics.watch(self, metrics.read_pool)  # buffers free and used, read when metrics are scraped
 
@@ -63,6 +64,15 @@ class BufferPool:
                 raise ValueError(f"buffer pool {self.name!r}: slot {slot} is not out (double release?)")
             self._free.append(slot)
             self._cond.notify()
+
+    def replace(self, slot: int) -> None:
+        """Puts a new buffer in slot, which is out: the old one still has views outside the pool (a tensor
+        autograd saved, say), so its memory lives on with them and must not be lent again."""
+        with self._cond:
+            if slot in self._free or not 0 <= slot < len(self._all):
+                raise ValueError(f"buffer pool {self.name!r}: slot {slot} is not out; only a lent buffer is replaced")
+            self._all[slot] = HostBuffer(self.buffer_bytes, pin=self.pin, zero=False)
+            self.replaced += 1
 
     @contextmanager
     def borrowed(self, nbytes: int, timeout: float | None = None) -> Iterator[HostBuffer]:

@@ -27,6 +27,13 @@ class Tier(enum.Enum):
     NVME = "nvme"
 
 
+class AfterWrite(enum.Enum):
+    """What becomes of a parameter's new host copy once ParamHome.write has written it."""
+
+    DROP = "drop"  # the staging buffer goes back when the write completes
+    HOLD = "hold"  # the host copy stays, as a completed read would: the next step's first modules find it
+
+
 class ParamHome(ABC):
     """Values of the parameters one home holds, by index in the engine's parameter list."""
 
@@ -39,7 +46,7 @@ class ParamHome(ABC):
         """The compute-tier copy is no longer needed (values unchanged)."""
 
     @abstractmethod
-    def write(self, index: int, values: torch.Tensor) -> set[str]:
+    def write(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP) -> set[str]:
         """New values (flat, fp32, possibly padded); returns memory-manager keys still being written."""
 
     @abstractmethod
@@ -72,6 +79,20 @@ class ParamHome(ABC):
     def gather_ahead(self, index: int) -> None:
         """Brings the whole parameter ahead of its use, where that takes more than a read (an all-gather)."""
 
+    def lent(self, index: int) -> bool:
+        """Whether the parameter's compute copy is a staging buffer lent to the compute tier (CPU)."""
+        return False
+
+    def unlend(self, index: int) -> torch.Tensor:
+        """A parameter kept on the compute tier beyond its use whose compute copy is a lent staging buffer
+        gets a copy of its own (the buffer goes back to the pool for reads ahead); returns it.  The caller
+        drops its views of the old values first."""
+        raise NotImplementedError(f"{type(self).__name__} lends no buffers")
+
+    def advance(self, index: int) -> None:
+        """A fetch started ahead whose read has completed goes one tier further now (on CUDA: the copy to
+        the device is issued on the side stream), so fetch finds it there."""
+
 
 class ComputeHome(ParamHome):
     """The parameter keeps its own storage on the compute tier."""
@@ -88,7 +109,7 @@ class ComputeHome(ParamHome):
     def part(self, index: int) -> Part:
         return HostPart(self._params[index].data)
 
-    def write(self, index: int, values: torch.Tensor) -> set[str]:
+    def write(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP) -> set[str]:
         p = self._params[index]
         p.data.copy_(values[: p.numel()].view_as(p))
         return set()
@@ -115,7 +136,7 @@ class HostHome(ParamHome):
     def part(self, index: int) -> Part:
         return HostPart(self._host[index])
 
-    def write(self, index: int, values: torch.Tensor) -> set[str]:
+    def write(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP) -> set[str]:
         host = self._host[index]
         host.copy_(values[: host.numel()].view_as(host))
         return set()
@@ -142,6 +163,7 @@ class NvmeHome(ParamHome):
         adopted = adopted or {}
         self._keys = {i: adopted.get(i, f"param/{names[i]}") for i in names}
         self._shapes = shapes
+        self._ahead = manager.device.type == "cuda"  # advance issues copies to the device ahead
         for i, k in self._keys.items():
             if i in adopted:
                 manager.lend_pool(k, pool)
@@ -204,12 +226,25 @@ class NvmeHome(ParamHome):
         if self.manager.state(k) is State.HOST_CLEAN and index not in self.kept:
             self.manager.drop(k)  # a kept copy stays in host memory, as it would after a use
 
-    def write(self, index: int, values: torch.Tensor) -> set[str]:
+    def lent(self, index: int) -> bool:
+        return self.manager.lent(self._keys[index])
+
+    def unlend(self, index: int) -> torch.Tensor:
+        return self.manager.unlend(self._keys[index]).view(self._shapes[index])
+
+    def advance(self, index: int) -> None:
+        if self._ahead:
+            self.manager.start_to_compute(self._keys[index])
+
+    def write(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP) -> set[str]:
+        """[Note: AfterWrite.HOLD]  The engine holds the new values of the next step's first partitions in
+        staging buffers (converted as they are copied, then written through), so those modules find them
+        in host memory instead of waiting for reads that can only start after the optimizer step."""
         k = self._keys[index]
         numel = self._numel(index)
         part = values if self.dtype == torch.float32 else values[:numel]  # fp32 keeps its padding: whole blocks
-        if index in self.kept:
-            self.manager.write_kept(k, part.to(self.dtype))
+        if index in self.kept or (after is AfterWrite.HOLD and self.manager.can_hold(k)):
+            self.manager.write_held(k, part)
         else:  # converted to the parameter's dtype as it is copied into a staging buffer: one pass
             self.manager.write_part(k, 0, part, staging=self.pool, dtype=self.dtype)
         return {k}

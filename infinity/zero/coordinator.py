@@ -127,6 +127,8 @@ class Coordinator:
             self._gather(i, mine)
         if position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)
+            for i in self._in_flight:
+                self.homes[i].advance(i)  # on CUDA: reads done go on to the device now
             self._gather_ahead(position)
         if self.timeline.enabled:
             self._draw(m, phase)
@@ -168,6 +170,7 @@ class Coordinator:
                 self._drop(i)
             else:
                 self._kept.add(i)
+                self._unlend(i)
         if released and position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)  # a dropped partition needed again soon is read again now
 
@@ -259,10 +262,29 @@ class Coordinator:
         self._in_flight.discard(i)
         self.homes[i].cancel_fetch(i)
 
-    def read_ahead_of_next_step(self) -> None:
-        """After the optimizer step (or between micro-batches): start the next step's first reads."""
+    def first_reads(self, most: int) -> tuple[int, ...]:
+        """The partitions (at most `most`) that read_ahead_of_next_step would read first, in order of use."""
+        trace = self.cursor.trace
+        if self.prefetch is not Prefetch.TRACE or trace is None or most <= 0:
+            return ()
+        return fetches_from(trace, -1, frozenset(self._resident() | self._in_flight), self.budgets, frozenset())[:most]
+
+    def read_ahead_of_next_step(self, arrived: tuple[int, ...] = ()) -> None:
+        """After the optimizer step (or between micro-batches): start the next step's first reads.
+        arrived: partitions already in host memory (the optimizer step held their new values), counted
+        as reads ahead that have completed, so a use finds them and `settle` gives their buffers back."""
         if self.prefetch is Prefetch.TRACE and self.cursor.trace is not None:
+            self._in_flight.update(arrived)
             self._read_ahead(-1)
+            for i in self._in_flight:
+                self.homes[i].advance(i)
+        else:
+            for i in arrived:
+                self.homes[i].cancel_fetch(i)
+
+    def largest_gather(self) -> int:
+        """The most offloaded partitions one module gathers at once."""
+        return max((len(mine) for mine in self._mine), default=0)
 
     def _make_room(self, position: int, mine: tuple[int, ...]) -> None:
         trace = self.cursor.trace
@@ -277,6 +299,15 @@ class Coordinator:
                 self._drop(i)
             elif i in self._in_flight:
                 self._cancel(i)
+
+    def _unlend(self, i: int) -> None:
+        """[Note: kept parameters give their staging buffer back]  On CPU a gathered parameter's compute
+        copy may be its staging buffer (infinity/memory/compute_tier.py).  Kept until a later use, it
+        would hold that buffer all the while and leave fewer for reads ahead (with the default reuse
+        distance every parameter is kept from forward to backward), so it gets a copy of its own."""
+        if self.homes[i].lent(i):
+            self.params[i].data = self._empty[i]  # the parameter's view must not count as a view outside
+            self.params[i].data = self.homes[i].unlend(i)
 
     def _resident(self) -> set[int]:
         return {i for i in self.offloaded if self._users[i] > 0} | self._kept

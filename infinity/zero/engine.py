@@ -27,7 +27,7 @@ from infinity.memory.stream import Part
 from infinity.swap.layout import plan_groups
 from infinity.swap.optimizer import BUFFERS_PER_GROUP, HostOptimizer, NvmeOptimizer
 from infinity.schedule import persistent_set
-from infinity.swap.params import ComputeHome, HostHome, NvmeHome, ParamHome, Tier
+from infinity.swap.params import AfterWrite, ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING, Coordinator
 from infinity.zero.init import placed
 from infinity.zero.loss_scale import LossScaler
@@ -89,6 +89,8 @@ class Engine:
             for m in self._managers.values():
                 m.close()  # a refused config leaves no swap files behind
             raise
+        self._lend_staging_buffers()
+        self._hold: frozenset[int] = frozenset()  # parameters whose new values the optimizer step holds
         moved = self.io_stats()
         self.reporter.start(moved.bytes_read, moved.bytes_written)
         self.lr = self._lr()
@@ -136,6 +138,7 @@ class Engine:
         with self._failing_on_error(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
             self._agree_on_gradients()
             overflow = self._overflow
+            self._hold = frozenset() if overflow else frozenset(self.coordinator.first_reads(self._holdable()))
             if not overflow:
                 self.optimizer.step(self.lr, self._grad_coef(), self._write_param, self._flush_params)
                 self.global_steps += 1
@@ -150,7 +153,9 @@ class Engine:
                                       self.coordinator.cursor.invalidations)
         metrics.record_step(report)
         self.timeline.mark(f"step {self.global_steps}", **report.to_dict())
-        self.coordinator.read_ahead_of_next_step()
+        held = tuple(i for i in sorted(self._hold) if self.homes[i].read_ready(i))
+        self._hold = frozenset()
+        self.coordinator.read_ahead_of_next_step(held)
         for m in self._managers.values():
             m.store.warn_if_deleted()
         if self.scaler is not None:
@@ -326,7 +331,24 @@ class Engine:
         return coef
 
     def _write_param(self, s: Any, values: torch.Tensor) -> set[str]:
-        return self.homes[s.index].write(s.index, values)
+        after = AfterWrite.HOLD if s.index in self._hold else AfterWrite.DROP
+        return self.homes[s.index].write(s.index, values, after)
+
+    def _holdable(self) -> int:
+        """How many parameters' new values the optimizer step may hold in staging buffers for the next
+        step's first modules (AfterWrite.HOLD).  [Note: half the pool]  The step's other parameter writes
+        are staged through the same pool: holding more buffers leaves them fewer to keep in flight."""
+        pool = getattr(self, "_param_pool", None)
+        if self.world > 1:
+            return 0  # which held values count as arrived depends on write timing: ranks could differ (gather.py)
+        return pool.buffer_count // 2 if pool is not None else 0
+
+    def _lend_staging_buffers(self) -> None:
+        """On a CPU compute tier, a parameter's staging buffer is its compute copy while it is gathered,
+        keeping as many buffers for reads as one module gathers (infinity/memory/compute_tier.py)."""
+        pool = getattr(self, "_param_pool", None)
+        if pool is not None:
+            self._manager(str(self.settings.param_nvme_path)).lend_to_compute(pool, self.coordinator.largest_gather())
 
     def _flush_params(self, keys: set[str] | None) -> None:
         """Completes parameter writes (of keys, or all) in every manager: the parameters' swap files may
@@ -418,7 +440,7 @@ class Engine:
 
     def _read_values(self, i: int) -> torch.Tensor:
         """Parameter i's values from its home, fp32 in host memory (may share storage with a resident one)."""
-        values = self.homes[i].fetch(i).detach().float().cpu()
+        values = self.homes[i].fetch(i).detach().to("cpu", torch.float32, copy=True)  # not a view of a lent buffer
         self.homes[i].release(i)
         return values
 

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 
 from infinity.memory.stream import Part
-from infinity.swap.params import ParamHome
+from infinity.swap.params import AfterWrite, ParamHome
 from infinity.zero.ranks import Pending, Ranks
 from infinity.zero.shard import Shard
 
@@ -89,8 +89,12 @@ class ShardedHome(ParamHome):
     def release(self, index: int) -> None:
         """The gathered copy is dropped by the coordinator; the piece was released after the gather."""
 
-    def write(self, index: int, values: torch.Tensor) -> set[str]:
-        return self.inner.write(index, values)
+    def write(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP) -> set[str]:
+        return self.inner.write(index, values, after)
+
+    def advance(self, index: int) -> None:
+        if index not in self._ahead:
+            self.inner.advance(index)  # local: the piece goes on to the device; no collective
 
     def start_fetch(self, index: int) -> None:
         self.inner.start_fetch(index)
