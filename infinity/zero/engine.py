@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import time
 import warnings
@@ -17,7 +16,7 @@ from torch import nn
 
 from infinity import metrics
 from infinity.config import Config
-from infinity.errors import ConfigError, EngineFailed, Problem, UsageError
+from infinity.errors import EngineFailed, UsageError
 from infinity.io.handle import IoStats
 from infinity.memory.host_buffer import PinPolicy
 from infinity.memory.manager import MemoryManager
@@ -25,16 +24,17 @@ from infinity.memory.pool import BufferPool
 from infinity.memory.report import MemoryReport
 from infinity.memory.stream import Part
 from infinity.swap.layout import plan_groups
-from infinity.swap.optimizer import BUFFERS_PER_GROUP, HostOptimizer, NvmeOptimizer
+from infinity.swap.optimizer import HostOptimizer, NvmeOptimizer
 from infinity.schedule import persistent_set
 from infinity.swap.params import AfterWrite, ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING, Coordinator
 from infinity.zero.init import placed
 from infinity.zero.loss_scale import LossScaler
-from infinity.zero.placement import open_manager
+from infinity.zero.placement import check_placement, open_manager
 from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.settings import EngineSettings, Precision, budgets_of, dtype_of
 from infinity.zero.gather import ShardedHome, piece_of
+from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
 from infinity.zero.shard import Shard, shard_of
 from infinity.zero.step_report import StepReport, StepReporter, Wait
@@ -56,8 +56,6 @@ class Engine:
         self.global_steps = self.micro_steps = 0
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
         self._managers: dict[str, MemoryManager] = {}
-        self._grad_sumsq = self._replicated_sumsq = 0.0
-        self._overflow = False
         self._pending_backward = False  # a backward since the last step
         self._forward_open = False  # a forward that builds a graph ran, and its backward has not
         self._param_names = {id(p): n for n, p in model.named_parameters()}  # to catch later changes
@@ -70,16 +68,18 @@ class Engine:
                                           if i not in built_under_init), self.budgets)
         self.shards: list[Shard] = [shard_of(n, s, self.world, self.rank, replicated=i in self.persistent)
                                     for i, (n, s) in enumerate(zip(self.names, self.shapes))]
-        self._check()
+        check_placement(settings, self.shards, bool(self.params))
         self._adopted = self._adopt_init()
         self.groups = plan_groups([(sh.name, sh.length) for sh in self.shards], settings.sub_group_size)
         self.optimizer = self._build_optimizer()
+        self.reporter = StepReporter(settings.report_every, self.rank)
+        self.gradients = Gradients(self.shards, self.ranks, self.optimizer, self._slice, self.reporter.clock,
+                                   self.device)
         self.homes, self.offloaded = self._build_param_homes()
         for m in self._managers.values():
             m.store.reserve()  # before any transfer: whole-block reads of zero.Init's partitions need the room
         self.optimizer.set_master(self._initial_values)
         self._place_params()
-        self.reporter = StepReporter(settings.report_every, self.rank)
         self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, self._on_grad,
                                        [shape.numel() for shape in self.shapes], self.budgets, self.reporter.clock)
         try:
@@ -136,8 +136,7 @@ class Engine:
             return
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
         with self._failing_on_error(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
-            self._agree_on_gradients()
-            overflow = self._overflow
+            overflow = self.gradients.agree()
             self._hold = frozenset() if overflow else frozenset(self.coordinator.first_reads(self._holdable()))
             if not overflow:
                 self.optimizer.step(self.lr, self._grad_coef(), self._write_param, self._flush_params)
@@ -160,7 +159,7 @@ class Engine:
             m.store.warn_if_deleted()
         if self.scaler is not None:
             self.scaler.update(overflow)
-        self._grad_sumsq, self._replicated_sumsq, self._overflow = 0.0, 0.0, False
+        self.gradients.reset()
         self.lr = self._lr()
 
     def train(self, mode: bool = True) -> "Engine":
@@ -280,55 +279,12 @@ class Engine:
 
     # ---- gradients --------------------------------------------------------------
     def _on_grad(self, i: int, p: torch.Tensor) -> None:
-        if not self._boundary or p.grad is None:
-            return  # accumulating: torch keeps adding into p.grad
-        grad = p.grad.detach().float()
-        p.grad = None  # the compute-dtype gradient goes before the norm and the write, not after
-        if self.world > 1:
-            grad = self._reduce(i, grad)
-        norm = grad_norm(grad)
-        if not math.isfinite(norm):
-            self._overflow = True
-        if self.shards[i].replicated:
-            self._replicated_sumsq += norm * norm  # the same on every rank: counted once
-        else:
-            self._grad_sumsq += norm * norm
-        with self.reporter.clock.waiting(Wait.WRITE):
-            self.optimizer.put_grad(self._slice[i], grad)
-
-    def _reduce(self, i: int, grad: torch.Tensor) -> torch.Tensor:
-        """The mean over ranks of a gradient: this rank's piece of it (reduce-scatter), or all of it for a
-        replicated parameter (all-reduce).  In fp32, whatever the compute dtype."""
-        shard = self.shards[i]
-        what = f"the gradient of {shard.name!r}"
-        if shard.replicated:
-            self.ranks.all_reduce_mean(grad, what)
-            return grad
-        whole = grad.reshape(-1)
-        padding = shard.length * self.world - whole.numel()
-        if padding:
-            whole = torch.nn.functional.pad(whole, (0, padding))
-        piece = torch.empty(shard.length, dtype=torch.float32, device=grad.device)
-        self.ranks.reduce_scatter_mean(piece, whole.contiguous(), what)
-        return piece
-
-    def _agree_on_gradients(self) -> None:
-        """Every rank's norm of its pieces summed (for clipping) and one overflow verdict for all ranks."""
-        if self.world > 1:
-            both = torch.tensor([self._grad_sumsq, float(self._overflow)], dtype=torch.float64, device=self.device)
-            self.ranks.all_reduce_sum(both, "the gradient norm")
-            self._grad_sumsq, self._overflow = float(both[0]), bool(both[1] > 0)
-        self._grad_sumsq += self._replicated_sumsq
-        self._overflow = self._overflow or not math.isfinite(self._grad_sumsq)
+        if self._boundary and p.grad is not None:  # accumulating: torch keeps adding into p.grad
+            self.gradients.take(i, p)
 
     def _grad_coef(self) -> float:
-        scale = self.scaler.scale if self.scaler is not None else 1.0
-        coef = 1.0 / scale
-        clip = self.settings.gradient_clipping
-        if clip > 0:
-            total = math.sqrt(self._grad_sumsq) / scale
-            coef *= min(1.0, clip / (total + 1e-6))
-        return coef
+        return self.gradients.coef(self.scaler.scale if self.scaler is not None else 1.0,
+                                   self.settings.gradient_clipping)
 
     def _write_param(self, s: Any, values: torch.Tensor) -> set[str]:
         after = AfterWrite.HOLD if s.index in self._hold else AfterWrite.DROP
@@ -361,28 +317,6 @@ class Engine:
         return schedule.lr(self.global_steps) if schedule else self.settings.adam.lr
 
     # ---- construction -----------------------------------------------------------
-    def _check(self) -> None:
-        s = self.settings
-        problems = []
-        for tier, path, key in ((s.param_tier, s.param_nvme_path, "offload_param"),
-                                (s.optimizer_tier, s.optimizer_nvme_path, "offload_optimizer")):
-            if tier is Tier.NVME and not path:
-                problems.append(Problem(f"zero_optimization.{key}.nvme_path", "device is nvme but no nvme_path is "
-                                        "given", "set nvme_path to a folder on the NVMe drive"))
-        if s.param_tier is Tier.NVME and self.params:
-            largest, name = max((shard.length, shard.name) for shard in self.shards)
-            whose = f"rank {self.rank}'s shard of parameter" if self.world > 1 else "parameter"
-            if largest > s.param_buffer_size:
-                problems.append(Problem("zero_optimization.offload_param.buffer_size",
-                                        f"{s.param_buffer_size} elements cannot hold {whose} {name!r} of "
-                                        f"{largest} elements", f"set buffer_size to at least {largest}"))
-        if s.optimizer_tier is Tier.NVME and s.optimizer_buffer_count < BUFFERS_PER_GROUP:
-            problems.append(Problem("zero_optimization.offload_optimizer.buffer_count",
-                                    f"{s.optimizer_buffer_count} buffers cannot hold one sub-group's "
-                                    f"{BUFFERS_PER_GROUP} states", "set it to at least 4"))
-        if problems:
-            raise ConfigError(problems)
-
     def _manager(self, path: str) -> MemoryManager:
         if path not in self._managers:
             self._managers[path] = open_manager(self.settings, path, self.device)
@@ -458,6 +392,12 @@ class Engine:
                              s.pipeline)
 
     def _build_param_homes(self) -> tuple[list[ParamHome], set[int]]:
+        """The home of each parameter, and which are offloaded (gathered for each use by the coordinator).
+
+        [Note: with several ranks every parameter not persistent is a shard]  Then even offload_param none
+        keeps only the rank's pieces (on the compute tier itself, in a HostHome whose storage is there) and
+        gathers the whole parameter for each use: that is ZeRO stage 3's partitioning; the tier only says
+        where the pieces rest.  Persistent parameters stay whole on every rank (replicated)."""
         s = self.settings
         dtype = dtype_of(s.precision)
         sharded = self.world > 1  # [Note: with several ranks every parameter not persistent is a shard]
@@ -528,19 +468,6 @@ class Engine:
                 for m in self._managers.values():
                     m.fail(err)
             raise
-
-
-NORM_CHUNK = 1 << 20  # elements
-
-
-def grad_norm(t: torch.Tensor) -> float:
-    """The 2-norm of t, accumulated in float64 chunk by chunk.
-
-    [Note: why in chunks]  torch.linalg.vector_norm(t, dtype=torch.float64) first makes a float64 copy
-    of all of t: twice an fp32 gradient's bytes (302 MB for a 4h x h weight at hidden 3072), on top of
-    the gradient itself, for every parameter's backward.  A chunk's copy is 8 MB."""
-    chunks = t.detach().reshape(-1).split(NORM_CHUNK)
-    return math.sqrt(sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2 for c in chunks))
 
 
 def _shape_of(p: nn.Parameter) -> torch.Size:

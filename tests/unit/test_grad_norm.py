@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infinity.zero.engine import NORM_CHUNK, grad_norm
+from infinity.zero.gradients import NORM_CHUNK, grad_norm
 
 
 def test_equals_a_float64_norm_for_any_length():
