@@ -12,7 +12,7 @@ from infinity.checkpoint.format import (SAFETENSORS_DTYPES, BufferEntry, Optimiz
                                         element_size, optimizer_tensor, stored_numel)
 from infinity.errors import CheckpointError
 from infinity.memory.stream import HostPart
-from infinity.checkpoint.tensors import TensorSpec
+from infinity.checkpoint.tensors import StoredTensor
 from infinity.zero.settings import dtype_of
 
 if TYPE_CHECKING:
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 class Contents:
     params: tuple[ParamEntry, ...]
     buffers: tuple[BufferEntry, ...]
-    model: tuple[TensorSpec, ...]  # parameters' parts in engine order, then buffers
-    optimizer: tuple[TensorSpec, ...]  # every master, then every exp_avg, then every exp_avg_sq
+    model: tuple[StoredTensor, ...]  # parameters' parts in engine order, then buffers
+    optimizer: tuple[StoredTensor, ...]  # every master, then every exp_avg, then every exp_avg_sq
 
     @property
     def largest(self) -> int:
@@ -35,7 +35,7 @@ class Contents:
 def contents_of(engine: "Engine") -> Contents:
     dtype = dtype_of(engine.settings.precision)
     params = tuple(ParamEntry.of(shard, dtype) for shard in engine.shards)
-    model = [TensorSpec(p.name, dtype, p.stored, engine._param_part(i)) for i, p in enumerate(params)]
+    model = [StoredTensor(p.name, dtype, p.stored, engine._param_part(i)) for i, p in enumerate(params)]
     buffers = []
     for name, tensor in extra_tensors(engine):
         if tensor.dtype not in SAFETENSORS_DTYPES:
@@ -44,8 +44,8 @@ def contents_of(engine: "Engine") -> Contents:
         entry = BufferEntry(name, tuple(tensor.shape), dtype_name(tensor.dtype),
                             stored_numel(tensor.numel(), element_size(tensor.dtype)))
         buffers.append(entry)
-        model.append(TensorSpec(name, tensor.dtype, entry.stored, HostPart(tensor)))
-    optimizer = [TensorSpec(optimizer_tensor(state, p.name), torch.float32, stored_numel(p.real, 4),
+        model.append(StoredTensor(name, tensor.dtype, entry.stored, HostPart(tensor)))
+    optimizer = [StoredTensor(optimizer_tensor(state, p.name), torch.float32, stored_numel(p.real, 4),
                             engine.optimizer.state_part(engine._slice[i], state.value))
                  for state in OptimizerState for i, p in enumerate(params)]
     return Contents(params, tuple(buffers), tuple(model), tuple(optimizer))

@@ -10,7 +10,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from infinity.checkpoint.tensor_file import TensorFileWriter, TensorSpec, fsync_folder, temporary_name
+from infinity.checkpoint import files
+from infinity.checkpoint.tensor_file import TensorFileWriter, TensorSpec
 from infinity.errors import CheckpointError
 
 
@@ -49,7 +50,7 @@ def write_state_dict(path: Path, specs: Sequence[TensorSpec], tensors: Iterable[
 
 
 def _save_durably(state: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = temporary_name(path)
+    tmp = files.temp_path(path)
     try:
         with open(tmp, "xb") as f:
             torch.save(state, f)
@@ -59,4 +60,4 @@ def _save_durably(state: dict[str, torch.Tensor], path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_folder(path.parent)
+    files.fsync_dir(path.parent)

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Mapping, Sequence
 
 import torch
 
+from infinity.checkpoint import files
 from infinity.checkpoint.format import CHECKSUM, SAFETENSORS_DTYPES
 from infinity.errors import CheckpointError
 from infinity.io.align import round_up
@@ -93,19 +94,6 @@ def layout(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = Non
     return Layout(header, tuple((len(header) + b, len(header) + e) for b, e in spans))
 
 
-def temporary_name(path: Path) -> Path:
-    """Where path is written before it is renamed into place."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class TensorFileWriter:
     """Writes specs' tensors, in order, into one safetensors file at path (see the module's docstring)."""
 
@@ -118,7 +106,7 @@ class TensorFileWriter:
         self._digest = hashlib.new(CHECKSUM)
         self.checksum: str | None = None  # set by close(): the file's sha256, lowercase hex
         self.nbytes = self.layout.size
-        self._tmp = temporary_name(self.path)
+        self._tmp = files.temp_path(self.path)
         self._file: BinaryIO | None = open(self._tmp, "xb")
         self._put(self.layout.header)
 
@@ -155,7 +143,7 @@ class TensorFileWriter:
         finally:
             f.close()
         os.replace(self._tmp, self.path)
-        fsync_folder(self.path.parent)
+        files.fsync_dir(self.path.parent)
         self.checksum = self._digest.hexdigest()
 
     def abort(self) -> None:

@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 
 from infinity.checkpoint import files
-from infinity.checkpoint.format import ALIGNMENT, SAFETENSORS_DTYPES, TORCH_DTYPES, FileEntry, check_file, \
+from infinity.checkpoint.tensor_file import TensorSpec, layout
+from infinity.checkpoint.format import ALIGNMENT, TORCH_DTYPES, FileEntry, check_file, \
     element_size, file_checksum, new_checksum
 from infinity.errors import CheckpointError
 from infinity.io.align import round_up
@@ -31,7 +32,7 @@ HEADER_LIMIT = 100 << 20  # safetensors' own limit on the header
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class StoredTensor:
     """One 1-D tensor of a file: its name, dtype, stored elements (whole ALIGNMENT bytes) and its values."""
 
     name: str
@@ -44,20 +45,13 @@ class TensorSpec:
         return self.numel * element_size(self.dtype)
 
 
-def header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
-    """The 8-byte length and the JSON header, padded with spaces to a multiple of ALIGNMENT bytes."""
-    entries: dict[str, object] = {"__metadata__": metadata}
-    pos = 0
-    for s in specs:
-        entries[s.name] = {"dtype": SAFETENSORS_DTYPES[s.dtype], "shape": [s.numel],
-                           "data_offsets": [pos, pos + s.nbytes]}
-        pos += s.nbytes
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    total = round_up(8 + len(text), ALIGNMENT)
-    return struct.pack("<Q", total - 8) + text + b" " * (total - 8 - len(text))
+def header(specs: Sequence[StoredTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header, padded with spaces to a multiple of ALIGNMENT bytes (the one
+    header builder: tensor_file.layout)."""
+    return layout([TensorSpec(s.name, s.dtype, (s.numel,)) for s in specs], metadata, ALIGNMENT).header
 
 
-def write(folder: Path, name: str, specs: Sequence[TensorSpec], handle: IoHandle, staging: Sequence[HostBuffer],
+def write(folder: Path, name: str, specs: Sequence[StoredTensor], handle: IoHandle, staging: Sequence[HostBuffer],
           metadata: dict[str, str] | None = None) -> FileEntry:
     """Writes folder/name durably from the specs' parts; returns its size and checksum."""
     final = folder / name
@@ -102,7 +96,7 @@ def read_header(path: Path) -> tuple[bytes, dict[str, dict]]:
     return raw + text, entries
 
 
-def read(path: Path, expected: FileEntry, specs: dict[str, TensorSpec], handle: IoHandle,
+def read(path: Path, expected: FileEntry, specs: dict[str, StoredTensor], handle: IoHandle,
          staging: Sequence[HostBuffer]) -> None:
     """Streams every tensor of path into its spec's part, checking dtype and size against the spec and
     the whole file's size and checksum against expected (a CheckpointError naming the file)."""
@@ -127,7 +121,7 @@ def read(path: Path, expected: FileEntry, specs: dict[str, TensorSpec], handle: 
     check_file(path.parent, expected, size, digest.hexdigest())
 
 
-def in_file_order(path: Path, head: bytes, entries: dict[str, dict], specs: dict[str, TensorSpec]) -> list:
+def in_file_order(path: Path, head: bytes, entries: dict[str, dict], specs: dict[str, StoredTensor]) -> list:
     """(part, nbytes) of every tensor in the order the file holds them, each checked against its spec
     (dtype, size) and laid end to end from the data's start (so every one is ALIGNMENT-aligned)."""
     parts, pos = [], 0

@@ -40,14 +40,14 @@ def _write_rank(whole: RankFiles, folder: Path, world: int, rank: int, replicate
         entry = ParamEntry.of(shard, dtype_of_name(p.dtype))
         entries.append(entry)
         cut = slice(shard.start, shard.start + shard.real)
-        model.append(tensors.TensorSpec(p.name, dtype_of_name(p.dtype), entry.stored,
+        model.append(tensors.StoredTensor(p.name, dtype_of_name(p.dtype), entry.stored,
                                         HostPart(whole.parameter_part(p.name)[cut].contiguous())))
         for state in OptimizerState:
-            optimizer[state].append(tensors.TensorSpec(optimizer_tensor(state, p.name), torch.float32,
+            optimizer[state].append(tensors.StoredTensor(optimizer_tensor(state, p.name), torch.float32,
                                                        stored_numel(shard.real, 4),
                                                        HostPart(whole.parameter_part(p.name, state)[cut].contiguous())))
     for b in m.buffers:
-        model.append(tensors.TensorSpec(b.name, dtype_of_name(b.dtype), b.stored,
+        model.append(tensors.StoredTensor(b.name, dtype_of_name(b.dtype), b.stored,
                                         HostPart(whole.buffer(b.name).reshape(-1).contiguous())))
     opt = [spec for state in OptimizerState for spec in optimizer[state]]
     handle = open_handle(nvme_path=folder, direct=DirectPolicy.AUTO)

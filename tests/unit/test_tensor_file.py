@@ -69,15 +69,21 @@ def test_incomplete_or_wrong_writes_leave_the_previous_file(tmp_path):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 
 
-def test_the_layout_is_the_checkpoint_files_header_for_its_1d_aligned_tensors():
-    """One header builder: the checkpoint writer's (infinity/checkpoint/tensors.py) bytes come out of
-    layout() too, so it can build its header there."""
+def test_the_checkpoint_header_puts_every_tensor_on_a_4096_byte_boundary():
+    """The checkpoint writer (infinity/checkpoint/tensors.py) builds its header with layout(): its data
+    starts on ALIGNMENT and, with stored lengths of whole ALIGNMENT bytes, so does every tensor (O_DIRECT)."""
+    import json
+    import struct
+
     from infinity.checkpoint import tensors
     from infinity.checkpoint.format import ALIGNMENT, stored_numel
     from infinity.memory.stream import HostPart
 
-    theirs = [tensors.TensorSpec(n, d, stored_numel(k, d.itemsize), HostPart(torch.zeros(k, dtype=d)))
+    stored = [tensors.StoredTensor(n, d, stored_numel(k, d.itemsize), HostPart(torch.zeros(k, dtype=d)))
               for n, d, k in (("master/a", torch.float32, 5), ("b", torch.bfloat16, 3000), ("c", torch.int64, 1))]
-    mine = [TensorSpec(s.name, s.dtype, (s.numel,)) for s in theirs]
-    assert layout(mine, {"k": "v"}, ALIGNMENT).header == tensors.header(theirs, {"k": "v"})
-    assert layout(mine, {}, ALIGNMENT).header == tensors.header(theirs, {})
+    head = tensors.header(stored, {"k": "v"})
+    assert len(head) % ALIGNMENT == 0
+    entries = json.loads(head[8:8 + struct.unpack("<Q", head[:8])[0]])
+    assert entries["__metadata__"] == {"k": "v"}
+    assert all(entries[s.name]["data_offsets"][0] % ALIGNMENT == 0 for s in stored)
+    assert [entries[s.name]["shape"] for s in stored] == [[s.numel] for s in stored]
