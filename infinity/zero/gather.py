@@ -39,7 +39,7 @@ class ShardedHome(ParamHome):
                  device: torch.device):
         self.inner, self.shards, self.ranks = inner, shards, ranks
         self.dtype, self.device = dtype, device
-        self._ahead: dict[int, tuple[torch.Tensor, Pending]] = {}  # all-gathers started before their use
+        self._ahead: dict[int, tuple[torch.Tensor, torch.Tensor, Pending]] = {}  # all-gathers started, not yet used
         self.gathered_ahead = 0  # all-gathers started ahead so far (the tests read it)
 
     def put(self, index: int, values: torch.Tensor) -> None:
@@ -52,17 +52,11 @@ class ShardedHome(ParamHome):
 
     def fetch(self, index: int) -> torch.Tensor:
         shard = self.shards[index]
-        if index in self._ahead:
-            whole, pending = self._ahead.pop(index)
-            try:
-                pending.wait()
-            finally:
-                self.inner.release(index)
-            return whole[: shard.numel].view(shard.shape)
-        piece = self.inner.fetch(index).reshape(-1)
-        whole = torch.empty(shard.length * self.ranks.world, dtype=self.dtype, device=self.device)
+        if index not in self._ahead:
+            self._start_gather(index)
+        whole, _, pending = self._ahead.pop(index)
         try:
-            self.ranks.all_gather(whole, piece.to(self.dtype).contiguous(), f"parameter {shard.name!r}")
+            pending.wait()
         finally:
             self.inner.release(index)  # the piece's staging buffer goes back as soon as the whole is built
         return whole[: shard.numel].view(shard.shape)
@@ -71,13 +65,17 @@ class ShardedHome(ParamHome):
         """Completes the read of index's piece and starts its all-gather, to run while the module before
         its use computes; fetch(index) waits for it.  A collective: every rank calls it at the same point
         ([Note: gathering ahead] in coordinator.py)."""
-        if index in self._ahead:
-            return
+        if index not in self._ahead:
+            self._start_gather(index)
+            self.gathered_ahead += 1
+
+    def _start_gather(self, index: int) -> None:
+        """Reads index's piece (waiting for a read started ahead) and starts the all-gather of every rank's."""
         shard = self.shards[index]
         piece = self.inner.fetch(index).reshape(-1).to(self.dtype).contiguous()
         whole = torch.empty(shard.length * self.ranks.world, dtype=self.dtype, device=self.device)
-        self._ahead[index] = (whole, self.ranks.all_gather_start(whole, piece, f"parameter {shard.name!r}"))
-        self.gathered_ahead += 1
+        pending = self.ranks.all_gather_start(whole, piece, f"parameter {shard.name!r}")
+        self._ahead[index] = (whole, piece, pending)  # the piece stays referenced until the gather is done
 
     def gathers_ahead(self) -> bool:
         return True
@@ -104,7 +102,7 @@ class ShardedHome(ParamHome):
 
     def read_ready(self, index: int) -> bool:
         ahead = self._ahead.get(index)
-        return ahead[1].done() if ahead is not None else self.inner.read_ready(index)
+        return ahead[2].done() if ahead is not None else self.inner.read_ready(index)
 
     def cancel_fetch(self, index: int) -> None:
         ahead = self._ahead.pop(index, None)
@@ -112,6 +110,6 @@ class ShardedHome(ParamHome):
             self.inner.cancel_fetch(index)
             return
         try:
-            ahead[1].wait()  # the other ranks take part in it: it completes, and its result is dropped
+            ahead[2].wait()  # the other ranks take part in it: it completes, and its result is dropped
         finally:
             self.inner.release(index)

@@ -36,12 +36,9 @@ class Ranks:
     def several(self) -> bool:
         return self.world > 1
 
-    def all_gather(self, out: torch.Tensor, piece: torch.Tensor, what: str) -> None:
-        """out (world × piece elements) = every rank's piece, in rank order."""
-        self._run("all-gather", what, dist.all_gather_into_tensor, out, piece)
-
     def all_gather_start(self, out: torch.Tensor, piece: torch.Tensor, what: str) -> "Pending":
-        """all_gather, started: it runs in the process group's own thread until Pending.wait()."""
+        """Starts out (world × piece elements) = every rank's piece, in rank order; it runs in the process
+        group's own thread until Pending.wait()."""
         work = self._run("all-gather", what, dist.all_gather_into_tensor, out, piece, async_op=True)
         return Pending(work, self, "all-gather", what)
 
