@@ -216,11 +216,8 @@ class Engine:
         from infinity.checkpoint.save import save
 
         self._between_steps("save_checkpoint")
-        self.coordinator.settle()
-        try:
+        with self._settled("save_checkpoint()"):
             save(self, save_dir, tag, client_state)
-        finally:
-            self.coordinator.read_ahead_of_next_step()
         return True
 
     def load_checkpoint(self, load_dir: str, tag: str | None = None) -> tuple[str, Any]:
@@ -229,11 +226,8 @@ class Engine:
         from infinity.checkpoint.load import load
 
         self._between_steps("load_checkpoint")
-        self.coordinator.settle()
-        try:
+        with self._settled("load_checkpoint()"):
             loaded = load(self, load_dir, tag)
-        finally:
-            self.coordinator.read_ahead_of_next_step()
         self.lr = self._lr()
         return loaded
 
@@ -294,9 +288,9 @@ class Engine:
         """How many parameters' new values the optimizer step may hold in staging buffers for the next
         step's first modules (AfterWrite.HOLD).  [Note: half the pool]  The step's other parameter writes
         are staged through the same pool: holding more buffers leaves them fewer to keep in flight."""
-        pool = getattr(self, "_param_pool", None)
         if self.world > 1:
             return 0  # which held values count as arrived depends on write timing: ranks could differ (gather.py)
+        pool = getattr(self, "_param_pool", None)
         return pool.buffer_count // 2 if pool is not None else 0
 
     def _lend_staging_buffers(self) -> None:
@@ -367,14 +361,18 @@ class Engine:
     def _whole(self, i: int) -> Iterator[torch.Tensor]:
         """Parameter i whole and shaped, in the compute dtype, on the compute tier, for the block (with
         several ranks an all-gather: every rank enters it for the same i, in the same order)."""
+        values = self.homes[i].fetch(i).detach()  # a fetch that fails has nothing to release
         try:
-            yield self.homes[i].fetch(i).detach()
+            yield values
         finally:
             self.homes[i].release(i)
 
     def _read_values(self, i: int) -> torch.Tensor:
         """Parameter i's values from its home, fp32 in host memory (may share storage with a resident one)."""
-        values = self.homes[i].fetch(i).detach().to("cpu", torch.float32, copy=True)  # not a view of a lent buffer
+        # [Note: not through _whole]  No view of the fetched values is alive at the release (the copy is not
+        # one), so a lent staging buffer goes back to the pool; under _whole the caller's view would make the
+        # pool replace it (BufferPool.replace).
+        values = self.homes[i].fetch(i).detach().to("cpu", torch.float32, copy=True)
         self.homes[i].release(i)
         return values
 
