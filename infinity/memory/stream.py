@@ -258,29 +258,34 @@ def _mover(part: Part) -> int:
     return 0 if t.device.type == "cpu" and t.is_contiguous() else id(part)
 
 
+def _runs(parts: Sequence[tuple[Part, int]], offset: int) -> Iterator[tuple[list[tuple[Part, int]], int]]:
+    """The runs of consecutive parts one mover copies together, each with its file offset (parts lie end
+    to end from offset on)."""
+    pos = offset
+    for _, run in groupby(parts, key=lambda pn: _mover(pn[0])):
+        items = list(run)
+        yield items, pos
+        pos += sum(n for _, n in items)
+
+
 def save_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFile, offset: int,
                staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
     """Writes each part's first nbytes (zero-padded) into file from offset on, end to end: each run of
     consecutive parts of one memory manager in one pipelined copy (MemoryManager.copy_out), host
     tensors through handle."""
-    pos = offset
-    for _, run in groupby(parts, key=lambda pn: _mover(pn[0])):
-        items = list(run)
+    for items, pos in _runs(parts, offset):
         first = items[0][0]
         if isinstance(first, SwapPart):
             first.manager.copy_out([(p.key, p.byte_offset, n) for p, n in items], file, pos, staging, seen)
         else:
             chain = Chain(tuple((TensorEnd(p.source()), n) for p, n in items))
             copy(handle, chain, FileEnd(file, pos), chain.nbytes, staging, seen)
-        pos += sum(n for _, n in items)
 
 
 def load_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFile, offset: int,
                staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
     """The reverse of save_parts: file's bytes from offset on into each part (its padding dropped)."""
-    pos = offset
-    for _, run in groupby(parts, key=lambda pn: _mover(pn[0])):
-        items = list(run)
+    for items, pos in _runs(parts, offset):
         first = items[0][0]
         if isinstance(first, SwapPart):
             first.manager.copy_in([(p.key, p.byte_offset, n) for p, n in items], file, pos, staging, seen)
@@ -290,4 +295,3 @@ def load_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFil
             copy(handle, FileEnd(file, pos), chain, chain.nbytes, staging, seen)
             for p, t in targets:
                 p.finish_load(t)
-        pos += sum(n for _, n in items)
