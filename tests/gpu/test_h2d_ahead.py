@@ -6,29 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinity.config.aio import AioConfig
-from infinity.io import DirectPolicy, open_handle
 from infinity.memory.manager import MemoryManager
-from infinity.memory.nvme_store import NvmeStore
 from infinity.memory.partition import State
 from infinity.memory.pool import BufferPool
 
 pytestmark = pytest.mark.gpu
 
-N = 1 << 20
-
-
-@pytest.fixture
-def manager(tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    pool = BufferPool("param", 1, N * 4, "offload_param.buffer_count")  # one buffer: reused at once
-    with open_handle(AioConfig(), direct=DirectPolicy.AUTO) as handle:
-        m = MemoryManager(handle, NvmeStore(tmp_path), torch.device("cuda"))
-        try:
-            yield m, pool
-        finally:
-            m.close()
+N = 1 << 20  # the manager fixture's staging buffer holds N fp32 elements (tests/gpu/conftest.py)
 
 
 def put(m: MemoryManager, pool: BufferPool, key: str, values: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from infinity.swap.params import Tier
 from infinity.zero import Engine
 
 from test_training import assert_same_weights, final_weights, settings, train
-from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run
+from training_reference import SPEC, fresh_model, make_batches, plain_torch_run
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +43,6 @@ class Tiny(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.mix(self.embed(x)))
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-def plain_run(model: nn.Module, batches) -> tuple[list[float], dict[str, torch.Tensor]]:
-    opt = torch.optim.AdamW(model.parameters(), lr=ADAM.lr, betas=ADAM.betas, eps=ADAM.eps,
-                            weight_decay=ADAM.weight_decay)
-    losses = []
-    for x, y in batches:
-        loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def test_lent_buffers_and_held_values_give_plain_pytorchs_results(tmp_path, batches):
@@ -112,7 +98,7 @@ def test_held_first_parameters_are_not_read_again(tmp_path, batches):
 
 
 def test_a_lent_buffer_viewed_by_autograd_at_release_is_replaced_and_results_stay_equal(tmp_path, batches):
-    want_losses, want_weights = plain_run(Tiny(), batches[:6])
+    want_losses, want_weights = plain_torch_run(batches[:6], model=Tiny())
     engine = Engine(Tiny(), settings(tmp_path, Tier.NVME, Tier.NVME, max_reuse_distance=0))
     try:
         losses = train(engine, batches[:6])

@@ -19,9 +19,9 @@ def fresh_model() -> Gpt:
     return Gpt(SPEC)
 
 
-def plain_torch_run(batches, clip: float = 1.0, accumulation: int = 1):
-    """The reference: the same model and seed with torch.optim.AdamW and clip_grad_norm_."""
-    model = fresh_model()
+def plain_torch_run(batches, clip: float = 1.0, accumulation: int = 1, model=None):
+    """The reference: the same model and seed (or the model given) with torch.optim.AdamW and clip_grad_norm_."""
+    model = model if model is not None else fresh_model()
     opt = torch.optim.AdamW(model.parameters(), lr=ADAM.lr, betas=ADAM.betas, eps=ADAM.eps,
                             weight_decay=ADAM.weight_decay)
     losses = []
