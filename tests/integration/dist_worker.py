@@ -49,6 +49,14 @@ def main() -> None:
     if not torch.distributed.is_initialized():  # world 1 (init_distributed starts none): for the loss all-reduce
         torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if os.environ.get("BUILD_UNDER_ZERO_INIT"):  # refused with several ranks: the message goes to OUT
+        with infinity.zero.Init(config=config(nvme_root, tier, rank)):
+            model = fresh_model()
+        try:
+            infinity.initialize(model=model, config=config(nvme_root, tier, rank))
+        except infinity.UsageError as err:
+            torch.save({"refused": str(err)}, f"{out}.rank{rank}.pt")
+        return
     engine, *_ = infinity.initialize(model=fresh_model(), config=config(nvme_root, tier, rank))
     ckpt, save_at = os.environ.get("CKPT_DIR"), int(os.environ.get("CKPT_SAVE_AT", "-1"))
     first = 0

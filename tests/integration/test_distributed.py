@@ -193,3 +193,10 @@ def test_save_16bit_model_with_two_ranks_writes_the_whole_model_once(tmp_path):
     want = results(tmp_path, 2)[0]["weights"]
     assert all(torch.equal(weights[n], w) for n, w in want.items())
     fresh_model().load_state_dict(weights, strict=True)
+
+
+def test_zero_init_with_two_ranks_is_refused_with_the_fix(tmp_path):
+    check_ran(launch(tmp_path, 2, "nvme", BUILD_UNDER_ZERO_INIT="1"))
+    for run in results(tmp_path, 2):
+        assert "zero.Init with 2 ranks is not supported yet" in run["refused"]
+        assert "build the model without zero.Init" in run["refused"]

@@ -61,6 +61,7 @@ def test_trace_holds_the_last_two_steps_of_compute_io_and_optimizer(tmp_path):
     (["--hidden", "100", "--heads", "8"], "multiple of --heads"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--trace", "/no/such/folder/t.json"], "--trace /no/such/folder/t.json: the folder"),
+    (["--nproc", "0"], "--nproc must be at least 1"),
 ])
 def test_bad_flags_exit_2_with_the_flag_named(tmp_path, capsys, args, message):
     assert main(["--nvme_path", str(tmp_path), *args]) == 2
