@@ -4,7 +4,7 @@ A safetensors file is an 8-byte little-endian header length, a JSON header, then
 bytes laid end to end.  Here the header is padded with spaces so the data starts ALIGNMENT bytes into
 the file and every tensor is a whole number of ALIGNMENT bytes (format.py), so each tensor moves
 between its file and its swap file with O_DIRECT, through a few staging buffers, never whole in memory.
-The checksum is computed over the bytes as they pass, in file order.
+The checksum is computed over the bytes as they pass, in file order, on a thread beside the copy (checksum.py).
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from typing import Sequence
 import torch
 
 from infinity.checkpoint import files
+from infinity.checkpoint.checksum import StreamDigest
 from infinity.checkpoint.tensor_file import TensorSpec, layout
 from infinity.checkpoint.format import ALIGNMENT, TORCH_DTYPES, FileEntry, check_file, \
-    element_size, file_checksum, new_checksum
+    element_size, file_checksum
 from infinity.errors import CheckpointError
 from infinity.io.align import round_up
 from infinity.io.files import Access, open_file
@@ -57,17 +58,16 @@ def write(folder: Path, name: str, specs: Sequence[StoredTensor], handle: IoHand
     final = folder / name
     temp = files.temp_path(final)
     temp.unlink(missing_ok=True)
-    digest = new_checksum()
     head = header(specs, metadata or {})
     out = open_file(temp, Access.WRITE)
     out.label = "checkpoint"
     try:
-        block = HostBuffer(len(head), pin=PinPolicy.PAGEABLE)
-        block.tensor.copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-        digest.update(head)
-        handle.pwrite(block.tensor, out, 0)
-        save_parts(handle, [(s.part, s.nbytes) for s in specs], out, len(head), staging,
-                   seen=lambda chunk: digest.update(chunk.numpy()))
+        with StreamDigest(head) as digest:
+            block = HostBuffer(len(head), pin=PinPolicy.PAGEABLE)
+            block.tensor.copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+            handle.pwrite(block.tensor, out, 0)
+            save_parts(handle, [(s.part, s.nbytes) for s in specs], out, len(head), staging, seen=digest.update)
+            checksum = digest.hexdigest()
         pos = len(head) + sum(s.nbytes for s in specs)
         files.commit(temp, final, out.buffered_fd)
     except BaseException:
@@ -75,7 +75,7 @@ def write(folder: Path, name: str, specs: Sequence[StoredTensor], handle: IoHand
         raise
     finally:
         out.close()
-    return FileEntry(name, pos, digest.hexdigest())
+    return FileEntry(name, pos, checksum)
 
 
 def read_header(path: Path) -> tuple[bytes, dict[str, dict]]:
@@ -111,14 +111,14 @@ def read(path: Path, expected: FileEntry, specs: dict[str, StoredTensor], handle
         check_file(path.parent, expected, *file_checksum(path))  # an altered header: say so by its checksum
         raise
     parts = in_file_order(path, head, entries, specs)
-    digest = new_checksum()
-    digest.update(head)
     source = open_file(path, Access.READ)
     try:
-        load_parts(handle, parts, source, len(head), staging, seen=lambda chunk: digest.update(chunk.numpy()))
+        with StreamDigest(head) as digest:
+            load_parts(handle, parts, source, len(head), staging, seen=digest.update)
+            checksum = digest.hexdigest()
     finally:
         source.close()
-    check_file(path.parent, expected, size, digest.hexdigest())
+    check_file(path.parent, expected, size, checksum)
 
 
 def in_file_order(path: Path, head: bytes, entries: dict[str, dict], specs: dict[str, StoredTensor]) -> list:

@@ -38,7 +38,7 @@ from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore
 from infinity.memory.partition import Partition, State
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
-from infinity.memory.stream import Chain, FileEnd, Seen, copy
+from infinity.memory.stream import Chain, FileEnd, Piece, Seen, SwapRange, copy
 
 log = logging.getLogger("infinity.memory")
 
@@ -278,34 +278,41 @@ class MemoryManager(ComputeTierMoves):
             raise first_error
 
     # ---- checkpoints: ranges of extents to or from another file -------------------
-    def copy_out(self, ranges: Sequence[tuple[str, int, int]], target: AioFile, target_offset: int,
+    def copy_out(self, pieces: Sequence[Piece], target: AioFile, target_offset: int,
                  staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
-        """Copies each (key, byte_offset, nbytes) range of a swap extent into target, end to end from
-        target_offset, in one pipelined copy through staging (infinity.memory.stream); seen gets each chunk
-        in order.  Each extent must hold the current values (on NVMe, or a clean host copy).  A failure
-        here leaves the swap files as they were."""
-        copy(self.handle, self._chain(ranges), FileEnd(target, target_offset), sum(r[2] for r in ranges),
-             staging, seen)
+        """Copies the pieces (ranges of swap extents, and other ends such as host tensors between them) into
+        target, end to end from target_offset, in one pipelined copy through staging (infinity.memory.stream);
+        seen gets each chunk in order.  Each extent must hold the current values (on NVMe, or a clean host
+        copy).  A failure here leaves the swap files as they were."""
+        chain = self._chain(pieces)
+        copy(self.handle, chain, FileEnd(target, target_offset), chain.nbytes, staging, seen)
 
-    def copy_in(self, ranges: Sequence[tuple[str, int, int]], source: AioFile, source_offset: int,
+    def copy_in(self, pieces: Sequence[Piece], source: AioFile, source_offset: int,
                 staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
         """The reverse of copy_out; clean host copies are read again after.  A failure latches (extents
         half overwritten)."""
         try:
-            copy(self.handle, FileEnd(source, source_offset), self._chain(ranges), sum(r[2] for r in ranges),
-                 staging, seen)
-            for e in {id(e): e for e in (self._entries[k] for k, _, _ in ranges) if e.slot is not None}.values():
+            chain = self._chain(pieces)
+            copy(self.handle, FileEnd(source, source_offset), chain, chain.nbytes, staging, seen)
+            entries = (self._entries[r.key] for r in pieces if isinstance(r, SwapRange))
+            for e in {id(e): e for e in entries if e.slot is not None}.values():
                 self.handle.pread(self._host_bytes(e), self.store.file(e.extent), e.extent.offset)
         except BaseException as err:
             self.fail(err)
             raise
 
-    def _chain(self, ranges: Sequence[tuple[str, int, int]]) -> Chain:
-        """The ranges' bytes in their swap files, end to end, each checked to be at rest and aligned."""
+    def _chain(self, pieces: Sequence[Piece]) -> Chain:
+        """The pieces end to end: each swap range as its bytes in the swap file, checked to be at rest and
+        aligned; other ends as they are."""
         self.check_healthy()
-        self.flush({k for k, _, _ in ranges})
-        pieces = []
-        for key, byte_offset, nbytes in ranges:
+        ranges = [r for r in pieces if isinstance(r, SwapRange)]
+        self.flush({r.key for r in ranges})
+        ends = []
+        for piece in pieces:
+            if not isinstance(piece, SwapRange):
+                ends.append(piece)
+                continue
+            key, byte_offset, nbytes = piece.key, piece.byte_offset, piece.nbytes
             e = self._entry(key)
             if e.partition.state not in (State.ON_NVME, State.HOST_CLEAN):
                 raise InfinityError(f"partition {key!r} is {e.partition.state.value}; copies to or from a file "
@@ -313,8 +320,8 @@ class MemoryManager(ComputeTierMoves):
             if byte_offset % ALIGNMENT or byte_offset < 0 or byte_offset + nbytes > e.extent.capacity:
                 raise InfinityError(f"bytes [{byte_offset}, {byte_offset + nbytes}) are not an aligned range of "
                                     f"partition {key!r} ({e.extent.capacity} bytes)")
-            pieces.append((FileEnd(self.store.file(e.extent), e.extent.offset + byte_offset), nbytes))
-        return Chain(tuple(pieces))
+            ends.append((FileEnd(self.store.file(e.extent), e.extent.offset + byte_offset), nbytes))
+        return Chain(tuple(ends))
 
     # ---- health ------------------------------------------------------------
     def check_healthy(self) -> None:

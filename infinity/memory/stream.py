@@ -4,7 +4,8 @@ file, host tensor <-> checkpoint file).
 
 [Note: the pipeline]  With n staging buffers, up to max(1, n // 2) reads are in flight ahead of the
 chunk being handed on; each chunk, once read, has its write submitted at once and is then shown to
-`seen` (a checksum, in file order).  A read waits for a buffer only when every buffer is reading or writing;
+`seen` (a checksum, in file order), which may hand back a completion (a hash running on another thread):
+the chunk's buffer is reused only when its write and that completion are both done.  A read waits for a buffer only when every buffer is reading or writing;
 then it completes the oldest write.  So at most n chunks of memory are ever used, whatever the size
 copied, and the async-IO engine's threads read and write while the caller's thread hashes.  A failed
 transfer completes every other one in flight (their buffers must not be reused under them) and raises.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import groupby
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -23,7 +23,8 @@ from infinity.io.files import AioFile
 from infinity.io.handle import IoFuture, IoHandle
 from infinity.memory.host_buffer import HostBuffer
 
-Seen = Callable[[torch.Tensor], None]  # each chunk's bytes (uint8), in order
+# Shown each chunk's bytes (uint8), in order; returns None when done with them, else a completion to wait for.
+Seen = Callable[[torch.Tensor], "IoFuture | None"]
 
 
 class End(Protocol):
@@ -72,7 +73,7 @@ class TensorEnd:
 
 
 class Joined:
-    """The transfers of one chunk's pieces (a Chain's), as one future."""
+    """The transfers of one chunk's pieces (a Chain's), or a chunk's write and its checksum, as one future."""
 
     def __init__(self, futures: list[IoFuture | None]):
         self.futures = [f for f in futures if f is not None]
@@ -150,7 +151,7 @@ class _Pipeline:
     def run(self, seen: Seen | None) -> None:
         """[Note: the write goes before the checksum]  A chunk, once read, is only read from: its write is
         submitted first, reads ahead are topped up with other buffers, and only then is it shown to seen,
-        so the async-IO threads move bytes while this thread hashes."""
+        so the async-IO threads move bytes while the checksum runs (on its own thread: checkpoint/checksum.py)."""
         try:
             while self.pending is not None or self.reads:
                 self._read_ahead(holding=None)
@@ -158,10 +159,11 @@ class _Pipeline:
                 if future is not None:
                     future.wait()
                 view = self._view(b, pos)
-                self.writes.append((b, self.target.write(self.handle, view, pos)))
-                self._read_ahead(holding=b)
+                write = self.target.write(self.handle, view, pos)
+                self.writes.append((b, write))
+                self._read_ahead(holding=b)  # stops at b's write, so it is still the last one
                 if seen is not None:
-                    seen(view)
+                    self.writes[-1] = (b, Joined([write, seen(view)]))
             while self.writes:
                 _complete(self.writes.popleft())
         except BaseException:
@@ -226,13 +228,26 @@ class HostPart:
                 self.tensor.copy_(loaded.view(self.tensor.shape))
 
 
+@dataclass(frozen=True)
+class SwapRange:
+    """Bytes [byte_offset, byte_offset + nbytes) of partition key's swap extent."""
+
+    key: str
+    byte_offset: int
+    nbytes: int
+
+
+# One piece of a copy's far side: a range of a swap extent, or any other end with its byte count.
+Piece = SwapRange | tuple[End, int]
+
+
 class Swapped(Protocol):
     """The memory manager's side of a SwapPart (see MemoryManager.copy_out / copy_in)."""
 
-    def copy_out(self, ranges: Sequence[tuple[str, int, int]], target: AioFile, target_offset: int,
+    def copy_out(self, pieces: Sequence[Piece], target: AioFile, target_offset: int,
                  staging: Sequence[HostBuffer], seen: Seen | None = None) -> None: ...
 
-    def copy_in(self, ranges: Sequence[tuple[str, int, int]], source: AioFile, source_offset: int,
+    def copy_in(self, pieces: Sequence[Piece], source: AioFile, source_offset: int,
                 staging: Sequence[HostBuffer], seen: Seen | None = None) -> None: ...
 
 
@@ -249,36 +264,51 @@ class SwapPart:
 Part = HostPart | SwapPart
 
 
-def _mover(part: Part) -> int:
-    """Parts moved by one call: swap parts by their manager, host tensors together; a tensor that is not
-    contiguous host memory (a CUDA parameter) alone, so only one host copy of such exists at a time."""
-    if isinstance(part, SwapPart):
-        return id(part.manager)
-    t = part.tensor
-    return 0 if t.device.type == "cpu" and t.is_contiguous() else id(part)
+def _host_memory(part: Part) -> bool:
+    return isinstance(part, HostPart) and part.tensor.device.type == "cpu" and part.tensor.is_contiguous()
 
 
 def _runs(parts: Sequence[tuple[Part, int]], offset: int) -> Iterator[tuple[list[tuple[Part, int]], int]]:
-    """The runs of consecutive parts one mover copies together, each with its file offset (parts lie end
-    to end from offset on)."""
-    pos = offset
-    for _, run in groupby(parts, key=lambda pn: _mover(pn[0])):
-        items = list(run)
-        yield items, pos
-        pos += sum(n for _, n in items)
+    """The runs of consecutive parts one copy streams together, each with its file offset (parts lie end
+    to end from offset on).
+
+    [Note: one pipeline per file]  Each run ends the pipeline (its reads ahead drain), so runs are as
+    long as they can be: every part of one memory manager, with the host tensors between them, goes in
+    one run that the manager copies.  A run ends only at a second manager's part, or at a tensor that is
+    not contiguous host memory (a CUDA parameter): that one goes with its own host copy, so only one such
+    copy exists at a time."""
+    run: list[tuple[Part, int]] = []
+    owner: object = None  # the run's manager, or its tensor that needs a host copy
+    pos = start = offset
+    for part, n in parts:
+        key = part.manager if isinstance(part, SwapPart) else None if _host_memory(part) else part
+        if key is not None and owner is not None and key is not owner:
+            yield run, start
+            run, owner, start = [], None, pos
+        run.append((part, n))
+        owner = owner if key is None else key
+        pos += n
+    if run:
+        yield run, start
+
+
+def _manager(run: list[tuple[Part, int]]) -> Swapped | None:
+    return next((p.manager for p, _ in run if isinstance(p, SwapPart)), None)
 
 
 def save_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFile, offset: int,
                staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
-    """Writes each part's first nbytes (zero-padded) into file from offset on, end to end: each run of
-    consecutive parts of one memory manager in one pipelined copy (MemoryManager.copy_out), host
-    tensors through handle."""
+    """Writes each part's first nbytes (zero-padded) into file from offset on, end to end: each run
+    (see _runs) in one pipelined copy, by its memory manager (MemoryManager.copy_out) when it holds swap
+    parts, else through handle."""
     for items, pos in _runs(parts, offset):
-        first = items[0][0]
-        if isinstance(first, SwapPart):
-            first.manager.copy_out([(p.key, p.byte_offset, n) for p, n in items], file, pos, staging, seen)
+        pieces: list[Piece] = [SwapRange(p.key, p.byte_offset, n) if isinstance(p, SwapPart)
+                               else (TensorEnd(p.source()), n) for p, n in items]
+        manager = _manager(items)
+        if manager is not None:
+            manager.copy_out(pieces, file, pos, staging, seen)
         else:
-            chain = Chain(tuple((TensorEnd(p.source()), n) for p, n in items))
+            chain = Chain(tuple(pieces))  # type: ignore[arg-type]  (no SwapRange without a manager)
             copy(handle, chain, FileEnd(file, pos), chain.nbytes, staging, seen)
 
 
@@ -286,12 +316,15 @@ def load_parts(handle: IoHandle, parts: Sequence[tuple[Part, int]], file: AioFil
                staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
     """The reverse of save_parts: file's bytes from offset on into each part (its padding dropped)."""
     for items, pos in _runs(parts, offset):
-        first = items[0][0]
-        if isinstance(first, SwapPart):
-            first.manager.copy_in([(p.key, p.byte_offset, n) for p, n in items], file, pos, staging, seen)
+        targets = [(p, p.target() if isinstance(p, HostPart) else None) for p, _ in items]
+        pieces: list[Piece] = [SwapRange(p.key, p.byte_offset, n) if isinstance(p, SwapPart)
+                               else (TensorEnd(t), n) for (p, t), (_, n) in zip(targets, items)]
+        manager = _manager(items)
+        if manager is not None:
+            manager.copy_in(pieces, file, pos, staging, seen)
         else:
-            targets = [(p, p.target()) for p, _ in items]
-            chain = Chain(tuple((TensorEnd(t), n) for (_, t), (_, n) in zip(targets, items)))
+            chain = Chain(tuple(pieces))  # type: ignore[arg-type]
             copy(handle, FileEnd(file, pos), chain, chain.nbytes, staging, seen)
-            for p, t in targets:
+        for p, t in targets:
+            if isinstance(p, HostPart):
                 p.finish_load(t)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import pytest
 import torch
 
+from infinity.checkpoint.checksum import Hashed, StreamDigest
 from infinity.errors import InfinityError
 from infinity.io import Access, open_file
 from infinity.memory import HostBuffer
 from infinity.memory.manager import MemoryManager
 from infinity.memory.nvme_store import ALIGNMENT, NvmeStore
 from infinity.memory.pool import BufferPool
-from infinity.memory.stream import Chain, FileEnd, TensorEnd, copy
+from infinity.memory.stream import Chain, FileEnd, HostPart, SwapPart, SwapRange, TensorEnd, _runs, copy
 
 
 def staging(count: int, nbytes: int = 2 * ALIGNMENT) -> list[HostBuffer]:
@@ -33,6 +35,34 @@ def test_file_to_file_copies_every_byte_and_shows_them_in_order(tmp_path, make_h
              lambda chunk: seen.update(chunk.numpy()))
     assert (tmp_path / "dst").read_bytes()[ALIGNMENT:] == data
     assert seen.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_a_checksum_on_another_thread_keeps_each_buffer_until_it_is_done(tmp_path, make_handle, count):
+    """seen hands back a completion that a slow worker thread finishes: no staging buffer is read into
+    again before its chunk was hashed, so the digest is the data's (checkpoint/checksum.py)."""
+    data = os.urandom(9 * ALIGNMENT + 77)
+    (tmp_path / "src").write_bytes(data)
+    handle = make_handle()
+    reused: list[int] = []
+
+    class SlowDigest(StreamDigest):
+        def update(self, chunk: torch.Tensor) -> Hashed:
+            first = bytes(chunk.numpy())
+
+            def later() -> None:
+                time.sleep(0.01)
+                if bytes(chunk.numpy()) != first:
+                    reused.append(chunk.data_ptr())
+                self._digest.update(first)
+            return Hashed(self._worker.submit(later))
+
+    with open_file(tmp_path / "src", Access.READ) as src, open_file(tmp_path / "dst", Access.WRITE) as dst, \
+            SlowDigest() as digest:
+        copy(handle, FileEnd(src, 0), FileEnd(dst, 0), len(data), staging(count), digest.update)
+        assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert reused == []
+    assert (tmp_path / "dst").read_bytes()[:len(data)] == data
 
 
 def test_tensor_ends_pad_with_zeros_and_drop_the_padding(tmp_path, make_handle):
@@ -86,21 +116,36 @@ def test_manager_copies_part_of_an_extent_out_and_in(tmp_path, make_handle):
         values = torch.randn(3 * ALIGNMENT // 4)
         manager.write_through("x", values)
         with open_file(tmp_path / "ckpt", Access.READ_WRITE) as f:
-            manager.copy_out([("x", ALIGNMENT, 2 * ALIGNMENT)], f, 0, staging(2, ALIGNMENT))
+            manager.copy_out([SwapRange("x", ALIGNMENT, 2 * ALIGNMENT)], f, 0, staging(2, ALIGNMENT))
             assert (tmp_path / "ckpt").read_bytes() == values.numpy().tobytes()[ALIGNMENT:]
             os.pwrite(f.buffered_fd, bytes(2 * ALIGNMENT), 0)  # zeros go back into the same range
-            manager.copy_in([("x", ALIGNMENT, 2 * ALIGNMENT)], f, 0, staging(2, ALIGNMENT))
+            manager.copy_in([SwapRange("x", ALIGNMENT, 2 * ALIGNMENT)], f, 0, staging(2, ALIGNMENT))
             manager.start_read("x")
             back = manager.finish_read("x").clone()
             with pytest.raises(InfinityError, match="host_dirty; copies to or from a file need it at rest"):
                 manager.stage("x")
-                manager.copy_out([("x", 0, ALIGNMENT)], f, 0, staging(1, ALIGNMENT))
+                manager.copy_out([SwapRange("x", 0, ALIGNMENT)], f, 0, staging(1, ALIGNMENT))
             with pytest.raises(InfinityError, match="not an aligned range"):
                 manager.start_write("x")
                 manager.finish_write("x")
-                manager.copy_in([("x", 100, ALIGNMENT)], f, 0, staging(1, ALIGNMENT))
+                manager.copy_in([SwapRange("x", 100, ALIGNMENT)], f, 0, staging(1, ALIGNMENT))
             manager.drop("x")
         first = ALIGNMENT // 4  # elements before the copied range
         assert torch.equal(back[:first], values[:first]) and not back[first:].any()
     finally:
         manager.close()
+
+
+def test_host_tensors_between_swap_parts_ride_in_their_managers_copy():
+    """One pipeline per file (stream._runs): host tensors join the run of the swap parts around them; a
+    second manager's part, or a tensor that is not contiguous host memory, starts a new run."""
+    first, second = object(), object()
+    host = HostPart(torch.zeros(ALIGNMENT // 4))
+    strided = HostPart(torch.zeros(8, ALIGNMENT // 32).t())
+    parts = [(host, ALIGNMENT), (SwapPart(first, "a"), ALIGNMENT), (host, ALIGNMENT),
+             (SwapPart(first, "b"), 2 * ALIGNMENT), (host, ALIGNMENT), (SwapPart(second, "c"), ALIGNMENT),
+             (strided, ALIGNMENT), (host, ALIGNMENT)]
+    runs = [([p for p, _ in items], pos) for items, pos in _runs(parts, 100)]
+    assert [len(r) for r, _ in runs] == [5, 1, 2]
+    assert [pos for _, pos in runs] == [100, 100 + 6 * ALIGNMENT, 100 + 7 * ALIGNMENT]
+    assert runs[1][0][0].manager is second and runs[2][0][0] is strided
