@@ -20,7 +20,7 @@ from infinity.exporter import from_config
 from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
 from infinity.timeline import Timeline
 from infinity.zero import Engine, Init, initialize
-from infinity.zero.ranks import Ranks, init_distributed
+from infinity.zero.ranks import init_distributed
 
 log = logging.getLogger("infinity.train")
 
@@ -73,9 +73,9 @@ def load_config(job: TrainJob) -> Config:
     return Config.load(job.config, overrides=overrides)
 
 
-def build_model(job: TrainJob, config: Config, ranks: Ranks = Ranks()) -> nn.Module:
-    """The GPT, built under zero.Init when parameters are offloaded to NVMe (by one process: with several
-    ranks each builds the model in host memory and initialize keeps its shards).
+def build_model(job: TrainJob, config: Config) -> nn.Module:
+    """The GPT, built under zero.Init when parameters are offloaded to NVMe (with several ranks each rank
+    writes only its pieces, of rank 0's values).
 
     [Note: Transformers models are built plainly] their constructors end with post_init(), which
     re-initialises every weight of the finished model; under zero.Init those weights would already be
@@ -84,7 +84,7 @@ def build_model(job: TrainJob, config: Config, ranks: Ranks = Ranks()) -> nn.Mod
     torch.manual_seed(job.seed)
     if job.hf_config:
         return _hf_model(job.hf_config)
-    on_nvme = config.zero_optimization.offload_param.device is OffloadDevice.NVME and not ranks.several
+    on_nvme = config.zero_optimization.offload_param.device is OffloadDevice.NVME
     with Init(config=config, enabled=on_nvme):
         return Gpt(job.spec)
 
@@ -96,7 +96,7 @@ def run(job: TrainJob) -> Iterator[StepStats]:
     exporter = from_config(config.prometheus, rank=ranks.rank,
                            setting="--metrics-port" if job.metrics_port else "prometheus.port")
     try:
-        model = build_model(job, config, ranks)
+        model = build_model(job, config)
         engine, *_ = initialize(model=model, config=config)
         try:
             yield from _loop(engine, job, config, model)

@@ -70,6 +70,7 @@ class Engine:
                                     for i, (n, s) in enumerate(zip(self.names, self.shapes))]
         check_placement(settings, self.shards, bool(self.params))
         self._adopted = self._adopt_init()
+        self._agree_on_initial_values()
         self.groups = plan_groups([(sh.name, sh.length) for sh in self.shards], settings.sub_group_size)
         self.optimizer = self._build_optimizer()
         self.reporter = StepReporter(settings.report_every, self.rank)
@@ -325,23 +326,41 @@ class Engine:
         if len(runs) > 1:
             raise UsageError("the model's parameters come from more than one zero.Init; build the whole model "
                              "under one zero.Init context")
-        if self.world > 1:
-            raise UsageError(f"zero.Init with {self.world} ranks is not supported yet (each rank would write whole "
-                             f"parameters, not its shard): build the model without zero.Init when launching several "
-                             f"ranks")
+        run = next(iter(runs.values()))
+        if (run.ranks.world, run.ranks.rank) != (self.world, self.rank):
+            raise UsageError(f"the model was built under zero.Init as rank {run.ranks.rank} of {run.ranks.world}, "
+                             f"but initialize runs as rank {self.rank} of {self.world}: start the process group "
+                             f"(torchrun, or infinity.init_distributed) before zero.Init, or let zero.Init start it")
         if self.settings.param_tier is not Tier.NVME:
             raise UsageError("the model was built under zero.Init with offload_param nvme, but initialize's config "
                              f"puts parameters on {self.settings.param_tier.value}; pass the same config to both")
-        manager = next(iter(runs.values())).take(self.settings)
+        manager = run.take(self.settings)
         manager.device = self.device
         self._managers[str(self.settings.param_nvme_path)] = manager
         return {i: r.key for i, r in records.items()}
 
     def _initial_values(self, s: Any) -> torch.Tensor:
-        """A parameter's values for the fp32 master: its own, or for one built under zero.Init, read back."""
+        """A parameter's values for the fp32 master (this rank's piece with several ranks): its own, or for
+        one built under zero.Init, read back (zero.Init wrote only this rank's piece)."""
         i = s.index
-        values = self.params[i].detach().float() if i not in self._adopted else self._read_values(i)
+        if i in self._adopted:
+            home = self.homes[i]
+            return self._read_values(i, home.inner if isinstance(home, ShardedHome) else home)
+        values = self.params[i].detach().float()
         return piece_of(values, self.shards[i]) if self.world > 1 else values
+
+    def _agree_on_initial_values(self) -> None:
+        """[Note: rank 0's initial values]  With several ranks, every parameter and buffer not written by
+        zero.Init (which broadcast its own) takes rank 0's values, as DeepSpeed's engine does: ranks that
+        seeded differently would otherwise start replicated parameters apart and never meet again."""
+        if not self.ranks.several:
+            return
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if i not in self._adopted:
+                    self.ranks.broadcast(p.data, f"initial values of parameter {self.names[i]!r}")
+            for name, b in self.module.named_buffers():
+                self.ranks.broadcast(b.data, f"initial values of buffer {name!r}")
 
     @contextlib.contextmanager
     def _settled(self, caller: str) -> Iterator[None]:
@@ -367,13 +386,14 @@ class Engine:
         finally:
             self.homes[i].release(i)
 
-    def _read_values(self, i: int) -> torch.Tensor:
-        """Parameter i's values from its home, fp32 in host memory (may share storage with a resident one)."""
+    def _read_values(self, i: int, home: ParamHome | None = None) -> torch.Tensor:
+        """Parameter i's values from its home (or the home given), fp32 in host memory, as a copy."""
         # [Note: not through _whole]  No view of the fetched values is alive at the release (the copy is not
         # one), so a lent staging buffer goes back to the pool; under _whole the caller's view would make the
         # pool replace it (BufferPool.replace).
-        values = self.homes[i].fetch(i).detach().to("cpu", torch.float32, copy=True)
-        self.homes[i].release(i)
+        home = home if home is not None else self.homes[i]
+        values = home.fetch(i).detach().to("cpu", torch.float32, copy=True)
+        home.release(i)
         return values
 
     def _build_optimizer(self) -> HostOptimizer | NvmeOptimizer:

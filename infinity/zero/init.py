@@ -17,9 +17,16 @@ elements are not written: they stay as built, and the engine keeps them on the c
 
 A weight changed after its parent's constructor returned (say by `model.apply(init_fn)` on the
 finished model) would change an empty placeholder: do such initialisation inside the constructors.
+
+[Note: several ranks]  Under torchrun (WORLD_SIZE above 1) Init starts the process group
+(init_distributed) and each rank writes only its piece of each parameter (zero/shard.py), into its own
+rank folder, as the engine's sharded homes then read it.  Before a parameter leaves, rank 0's values
+are broadcast, as DeepSpeed's zero.Init does: ranks that seeded differently still train one model.  The
+broadcast is a collective, so every rank must build the same modules in the same order.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -38,7 +45,10 @@ from infinity.memory.pool import BufferPool
 from infinity.swap.params import Tier
 from infinity.zero.from_config import settings_from_config
 from infinity.zero.placement import open_manager
+from infinity.zero.ranks import Ranks, init_distributed
 from infinity.zero.settings import EngineSettings, dtype_of
+from infinity.zero.gather import piece_of
+from infinity.zero.shard import shard_of
 
 log = logging.getLogger("infinity.zero")
 
@@ -61,8 +71,8 @@ def placed(p: torch.Tensor) -> Placed | None:
 class InitRun:
     """The swap store the parameters were written to; the engine takes it over at initialize."""
 
-    def __init__(self, settings: EngineSettings):
-        self.settings = settings
+    def __init__(self, settings: EngineSettings, ranks: Ranks = Ranks()):
+        self.settings, self.ranks = settings, ranks
         self.dtype = dtype_of(settings.precision)
         self.manager: MemoryManager | None = open_manager(settings, str(settings.param_nvme_path),
                                                           torch.device("cpu"))
@@ -76,9 +86,14 @@ class InitRun:
             return  # stays resident (stage3_param_persistence_threshold): the engine keeps it on the compute tier
         key = f"param/init-{self.count}"
         self.count += 1
-        nbytes = p.numel() * torch.empty(0, dtype=self.dtype).element_size()
-        self.manager.add(key, p.numel(), self.dtype, region="param", pool=self._staging_for(nbytes))
-        self.manager.write_through(key, p.detach().to(self.dtype).reshape(-1))
+        values = p.detach().to(self.dtype).reshape(-1)
+        if self.ranks.several:  # [Note: several ranks]
+            values = values.contiguous()
+            self.ranks.broadcast(values, f"zero.Init's parameter {key!r} of shape {tuple(p.shape)}")
+            values = piece_of(values, shard_of(key, p.shape, self.ranks.world, self.ranks.rank))
+        nbytes = values.numel() * values.element_size()
+        self.manager.add(key, values.numel(), self.dtype, region="param", pool=self._staging_for(nbytes))
+        self.manager.write_through(key, values)
         setattr(p, ATTR, Placed(self, key, p.shape))
         p.data = torch.empty(0, dtype=self.dtype, device=p.device)
 
@@ -115,7 +130,7 @@ class Init:
     changes nothing (the model is built as usual and placed by initialize)."""
 
     def __init__(self, config: ConfigSource | Config | None = None, *, enabled: bool = True,
-                 config_dict_or_path: ConfigSource | None = None, rank: int = 0):
+                 config_dict_or_path: ConfigSource | None = None):
         source = config if config is not None else config_dict_or_path
         if source is None and enabled:
             raise UsageError("zero.Init needs config= (a path, JSON string, dict or infinity.Config)")
@@ -123,7 +138,7 @@ class Init:
         self.settings = None
         if enabled:
             cfg = source if isinstance(source, Config) else Config.load(source)  # type: ignore[arg-type]
-            self.settings = settings_from_config(cfg, rank=rank)
+            self.settings = settings_from_config(cfg)
         self.run: InitRun | None = None
         self._stack: list[nn.Module] = []
         self._wrapped: list[tuple[type, Callable[..., None]]] = []
@@ -134,7 +149,9 @@ class Init:
             if self.enabled:
                 log.info("zero.Init: offload_param is not nvme, the model is built as usual")
             return self
-        self.run = InitRun(self.settings)
+        ranks = init_distributed()  # under torchrun: starts the process group, as initialize would
+        self.settings = dataclasses.replace(self.settings, rank=ranks.rank)  # this rank's own swap folder
+        self.run = InitRun(self.settings, ranks)
         for cls in _module_classes():
             self._wrap(cls)
         self._subclass_hook = nn.Module.__dict__.get("__init_subclass__")

@@ -23,6 +23,9 @@ from infinity.errors import RankFailed, UsageError
 log = logging.getLogger("infinity.zero")
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # torch's own default for gloo and NCCL
+# torch 2.13 renamed these two (the old names warn); older torch has only the old ones
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,12 @@ class Ranks:
     def all_gather_start(self, out: torch.Tensor, piece: torch.Tensor, what: str) -> "Pending":
         """Starts out (world × piece elements) = every rank's piece, in rank order; it runs in the process
         group's own thread until Pending.wait()."""
-        work = self._run("all-gather", what, dist.all_gather_into_tensor, out, piece, async_op=True)
+        work = self._run("all-gather", what, _ALL_GATHER, out, piece, async_op=True)
         return Pending(work, self, "all-gather", what)
 
     def reduce_scatter_mean(self, out: torch.Tensor, whole: torch.Tensor, what: str) -> None:
         """out = this rank's piece of the mean over ranks of whole (world × out elements)."""
-        self._run("reduce-scatter", what, dist.reduce_scatter_tensor, out, whole)
+        self._run("reduce-scatter", what, _REDUCE_SCATTER, out, whole)
         out.div_(self.world)
 
     def all_reduce_mean(self, t: torch.Tensor, what: str) -> None:
@@ -53,6 +56,16 @@ class Ranks:
 
     def all_reduce_sum(self, t: torch.Tensor, what: str) -> None:
         self._run("all-reduce", what, dist.all_reduce, t)
+
+    def broadcast(self, t: torch.Tensor, what: str, source: int = 0) -> None:
+        """t = rank source's t, on every rank (a host tensor goes through the current CUDA device on NCCL,
+        which moves only CUDA tensors)."""
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_device = t.to(torch.device("cuda", torch.cuda.current_device()))
+            self._run("broadcast", what, dist.broadcast, on_device, source)
+            t.copy_(on_device)
+            return
+        self._run("broadcast", what, dist.broadcast, t, source)
 
     def barrier(self, what: str) -> None:
         if self.several:

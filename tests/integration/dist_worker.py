@@ -4,7 +4,10 @@ torchrun): trains the small GPT on its part of each global batch and writes what
     python tests/integration/dist_worker.py OUT NVME_ROOT TIER STEPS [FAULT_STEP kill|stop] [TIMEOUT_S]
 
 With $CKPT_SAVE_AT=N and $CKPT_DIR the run saves a checkpoint after step N; with $CKPT_RESUME=1 it first
-loads $CKPT_DIR's latest checkpoint and trains the steps after it (to STEPS).
+loads $CKPT_DIR's latest checkpoint and trains the steps after it (to STEPS).  With $BUILD_UNDER_ZERO_INIT=1
+the model is built under infinity.zero.Init (which starts the process group itself); with
+$SEED_BY_RANK=1 each rank builds it from its own seed (rank 0 from the reference's), so only the
+broadcast of rank 0's initial values makes the ranks agree.
 
 TIER: nvme (parameters and optimizer on NVMe), cpu, or none.  FAULT_STEP: rank 1 kills itself with
 SIGKILL (kill) or stops itself with SIGSTOP (stop: alive but silent) before that step's backward; the
@@ -20,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import infinity  # noqa: E402
-from training_reference import ADAM, fresh_model, make_batches  # noqa: E402
+from infinity.models.gpt import Gpt  # noqa: E402
+from training_reference import ADAM, SPEC, fresh_model, make_batches  # noqa: E402
 
 
 PERSISTENT = 100  # parameters of at most this many elements are replicated; the rest are split
@@ -40,24 +44,29 @@ def config(nvme_root: str, tier: str, rank: int) -> dict:
                                   "offload_optimizer": offload | ({"buffer_count": 4} if tier == "nvme" else {})}}
 
 
+def build_model(rank: int) -> torch.nn.Module:
+    if os.environ.get("SEED_BY_RANK") and rank > 0:
+        torch.manual_seed(1000 + rank)
+        return Gpt(SPEC)
+    return fresh_model()
+
+
 def main() -> None:
     out, nvme_root, tier, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     fault_at = int(sys.argv[5]) if len(sys.argv) > 5 else -1
     fault = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[sys.argv[6]] if fault_at >= 0 else None
     timeout = float(sys.argv[7]) if len(sys.argv) > 7 else 60.0
-    infinity.init_distributed(timeout=datetime.timedelta(seconds=timeout))
+    rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get("BUILD_UNDER_ZERO_INIT"):
+        with infinity.zero.Init(config=config(nvme_root, tier, rank)):  # starts the process group
+            model = build_model(rank)
+    else:
+        infinity.init_distributed(timeout=datetime.timedelta(seconds=timeout))
+        model = build_model(rank)
     if not torch.distributed.is_initialized():  # world 1 (init_distributed starts none): for the loss all-reduce
         torch.distributed.init_process_group("gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if os.environ.get("BUILD_UNDER_ZERO_INIT"):  # refused with several ranks: the message goes to OUT
-        with infinity.zero.Init(config=config(nvme_root, tier, rank)):
-            model = fresh_model()
-        try:
-            infinity.initialize(model=model, config=config(nvme_root, tier, rank))
-        except infinity.UsageError as err:
-            torch.save({"refused": str(err)}, f"{out}.rank{rank}.pt")
-        return
-    engine, *_ = infinity.initialize(model=fresh_model(), config=config(nvme_root, tier, rank))
+    world = torch.distributed.get_world_size()
+    engine, *_ = infinity.initialize(model=model, config=config(nvme_root, tier, rank))
     ckpt, save_at = os.environ.get("CKPT_DIR"), int(os.environ.get("CKPT_SAVE_AT", "-1"))
     first = 0
     if os.environ.get("CKPT_RESUME"):
@@ -84,7 +93,8 @@ def main() -> None:
         engine.save_16bit_model(os.environ["SAVE_16BIT_DIR"])  # every rank gathers; rank 0 writes
     torch.save({"losses": losses, "reports": reports, "weights": weights, "rank": rank, "world": world,
                 "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.shards],
-                "gathered_ahead": sum({id(h): getattr(h, "gathered_ahead", 0) for h in engine.homes}.values())},
+                "gathered_ahead": sum({id(h): getattr(h, "gathered_ahead", 0) for h in engine.homes}.values()),
+                "param_swap_bytes": sum(m.store._ends.get("param", 0) for m in engine._managers.values())},
                f"{out}.rank{rank}.pt")
     engine.close()
     torch.distributed.destroy_process_group()
