@@ -1,11 +1,11 @@
 """The checksum of a file streamed through a copy pipeline, computed beside the copy.
 
-[Note: hashing beside the copy]  sha256 runs at about 1.7 GB/s on one core here, close to what the drive
-moves, so hashing each chunk on the pipeline's own thread holds back the next chunk's hand-on.  hashlib
-releases the GIL while it hashes a buffer of more than 2 KiB, so the chunks go, in file order, to one
-worker thread, and the pipeline keeps each chunk's staging buffer until its hash is done (the completion
-`update` returns; see infinity/memory/stream.py).  One worker keeps the order, so the digest is the
-file's sha256 exactly as a reader computes it.
+[Note: hashing beside the copy]  Hashing each chunk on the pipeline's own thread would hold back the
+next chunk's hand-on (sha256, which older checkpoints use, runs at 1.7 GB/s on one core here, about what
+a drive moves; crc32c at about 14 GB/s).  Both hashers release the GIL while they hash a large buffer,
+so the chunks go, in file order, to one worker thread, and the pipeline keeps each chunk's staging buffer
+until its hash is done (the completion `update` returns; see infinity/memory/stream.py).  One worker
+keeps the order, so the digest is the file's exactly as a reader computes it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from infinity.checkpoint.format import new_checksum
+from infinity.checkpoint.format import CHECKSUM, new_checksum
 
 
 class Hashed:
@@ -31,10 +31,11 @@ class Hashed:
 
 
 class StreamDigest:
-    """sha256 of the bytes fed to it in order, hashed on one worker thread; use as a context manager."""
+    """The checksum (of algorithm) of the bytes fed to it in order, hashed on one worker thread; use as a
+    context manager."""
 
-    def __init__(self, head: bytes = b""):
-        self._digest = new_checksum()
+    def __init__(self, head: bytes = b"", algorithm: str = CHECKSUM):
+        self._digest = new_checksum(algorithm)
         self._digest.update(head)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infinity-checksum")
 

@@ -5,7 +5,7 @@ length), cut to the parameter's elements and reshaped (format.full_parameter), c
 dtype and written at once; then the persistent buffers and frozen parameters, whole, from rank 0.  The
 output is streamed tensor by tensor (safetensors), so memory holds about one parameter: its pieces,
 the joined copy and its converted copy.  Every file read is checked against its manifest's size and
-sha256 first.  The result loads into the plain torch model with load_state_dict(strict=True).
+checksum first.  The result loads into the plain torch model with load_state_dict(strict=True).
 """
 from __future__ import annotations
 

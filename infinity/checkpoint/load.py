@@ -50,9 +50,9 @@ def load(engine: "Engine", load_dir: str | Path, tag: str | None,
     with engine._failing_on_error(True), io_handle(engine, ckpt_dir) as handle:
         staging = tensors.staging_buffers(contents.largest, streaming.chunk_bytes, streaming.count)
         tensors.read(folder / OPTIMIZER_FILE, manifest.file(OPTIMIZER_FILE),
-                     {s.name: s for s in contents.optimizer}, handle, staging)
+                     {s.name: s for s in contents.optimizer}, handle, staging, manifest.checksum)
         tensors.read(folder / MODEL_FILE, manifest.file(MODEL_FILE), {s.name: s for s in contents.model}, handle,
-                     staging)
+                     staging, manifest.checksum)
         state.restore(engine, saved, rng, str(folder))
     log.info("loaded checkpoint %s (rank %d of %d) from %s", tag, engine.rank, engine.world, folder)
     return str(tag_dir(ckpt_dir, tag)), client

@@ -5,7 +5,7 @@ shape), then every tensor in the header's order, so that at most one tensor is i
     with TensorFileWriter(path, specs) as out:
         for spec in specs:
             out.write(spec.name, values_of(spec.name))   # fetched, written, dropped one by one
-    out.checksum  # sha256 of the file's bytes, as the checkpoint manifest records it
+    out.checksum  # the file's checksum (format.CHECKSUM), as the checkpoint manifest records it
 
 Durable: the file is written under a temporary name beside `path` (".<name>.tmp-<pid>"), fsynced,
 renamed over `path` and the folder fsynced, all in close(); an error or a missing tensor removes the
@@ -20,7 +20,6 @@ the tensors before it have such sizes; the checkpoint format pads its 1-D tensor
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -32,7 +31,7 @@ from typing import Any, BinaryIO, Mapping, Sequence
 import torch
 
 from infinity.checkpoint import files
-from infinity.checkpoint.format import CHECKSUM, SAFETENSORS_DTYPES
+from infinity.checkpoint.format import SAFETENSORS_DTYPES, new_checksum
 from infinity.errors import CheckpointError
 from infinity.io.align import round_up
 
@@ -103,8 +102,8 @@ class TensorFileWriter:
         self.specs = tuple(specs)
         self.layout = layout(self.specs, metadata, align)
         self._next = 0
-        self._digest = hashlib.new(CHECKSUM)
-        self.checksum: str | None = None  # set by close(): the file's sha256, lowercase hex
+        self._digest = new_checksum()
+        self.checksum: str | None = None  # set by close(): the file's checksum (format.CHECKSUM), lowercase hex
         self.nbytes = self.layout.size
         self._tmp = files.temp_path(self.path)
         self._file: BinaryIO | None = open(self._tmp, "xb")

@@ -97,9 +97,10 @@ def read_header(path: Path) -> tuple[bytes, dict[str, dict]]:
 
 
 def read(path: Path, expected: FileEntry, specs: dict[str, StoredTensor], handle: IoHandle,
-         staging: Sequence[HostBuffer]) -> None:
+         staging: Sequence[HostBuffer], algorithm: str) -> None:
     """Streams every tensor of path into its spec's part, checking dtype and size against the spec and
-    the whole file's size and checksum against expected (a CheckpointError naming the file)."""
+    the whole file's size and checksum (of algorithm, the manifest's) against expected (a CheckpointError
+    naming the file)."""
     size = os.stat(path).st_size
     check_file(path.parent, expected, size, None)
     try:
@@ -108,17 +109,17 @@ def read(path: Path, expected: FileEntry, specs: dict[str, StoredTensor], handle
             raise CheckpointError(str(path), f"holds tensors {sorted(set(entries) ^ set(specs))[:5]} that do not "
                                   f"match its manifest")
     except CheckpointError:
-        check_file(path.parent, expected, *file_checksum(path))  # an altered header: say so by its checksum
+        check_file(path.parent, expected, *file_checksum(path, algorithm), algorithm)  # an altered header: say so
         raise
     parts = in_file_order(path, head, entries, specs)
     source = open_file(path, Access.READ)
     try:
-        with StreamDigest(head) as digest:
+        with StreamDigest(head, algorithm) as digest:
             load_parts(handle, parts, source, len(head), staging, seen=digest.update)
             checksum = digest.hexdigest()
     finally:
         source.close()
-    check_file(path.parent, expected, size, checksum)
+    check_file(path.parent, expected, size, checksum, algorithm)
 
 
 def in_file_order(path: Path, head: bytes, entries: dict[str, dict], specs: dict[str, StoredTensor]) -> list:

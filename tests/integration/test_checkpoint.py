@@ -2,6 +2,7 @@
 against SIGKILL mid-save, damaged files named, other models and world sizes refused, nothing unpickled."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -144,10 +145,46 @@ def test_one_altered_byte_is_named_with_its_checksums(tmp_path, batches, name):
         with pytest.raises(CheckpointError) as err:
             engine.load_checkpoint(str(tmp_path / "ckpt"))
         assert str(folder / name) in str(err.value) and f"the manifest says {want}" in str(err.value)
-        assert "sha256 is" in str(err.value) and "altered" in str(err.value)
+        assert "crc32c is" in str(err.value) and "altered" in str(err.value)
         if name != STATE_FILE:  # found while streaming in: the engine's state is no longer trusted
             with pytest.raises(EngineFailed, match="CheckpointError"):
                 train(engine, batches[:1])
+    finally:
+        engine.close()
+
+
+def test_a_checkpoint_checksummed_with_sha256_still_loads(tmp_path, batches):
+    """Checkpoints of infinity before crc32c name sha256 in the manifest: they load exactly, and a damaged
+    file is named with sha256; a manifest naming an unknown algorithm is refused, naming the manifest."""
+    want_losses, want_weights = uninterrupted(tmp_path, batches)
+    saved_at_step_5(tmp_path, tmp_path / "ckpt", batches).close()
+    folder = tmp_path / "ckpt" / "global_step5" / "rank_0"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["checksum"] == "crc32c"
+    manifest["checksum"] = "sha256"
+    for entry in manifest["files"]:
+        entry["checksum"] = hashlib.sha256((folder / entry["name"]).read_bytes()).hexdigest()
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    engine = Engine(fresh_model(), settings(str(tmp_path)))
+    try:
+        engine.load_checkpoint(str(tmp_path / "ckpt"))
+        assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
+        assert all(torch.equal(w, engine.parameter_values()[n]) for n, w in want_weights.items())
+    finally:
+        engine.close()
+    data = bytearray((folder / STATE_FILE).read_bytes())
+    data[-2] ^= 0x01
+    (folder / STATE_FILE).write_bytes(bytes(data))
+    engine = Engine(fresh_model(), settings(str(tmp_path)))
+    try:
+        with pytest.raises(CheckpointError, match="sha256 is [0-9a-f]{64}, the manifest says"):
+            engine.load_checkpoint(str(tmp_path / "ckpt"))
+        manifest["checksum"] = "md5"
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError) as err:
+            engine.load_checkpoint(str(tmp_path / "ckpt"))
+        assert str(folder / MANIFEST) in str(err.value) and "names checksum 'md5'" in str(err.value)
+        assert "crc32c, sha256" in str(err.value)
     finally:
         engine.close()
 

@@ -58,7 +58,7 @@ def test_a_checksum_on_another_thread_keeps_each_buffer_until_it_is_done(tmp_pat
             return Hashed(self._worker.submit(later))
 
     with open_file(tmp_path / "src", Access.READ) as src, open_file(tmp_path / "dst", Access.WRITE) as dst, \
-            SlowDigest() as digest:
+            SlowDigest(algorithm="sha256") as digest:
         copy(handle, FileEnd(src, 0), FileEnd(dst, 0), len(data), staging(count), digest.update)
         assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
     assert reused == []
