@@ -2,20 +2,27 @@
 
 A GPT is built under infinity.zero.Init and trained one step through infinity.initialize with its bf16
 parameters and its fp32 master weights and Adam moments in swap files (so every byte of state is real
-on the drive).  Each round then runs, in alternating order, on the same checkpoint folder:
+on the drive).  SWAP is --nvme_path, CKPT is --ckpt_path (by default a folder in SWAP: the same drive).
+Each round then runs, in alternating order:
 
-  save        engine.save_checkpoint(CKPT, tag): swap files -> checkpoint files through the run's handle
-              (reads and writes of N bytes, sha256 of every byte), N = the checkpoint's bytes
-  raw write   the run's own handle (same aio settings) writes N bytes into a new file in CKPT from one
-              host buffer, two requests of --raw_chunk bytes in flight: the bandwidth to keep up with
-  load        engine.load_checkpoint(CKPT, tag), the checkpoint's cached pages dropped first
-  raw read    the same handle reads that file's N bytes back, cached pages dropped first
-  raw copy    the same handle copies that file into a new one, reads and writes in flight at once (two
-              of each, --raw_chunk / 4 bytes apiece), then fsync: the engine's own bandwidth for what a
-              save and a load are (N bytes read and N written on one drive), with no format and no checksum
-  sha256      hashlib's sha256 of N bytes in 8 MiB updates (what every save and load computes), one core
+  save          engine.save_checkpoint(CKPT, tag): swap files -> checkpoint files through the run's handle
+                (reads N bytes in SWAP, writes N in CKPT, checksum of every byte), N = the checkpoint's bytes
+  load          engine.load_checkpoint(CKPT, tag), the checkpoint's cached pages dropped first (reads N in
+                CKPT, writes N in SWAP, checksums checked)
+  raw write X   the run's own handle (same aio settings) writes N bytes into a new file in X (SWAP or
+                CKPT) from one host buffer, two requests of --raw_chunk bytes in flight, then fsync
+  raw read X    the same handle reads that file's N bytes back, cached pages dropped first
+  copy out/in   the same handle copies N bytes from a file in SWAP into a new file in CKPT (out) or from
+                CKPT into SWAP (in), reads and writes in flight at once (--raw_chunk / 4 bytes apiece),
+                then fsync: the engine's own bandwidth for the bytes a save (out) or a load (in) moves,
+                with no format and no checksum
+  checksum      the checkpoint's checksum (format.CHECKSUM: crc32c) of N bytes in 8 MiB updates, one core
+  sha256        the same with sha256 (what checkpoints used before crc32c), for comparison
 
-and takes save and load GB/s over raw write, raw read and raw copy GB/s per round (medians reported).  Peak RSS
+Per round: save and load GB/s over the engine's copy the same way (save / copy out, load / copy in),
+and over one way (the slower side's raw figure: save / min(raw read SWAP, raw write CKPT), load /
+min(raw read CKPT, raw write SWAP)); medians of the rounds are reported.  With SWAP and CKPT on one
+drive a copy moves 2N bytes through it, so no copy reaches one way; on two drives it can.  Peak RSS
 growth during a save is sampled every 2 ms from /proc/self/status (VmRSS above the value just before).
 With --consolidate, infinity-consolidate of the last checkpoint runs in a fresh process and its peak RSS
 (VmHWM) is set against a process that only imports it, and against the largest tensor.
@@ -27,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -43,6 +49,7 @@ from typing import Any, Callable
 import torch
 
 import infinity
+from infinity.checkpoint.format import CHECKSUM, new_checksum
 from infinity.io import check_nvme_path, open_file
 from infinity.io.files import Access
 from infinity.memory import HostBuffer
@@ -93,50 +100,66 @@ def folder_bytes(folder: Path) -> int:
 
 
 class Raw:
-    """N bytes through the run's own async-IO handle, written to and read from one file in CKPT."""
+    """N bytes through the run's own async-IO handle: written to and read from a file in the swap folder
+    (where a save reads and a load writes) and in the checkpoint folder (where a save writes and a load
+    reads), and copied between the two in both directions."""
 
-    def __init__(self, engine: Engine, folder: Path, nbytes: int, chunk: int):
+    def __init__(self, engine: Engine, swap: Path, ckpt: Path, nbytes: int, chunk: int):
         self.handle = next(iter(engine._managers.values())).handle
-        self.path, self.nbytes = folder / "raw.bin", nbytes
+        self.folders, self.nbytes = {"swap": swap, "ckpt": ckpt}, nbytes
         self.buffer = HostBuffer(min(chunk, -(-nbytes // 4096) * 4096))
         self.buffer.tensor.fill_(7)
+        for side in self.folders:
+            self.write(side)  # every file a round reads exists from the start
 
-    def _requests(self, submit: Callable[..., Any]) -> None:
+    def path(self, side: str, name: str = "raw-bench.bin") -> Path:
+        return self.folders[side] / name
+
+    def _requests(self, submit: Callable[..., Any], file: Any) -> None:
         in_flight, pos, size = [], 0, self.buffer.nbytes
         while pos < self.nbytes:
             if len(in_flight) == 2:
                 in_flight.pop(0).wait()
             n = min(size, -(-(self.nbytes - pos) // 4096) * 4096)
-            in_flight.append(submit(self.buffer.tensor[:n], self.file, pos))
+            in_flight.append(submit(self.buffer.tensor[:n], file, pos))
             pos += n
         for f in in_flight:
             f.wait()
 
-    def write(self) -> float:
-        self.path.unlink(missing_ok=True)  # a new file each time, as each save writes new files
+    def write(self, side: str) -> float:
+        """Seconds to write N bytes into a new file on side, fsync included (as a save writes new files)."""
+        self.path(side).unlink(missing_ok=True)
         started = time.perf_counter()
-        with open_file(self.path, Access.WRITE) as self.file:
-            self._requests(self.handle.submit_write)
-            os.fsync(self.file.buffered_fd)  # the save fsyncs its files too
+        with open_file(self.path(side), Access.WRITE) as file:
+            self._requests(self.handle.submit_write, file)
+            os.fsync(file.buffered_fd)
         return time.perf_counter() - started
 
-    def hash(self, chunk: int = 8 << 20) -> float:
-        """Seconds for sha256 of N bytes, fed in chunks as a save feeds it (the checksum every save computes)."""
-        digest, data = hashlib.sha256(), self.buffer.tensor.numpy()
+    def read(self, side: str) -> float:
+        with open_file(self.path(side), Access.READ) as file:
+            file.drop_cached_pages()
+            started = time.perf_counter()
+            self._requests(self.handle.submit_read, file)
+            return time.perf_counter() - started
+
+    def hash(self, algorithm: str, chunk: int = 8 << 20) -> float:
+        """Seconds for the checksum of N bytes, fed in chunks as a save feeds it, on this thread."""
+        digest, data = new_checksum(algorithm), self.buffer.tensor.numpy()
         started = time.perf_counter()
         for pos in range(0, self.nbytes, chunk):
             at = pos % self.buffer.nbytes
             digest.update(data[at:at + min(chunk, self.nbytes - pos)])
         return time.perf_counter() - started
 
-    def copy(self) -> float:
-        """Seconds to copy the raw file into a new one: two reads and two writes of chunk / 4 in flight."""
-        target = self.path.with_name("raw-copy.bin")
-        target.unlink(missing_ok=True)
+    def copy(self, source: str, target: str) -> float:
+        """Seconds to copy source's file into a new file on target, fsync included: reads and writes of
+        chunk / 4 in flight at once."""
+        out_path = self.path(target, "raw-copy.bin")
+        out_path.unlink(missing_ok=True)
         quarter = self.buffer.nbytes // 4 // 4096 * 4096
         views = [self.buffer.tensor[i * quarter:(i + 1) * quarter] for i in range(4)]
-        with open_file(self.path, Access.READ) as source, open_file(target, Access.WRITE) as out:
-            source.drop_cached_pages()
+        with open_file(self.path(source), Access.READ) as src, open_file(out_path, Access.WRITE) as out:
+            src.drop_cached_pages()
             started = time.perf_counter()
             in_flight: list[Any] = []
             for i, pos in enumerate(range(0, self.nbytes, quarter)):
@@ -146,20 +169,17 @@ class Raw:
                     in_flight.pop(0).wait()
                 # [Note: what this copies]  A real copy writes chunk i after reading it; this one writes the
                 # other half of the buffer while reading, so reads and writes overlap fully: an upper bound.
-                in_flight += [self.handle.submit_read(read, source, pos), self.handle.submit_write(write, out, pos)]
+                in_flight += [self.handle.submit_read(read, src, pos), self.handle.submit_write(write, out, pos)]
             for f in in_flight:
                 f.wait()
             os.fsync(out.buffered_fd)
             seconds = time.perf_counter() - started
-        target.unlink()
+        out_path.unlink()
         return seconds
 
-    def read(self) -> float:
-        with open_file(self.path, Access.READ) as self.file:
-            self.file.drop_cached_pages()
-            started = time.perf_counter()
-            self._requests(self.handle.submit_read)
-            return time.perf_counter() - started
+    def remove(self) -> None:
+        for side in self.folders:
+            self.path(side).unlink(missing_ok=True)
 
 
 def build(args: argparse.Namespace, folder: str) -> tuple[Engine, GptSpec]:
@@ -198,34 +218,47 @@ def one_round(engine: Engine, ckpt: Path, raw: Raw, r: int) -> dict[str, Any]:
             row["load_s"] = time.perf_counter() - started
         row["load_rss_growth"] = rss.growth
 
-    def raw_write() -> None:
-        row["raw_write_s"] = raw.write()
+    def raw_write_ckpt() -> None:
+        row["raw_write_ckpt_s"] = raw.write("ckpt")
 
-    def raw_read() -> None:
-        row["raw_read_s"] = raw.read()
+    def raw_write_swap() -> None:
+        row["raw_write_swap_s"] = raw.write("swap")
+
+    def raw_read_ckpt() -> None:
+        row["raw_read_ckpt_s"] = raw.read("ckpt")
+
+    def raw_read_swap() -> None:
+        row["raw_read_swap_s"] = raw.read("swap")
+
+    def copy_out() -> None:
+        row["copy_out_s"] = raw.copy("swap", "ckpt")
+
+    def copy_in() -> None:
+        row["copy_in_s"] = raw.copy("ckpt", "swap")
+
+    def checksum() -> None:
+        row["checksum_s"] = raw.hash(CHECKSUM)
 
     def sha256() -> None:
-        row["sha256_s"] = raw.hash()
+        row["sha256_s"] = raw.hash("sha256")
 
-    def raw_copy() -> None:
-        row["raw_copy_s"] = raw.copy()
-
-    writes, reads = [save, raw_write], [load, raw_read, raw_copy]
+    writes = [save, raw_write_ckpt, raw_write_swap, copy_out]
+    reads = [load, raw_read_ckpt, raw_read_swap, copy_in]
     if r % 2:
         writes, reads = writes[::-1], reads[::-1]
-    row["order"] = "-".join(f.__name__ for f in writes + reads + [sha256])
-    for go in writes + reads + [sha256]:
+    row["order"] = "-".join(f.__name__ for f in writes + reads + [checksum, sha256])
+    for go in writes + reads + [checksum, sha256]:
         go()
     gb = row["bytes"] / 1e9
-    row.update(save_gbps=gb / row["save_s"], raw_write_gbps=raw.nbytes / 1e9 / row["raw_write_s"],
-               load_gbps=gb / row["load_s"], raw_read_gbps=raw.nbytes / 1e9 / row["raw_read_s"])
-    row["sha256_gbps"] = raw.nbytes / 1e9 / row["sha256_s"]
-    row["raw_copy_gbps"] = raw.nbytes / 1e9 / row["raw_copy_s"]
-    row["save_over_raw"] = row["save_gbps"] / row["raw_write_gbps"]
-    row["load_over_raw"] = row["load_gbps"] / row["raw_read_gbps"]
-    # a save or a load reads N bytes and writes N on the same drive: against the engine copying N bytes
-    row["save_over_raw_copy"] = row["save_gbps"] / row["raw_copy_gbps"]
-    row["load_over_raw_copy"] = row["load_gbps"] / row["raw_copy_gbps"]
+    row.update(save_gbps=gb / row["save_s"], load_gbps=gb / row["load_s"])
+    for key in ("raw_write_ckpt", "raw_write_swap", "raw_read_ckpt", "raw_read_swap", "copy_out", "copy_in", "checksum", "sha256"):
+        row[f"{key}_gbps"] = raw.nbytes / 1e9 / row[f"{key}_s"]
+    # one way: the slower of the two sides a save (swap read, checkpoint write) or a load moves bytes on
+    row["save_over_one_way"] = row["save_gbps"] / min(row["raw_read_swap_gbps"], row["raw_write_ckpt_gbps"])
+    row["load_over_one_way"] = row["load_gbps"] / min(row["raw_read_ckpt_gbps"], row["raw_write_swap_gbps"])
+    # the engine copying the same N bytes the same way between the same two folders
+    row["save_over_copy"] = row["save_gbps"] / row["copy_out_gbps"]
+    row["load_over_copy"] = row["load_gbps"] / row["copy_in_gbps"]
     return row
 
 
@@ -257,8 +290,9 @@ def consolidation_rss(ckpt: Path, tag: str, out: Path, largest: int) -> dict[str
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in rows)
-    keys = ("save_gbps", "raw_write_gbps", "load_gbps", "raw_read_gbps", "raw_copy_gbps", "sha256_gbps",
-            "save_over_raw", "load_over_raw", "save_over_raw_copy", "load_over_raw_copy")
+    keys = ("save_gbps", "load_gbps", "raw_write_ckpt_gbps", "raw_write_swap_gbps", "raw_read_ckpt_gbps",
+            "raw_read_swap_gbps", "copy_out_gbps", "copy_in_gbps", "checksum_gbps", "sha256_gbps", "save_over_one_way",
+            "load_over_one_way", "save_over_copy", "load_over_copy")
     out: dict[str, Any] = {f"median_{k}": med(k) for k in keys}
     out.update({f"range_{k}": [min(r[k] for r in rows), max(r[k] for r in rows)] for k in keys})
     out["checkpoint_bytes"] = rows[0]["bytes"]
@@ -302,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.save_checkpoint(ckpt, tag="warmup")
         nbytes = folder_bytes(ckpt / "warmup")
         shutil.rmtree(ckpt / "warmup")
-        raw = Raw(engine, ckpt, nbytes, args.raw_chunk)
+        raw = Raw(engine, Path(folder), ckpt, nbytes, args.raw_chunk)
         for r in range(args.rounds):
             rows.append(one_round(engine, ckpt, raw, r))
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
@@ -320,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             result["consolidate"] = consolidation_rss(ckpt, f"round{args.rounds - 1}",
                                                       ckpt / "consolidated.safetensors", largest)
     finally:
+        if "raw" in locals():
+            raw.remove()
         engine.close()
         shutil.rmtree(ckpt, ignore_errors=True)
     if args.json:
@@ -327,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     s = result["summary"]
     print(f"checkpoint {s['checkpoint_bytes'] / 1e9:.2f} GB; median of {args.rounds} rounds: save "
-          f"{s['median_save_gbps']:.2f} GB/s = {s['median_save_over_raw']:.3f} x raw write; load "
-          f"{s['median_load_gbps']:.2f} GB/s = {s['median_load_over_raw']:.3f} x raw read; against the engine's "
-          f"raw copy ({s['median_raw_copy_gbps']:.2f} GB/s each way): save {s['median_save_over_raw_copy']:.3f} x, "
-          f"load {s['median_load_over_raw_copy']:.3f} x; peak RSS growth in a save "
-          f"{s['max_save_rss_growth'] / 1e6:.0f} MB = {100 * s['max_save_rss_growth_over_checkpoint']:.1f}% of it "
-          f"(the process's first save: {result['first_save_rss_growth'] / 1e6:.0f} MB)")
+          f"{s['median_save_gbps']:.2f} GB/s = {s['median_save_over_copy']:.3f} x the engine's copy "
+          f"({s['median_copy_out_gbps']:.2f} GB/s), {s['median_save_over_one_way']:.3f} x one way; load "
+          f"{s['median_load_gbps']:.2f} GB/s = {s['median_load_over_copy']:.3f} x the engine's copy "
+          f"({s['median_copy_in_gbps']:.2f} GB/s), {s['median_load_over_one_way']:.3f} x one way; peak RSS growth in "
+          f"a save {s['max_save_rss_growth'] / 1e6:.0f} MB = {100 * s['max_save_rss_growth_over_checkpoint']:.1f}% "
+          f"of it (the process's first save: {result['first_save_rss_growth'] / 1e6:.0f} MB)")
     if "consolidate" in result:
         c = result["consolidate"]
         print(f"consolidate: peak RSS +{c['growth'] / 1e6:.0f} MB over an import-only process "
