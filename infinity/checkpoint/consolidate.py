@@ -68,7 +68,7 @@ def consolidate(ckpt_dir: str | os.PathLike[str], out: str | os.PathLike[str], t
     for files in ranks:
         files.verify([MODEL_FILE, OPTIMIZER_FILE])
     first = ranks[0].manifest
-    specs = [TensorSpec(p.name, dtype.torch, tuple(p.shape)) for p in first.params]
+    specs = [TensorSpec(key, dtype.torch, tuple(p.shape)) for p in first.params for key in (p.name, *p.aliases)]
     specs += [TensorSpec(b.name, dtype_of_name(b.dtype), tuple(b.shape)) for b in first.buffers]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_state_dict(out, specs, _tensors(ranks, dtype.torch), how)
@@ -80,7 +80,9 @@ def consolidate(ckpt_dir: str | os.PathLike[str], out: str | os.PathLike[str], t
 
 def _tensors(ranks: list[RankFiles], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     for p in ranks[0].manifest.params:
-        yield p.name, full_parameter(ranks, p.name, OptimizerState.MASTER).to(dtype)
+        values = full_parameter(ranks, p.name, OptimizerState.MASTER).to(dtype)
+        for key in (p.name, *p.aliases):  # a tied parameter under each of its state_dict keys
+            yield key, values
     for b in ranks[0].manifest.buffers:
         yield b.name, ranks[0].buffer(b.name)
 

@@ -34,7 +34,8 @@ class Contents:
 
 def contents_of(engine: "Engine") -> Contents:
     dtype = dtype_of(engine.settings.precision)
-    params = tuple(ParamEntry.of(shard, dtype) for shard in engine.shards)
+    aliases = aliases_of(engine)
+    params = tuple(ParamEntry.of(shard, dtype, aliases.get(shard.name, ())) for shard in engine.shards)
     model = [StoredTensor(p.name, dtype, p.stored, engine._param_part(i)) for i, p in enumerate(params)]
     buffers = []
     for name, tensor in extra_tensors(engine):
@@ -49,6 +50,18 @@ def contents_of(engine: "Engine") -> Contents:
                             engine.optimizer.state_part(engine._slice[i], state.value))
                  for state in OptimizerState for i, p in enumerate(params)]
     return Contents(params, tuple(buffers), tuple(model), tuple(optimizer))
+
+
+def aliases_of(engine: "Engine") -> dict[str, tuple[str, ...]]:
+    """The other state_dict keys of each tied trained parameter (named_parameters lists it once, under its
+    first name; state_dict lists it under every one), so that a consolidated file has them all."""
+    first = {id(p): name for name, p in zip(engine.names, engine.params)}
+    found: dict[str, list[str]] = {}
+    for key, t in engine.module.state_dict(keep_vars=True).items():
+        name = first.get(id(t))
+        if name is not None and key != name:
+            found.setdefault(name, []).append(key)
+    return {name: tuple(keys) for name, keys in found.items()}
 
 
 def extra_tensors(engine: "Engine") -> list[tuple[str, torch.Tensor]]:

@@ -169,6 +169,7 @@ class ParamEntry:
     replicated: bool
     dtype: str  # the compute dtype, as model.safetensors holds it
     stored: int  # elements of its tensor in model.safetensors (optimizer.safetensors: stored_numel(real, 4))
+    aliases: tuple[str, ...] = ()  # other state_dict keys of the same (tied) parameter
 
     @property
     def real(self) -> int:
@@ -179,9 +180,9 @@ class ParamEntry:
                      self.replicated)
 
     @classmethod
-    def of(cls, shard: Shard, dtype: torch.dtype) -> "ParamEntry":
+    def of(cls, shard: Shard, dtype: torch.dtype, aliases: tuple[str, ...] = ()) -> "ParamEntry":
         return cls(shard.name, tuple(shard.shape), shard.numel, shard.world, shard.rank, shard.start, shard.length,
-                   shard.replicated, dtype_name(dtype), stored_numel(shard.real, element_size(dtype)))
+                   shard.replicated, dtype_name(dtype), stored_numel(shard.real, element_size(dtype)), aliases)
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,8 @@ class Manifest:
             if data.get("version") != VERSION:
                 raise CheckpointError(where, f"format version {data.get('version')} is not {VERSION}",
                                       "load it with the infinity version that wrote it")
-            params = tuple(ParamEntry(**{**p, "shape": tuple(p["shape"])}) for p in data.pop("params"))
+            params = tuple(ParamEntry(**{**p, "shape": tuple(p["shape"]), "aliases": tuple(p.get("aliases", ()))})
+                           for p in data.pop("params"))
             buffers = tuple(BufferEntry(**{**b, "shape": tuple(b["shape"])}) for b in data.pop("buffers"))
             files = tuple(FileEntry(**f) for f in data.pop("files"))
             if data.get("checksum", CHECKSUM) not in CHECKSUMS:

@@ -37,7 +37,7 @@ def _write_rank(whole: RankFiles, folder: Path, world: int, rank: int, replicate
     entries, model, optimizer = [], [], {state: [] for state in OptimizerState}
     for p in m.params:
         shard = shard_of(p.name, torch.Size(p.shape), world, rank, p.name in replicated)
-        entry = ParamEntry.of(shard, dtype_of_name(p.dtype))
+        entry = ParamEntry.of(shard, dtype_of_name(p.dtype), p.aliases)
         entries.append(entry)
         cut = slice(shard.start, shard.start + shard.real)
         model.append(tensors.StoredTensor(p.name, dtype_of_name(p.dtype), entry.stored,

@@ -21,7 +21,7 @@ from infinity.zero import Engine, EngineSettings
 
 from checkpoint_split import split
 from test_save_16bit_model import Tagged, trained
-from training_reference import ADAM
+from training_reference import ADAM, fresh_model
 
 TAG = "global_step3"
 
@@ -82,6 +82,42 @@ def test_dtype_tag_and_torch_format(saved, tmp_path):
     assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.bfloat16()) for k, v in values.items())
     assert got["seen"].dtype == torch.int64
     load_strictly(got)
+
+
+def tied_model() -> torch.nn.Module:
+    """The small GPT with its output head tied to the token embedding (as GPT-2 and many others are):
+    named_parameters lists the weight once, state_dict under both keys."""
+    model = fresh_model()
+    model.head.weight = model.tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("how", [StateDictFormat.SAFETENSORS, StateDictFormat.TORCH])
+def test_a_tied_parameter_is_written_under_each_of_its_keys(tmp_path, world, how):
+    (tmp_path / "swap").mkdir()
+    settings = EngineSettings(param_tier=Tier.NVME, optimizer_tier=Tier.NVME, param_nvme_path=str(tmp_path / "swap"),
+                              optimizer_nvme_path=str(tmp_path / "swap"), adam=ADAM, sub_group_size=20_000)
+    engine = trained(Engine(tied_model(), settings), steps=2)
+    try:
+        engine.save_checkpoint(tmp_path / "one", tag=TAG)
+        values = engine.parameter_values()
+    finally:
+        engine.close()
+    assert "head.weight" not in values and RankFiles(rank_dir(tmp_path / "one", TAG, 0)).param(
+        "tokens.weight").aliases == ("head.weight",)
+    ckpt = tmp_path / "one"
+    if world == 2:
+        split(tmp_path / "one", TAG, tmp_path / "two", world=2)
+        ckpt = tmp_path / "two"
+    out = tmp_path / ("model.safetensors" if how is StateDictFormat.SAFETENSORS else "model.bin")
+    consolidate(ckpt, out, how=how)
+    got = load_file(out) if how is StateDictFormat.SAFETENSORS else torch.load(out, weights_only=True)
+    assert torch.equal(got["head.weight"], values["tokens.weight"]) and torch.equal(got["tokens.weight"],
+                                                                                   values["tokens.weight"])
+    model = tied_model()
+    model.load_state_dict(got, strict=True)
+    assert model.head.weight is model.tokens.weight and torch.equal(model.head.weight, values["tokens.weight"])
 
 
 def copy_of(folder: Path, tmp_path: Path) -> Path:
