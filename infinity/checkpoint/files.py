@@ -8,8 +8,11 @@ folder makes the rename itself durable.  A process killed at any point leaves at
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from infinity.checkpoint.format import LATEST, FileEntry, new_checksum
@@ -47,6 +50,61 @@ def make_dirs(folder: Path) -> None:
     for path in reversed(missing):
         path.mkdir(exist_ok=True)  # another rank may create the shared tag folder at the same time
         fsync_dir(path.parent)
+
+
+SAVING, OLD = ".saving", ".old"  # suffixes of a rank folder being written, and of one being replaced
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def saving_dir(final: Path) -> Path:
+    """Where a save writes final's files before swap_in puts them at final (hidden: no reader looks)."""
+    return final.with_name(f".{final.name}{SAVING}")
+
+
+def swap_in(new: Path, final: Path) -> None:
+    """Puts the complete folder new at final, durably; a folder already at final (an earlier save of the
+    same tag) is replaced and removed.
+
+    [Note: exchanged, not replaced]  rename() cannot replace a folder that holds files, so an earlier
+    save's folder is swapped with the new one in one step (renameat2 with RENAME_EXCHANGE: final names
+    the old folder or the new one, never nothing) and then removed.  Where the kernel or the file system
+    cannot exchange, the old folder is renamed aside first: a kill between the two renames leaves final
+    missing and the old folder beside it as `.<name>.old`."""
+    if not final.exists():
+        os.rename(new, final)
+        fsync_dir(final.parent)
+        return
+    if _exchange(new, final):
+        old = new  # which now names the earlier save's folder
+    else:
+        old = final.with_name(f".{final.name}{OLD}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(new, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps the names a and b atomically; False where renameat2's RENAME_EXCHANGE is not to be had."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
+
+
+def remove_leftovers(final: Path) -> None:
+    """Removes what an interrupted save of final left beside it (its folder being written or replaced)."""
+    for stale in (saving_dir(final), final.with_name(f".{final.name}{OLD}")):
+        if stale.exists():
+            shutil.rmtree(stale)
+            log.info("removed %s, left by a save that did not finish", stale)
 
 
 def remove_temporaries(folder: Path) -> None:

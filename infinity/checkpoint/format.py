@@ -29,9 +29,11 @@ flat elements [start, start + length) of the parameter, of which `real` are the 
 rank's first `real` stored elements are those.  A replicated parameter is held whole by every rank.
 A buffer's first numel elements, reshaped to its shape, are the buffer.
 
-Durability: every file is written to a temporary name (".<name>.tmp-<pid>"), fsynced and renamed; the
-manifest is renamed last, then the folder is fsynced; `latest` is replaced the same way only after
-every rank finished.  A rank folder without manifest.json is an incomplete save.
+Durability: a rank's files are written into TAG/.rank_<r>.saving, each to a temporary name
+(".<name>.tmp-<pid>"), fsynced and renamed, the manifest last; once every rank has, each puts its folder
+in place as TAG/rank_<r> (an earlier save's is exchanged atomically and removed: save.py), and then
+`latest` is replaced the same way.  The manifest's `save_id` is the same in every rank folder of one
+save; load refuses folders of different saves.
 
 Checksums: `checksum` (of the file's bytes, lowercase hex) and `bytes` of every file but the manifest
 are in the manifest's `files`; the manifest's own `checksum` names the algorithm.  New checkpoints use
@@ -221,6 +223,7 @@ class Manifest:
     format: str = FORMAT
     version: int = VERSION
     checksum: str = CHECKSUM
+    save_id: int = 0  # the same on every rank folder of one save (0: saved before ids existed)
 
     def file(self, name: str) -> FileEntry:
         for f in self.files:

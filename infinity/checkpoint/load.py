@@ -14,10 +14,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from infinity.checkpoint import state, tensors
 from infinity.checkpoint.contents import Contents, contents_of
 from infinity.checkpoint.format import (CLIENT_STATE_FILE, CONSOLIDATE_HINT, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
                                         STATE_FILE, Manifest, RankFiles, rank_dir, resolve_tag, tag_dir)
+from infinity.checkpoint.files import saving_dir
 from infinity.checkpoint.save import Streaming, io_handle
 from infinity.errors import CheckpointError
 
@@ -35,14 +38,13 @@ def load(engine: "Engine", load_dir: str | Path, tag: str | None,
     ckpt_dir = Path(load_dir)
     tag = resolve_tag(ckpt_dir, tag)
     folder = rank_dir(ckpt_dir, tag, engine.rank)
-    if not tag_dir(ckpt_dir, tag).is_dir():
-        raise CheckpointError(str(tag_dir(ckpt_dir, tag)), "does not exist", "check the folder and the tag")
-    if not folder.is_dir():
-        raise CheckpointError(str(folder), f"does not exist: this checkpoint has no folder for rank {engine.rank} "
-                              f"(saved with fewer ranks than this run's {engine.world}?)", CONSOLIDATE_HINT)
-    files = RankFiles(folder)
+    try:
+        files = open_folder(ckpt_dir, tag, folder, engine.world, engine.rank)
+    except CheckpointError as err:
+        agree_on_save(-1, folder)  # the other ranks learn that this one cannot load, and stop too
+        raise err
     manifest = files.manifest
-    check_world(manifest, engine.world, engine.rank, folder)
+    agree_on_save(manifest.save_id, folder)
     contents = contents_of(engine)
     check_model(manifest, contents, folder)
     files.verify([STATE_FILE, RNG_FILE, CLIENT_STATE_FILE])  # sizes of all, checksums of the small ones
@@ -56,6 +58,43 @@ def load(engine: "Engine", load_dir: str | Path, tag: str | None,
         state.restore(engine, saved, rng, str(folder))
     log.info("loaded checkpoint %s (rank %d of %d) from %s", tag, engine.rank, engine.world, folder)
     return str(tag_dir(ckpt_dir, tag)), client
+
+
+def open_folder(ckpt_dir: Path, tag: str, folder: Path, world: int, rank: int) -> RankFiles:
+    """This rank's folder of tag, with its manifest read and its world and rank checked."""
+    if not tag_dir(ckpt_dir, tag).is_dir():
+        raise CheckpointError(str(tag_dir(ckpt_dir, tag)), "does not exist", "check the folder and the tag")
+    if not folder.is_dir():
+        if saving_dir(folder).is_dir():
+            raise CheckpointError(str(folder), f"does not exist: the save of tag {tag!r} did not finish (its files "
+                                  f"are still in {saving_dir(folder).name})", "load another tag (`latest` names "
+                                  "the last complete one)")
+        raise CheckpointError(str(folder), f"does not exist: this checkpoint has no folder for rank {rank} "
+                              f"(saved with fewer ranks than this run's {world}?)", CONSOLIDATE_HINT)
+    files = RankFiles(folder)
+    check_world(files.manifest, world, rank, folder)
+    return files
+
+
+def agree_on_save(save_id: int, folder: Path) -> None:
+    """With several ranks: every rank's folder must come from one save (the same save_id); -1 says this
+    rank cannot load.  One collective that every rank enters, so no rank is left waiting in a later one."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+            torch.distributed.get_world_size() == 1:
+        return
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    ids = torch.tensor([save_id, -save_id], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(ids, op=torch.distributed.ReduceOp.MIN)
+    low, high = int(ids[0]), -int(ids[1])
+    if save_id == -1:
+        return  # this rank raises its own error
+    if low == -1:
+        raise CheckpointError(str(folder.parent), "cannot be loaded by another rank (its own error says why); "
+                              "this rank loads nothing either", "fix what that rank reports, or load another tag")
+    if low != high:
+        raise CheckpointError(str(folder.parent), "holds rank folders of different saves: a save under this tag was "
+                              "interrupted while the ranks put their folders in place",
+                              "load another tag, or save this one again")
 
 
 def check_world(manifest: Manifest, world: int, rank: int, folder: Path) -> None:

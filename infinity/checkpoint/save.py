@@ -1,16 +1,22 @@
 """engine.save_checkpoint: each rank writes its own folder, durably, manifest last; then `latest`.
 
 [Note: the order of a save]
-1. client_state is checked first (refused before anything is written);
-2. the rank folder is created (new entries fsynced) and a manifest already there is removed, so a tag
-   saved again is incomplete, never a mix of two saves, until its new manifest lands;
+1. client_state is checked first (refused before anything is written); rank 0 draws the save's id and
+   every rank takes it (one collective), so load can tell the rank folders of one save from a mix;
+2. the files are written aside, into TAG/.rank_<r>.saving (what an interrupted save left there is
+   removed first; new folder entries fsynced);
 3. rng.safetensors, state.json, client_state.pt, optimizer.safetensors, model.safetensors: each to a
    temporary name, fsynced, renamed (checkpoint/files.py); the two large files stream from the swap
    files (or host tensors) through the async-IO engine in chunks;
 4. manifest.json, listing every file's size and checksum, the same way; the folder is fsynced;
-5. every rank waits for every other (a torch.distributed barrier when it is initialized), then rank 0
-   replaces `latest`, and all wait again so no rank returns before `latest` names the new tag.
-A process killed anywhere before 5 leaves `latest` naming the previous complete checkpoint.
+5. every rank waits for every other (a torch.distributed barrier when it is initialized); each puts its
+   folder in place as TAG/rank_<r> (files.swap_in: an earlier save of the same tag is exchanged
+   atomically and removed); all wait again, rank 0 replaces `latest`, and all wait a last time so no
+   rank returns before `latest` names the new tag.
+So a folder named rank_<r> is always one complete save.  A process killed anywhere before 5 leaves
+every rank_<r> and `latest` as they were: the previous complete checkpoint, even under the same tag.
+A kill within 5, between two ranks' swaps, leaves folders of two saves under one tag, which load
+refuses (their save ids differ).
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -59,12 +67,32 @@ def save(engine: "Engine", save_dir: str | Path, tag: str | None, client_state: 
     tag = check_tag(tag if tag is not None else f"global_step{engine.global_steps}")
     validate_tag(tag, engine.config.checkpoint.tag_validation if engine.config is not None else TagValidation.WARN)
     ckpt_dir = Path(save_dir)
-    folder = rank_dir(ckpt_dir, tag, engine.rank)
-    client = state.client_state_bytes(client_state if client_state is not None else {}, str(folder))
+    final = rank_dir(ckpt_dir, tag, engine.rank)
+    client = state.client_state_bytes(client_state if client_state is not None else {}, str(final))
+    save_id = shared_save_id()
+    files.make_dirs(final.parent)
+    files.remove_leftovers(final)
+    folder = files.saving_dir(final)
     files.make_dirs(folder)
-    (folder / MANIFEST).unlink(missing_ok=True)
-    files.fsync_dir(folder)
-    files.remove_temporaries(folder)
+    try:
+        write_files(engine, folder, tag, save_id, client, Path(ckpt_dir), streaming)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # a save that failed (a full disk, say) leaves nothing behind
+        raise
+    barrier()
+    files.swap_in(folder, final)
+    barrier()
+    if engine.rank == 0:
+        files.write_latest(ckpt_dir, tag)
+    barrier()
+    log.info("saved checkpoint %s (rank %d of %d) in %s", tag, engine.rank, engine.world, final)
+    return final
+
+
+def write_files(engine: "Engine", folder: Path, tag: str, save_id: int, client: bytes, ckpt_dir: Path,
+                streaming: Streaming) -> None:
+    """Every file of this rank's save of tag into folder, the manifest last (ckpt_dir: for the async-IO
+    handle when nothing of the run is on NVMe)."""
     contents = contents_of(engine)
     written = [tensors_file(folder, RNG_FILE, state.rng_tensors()),
                files.write_bytes(folder, STATE_FILE, json_bytes(state.engine_state(engine))),
@@ -77,15 +105,9 @@ def save(engine: "Engine", save_dir: str | Path, tag: str | None, client_state: 
                         precision=dtype_name(dtype_of(engine.settings.precision)), global_steps=engine.global_steps,
                         params=contents.params, buffers=contents.buffers, files=tuple(written),
                         config=engine.config.to_dict() if engine.config is not None else None,
-                        settings=state.settings_json(engine.settings))
+                        settings=state.settings_json(engine.settings), save_id=save_id)
     files.write_bytes(folder, MANIFEST, manifest.to_json().encode())
     files.fsync_dir(folder)
-    barrier()
-    if engine.rank == 0:
-        files.write_latest(ckpt_dir, tag)
-    barrier()
-    log.info("saved checkpoint %s (rank %d of %d) in %s", tag, engine.rank, engine.world, folder)
-    return folder
 
 
 def tensors_file(folder: Path, name: str, values: dict[str, torch.Tensor]) -> Any:
@@ -113,6 +135,17 @@ def validate_tag(tag: str, policy: TagValidation) -> None:
         if policy is TagValidation.FAIL:
             raise CheckpointError(tag, message, "pass the same tag on every rank (checkpoint.tag_validation is Fail)")
         log.warning("%s; checkpoint.tag_validation is Warn", message)
+
+
+def shared_save_id() -> int:
+    """A random id of this save, rank 0's on every rank (all-reduce of it against zeros)."""
+    mine = secrets.randbits(62) + 1
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return mine
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    shared = torch.tensor([mine if torch.distributed.get_rank() == 0 else 0], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+    return int(shared)
 
 
 def barrier() -> None:

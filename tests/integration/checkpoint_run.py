@@ -43,14 +43,14 @@ def resume(ckpt: str, nvme: str, out: str) -> None:
     save_file({**weights, "__losses__": torch.tensor(losses, dtype=torch.float64)}, out)
 
 
-def hang(ckpt: str, nvme: str) -> None:
+def hang(ckpt: str, nvme: str, first_tag: str = "global_step5", second_tag: str = "global_step7") -> None:
     from infinity.checkpoint import files
     from infinity.checkpoint.format import OPTIMIZER_FILE
 
     batches = make_batches()
     engine = Engine(fresh_model(), settings(nvme))
     train(engine, batches[:SAVE_AT])
-    engine.save_checkpoint(ckpt)
+    engine.save_checkpoint(ckpt, tag=first_tag)
     train(engine, batches[SAVE_AT:SAVE_AT + 2])
     commit = files.commit
 
@@ -61,7 +61,7 @@ def hang(ckpt: str, nvme: str) -> None:
         commit(temp, final, fd)
 
     files.commit = pausing
-    engine.save_checkpoint(ckpt)
+    engine.save_checkpoint(ckpt, tag=second_tag)
 
 
 if __name__ == "__main__":

@@ -85,30 +85,38 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, batches, param, optimizer,
     assert all(torch.equal(got[name], want_weights[name]) for name in want_weights)
 
 
-def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, batches):
+@pytest.mark.parametrize("same_tag", [False, True], ids=["new_tag", "same_tag"])
+def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, batches, same_tag):
+    """Killed while writing the step-7 save: `latest` still names the step-5 save, which loads and
+    resumes exactly, also when the killed save was under the same tag (its files were written aside)."""
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "hang", str(ckpt), str(tmp_path)], stdout=subprocess.PIPE,
-                            text=True)
+    tags = ["keep", "keep"] if same_tag else ["global_step5", "global_step7"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "hang", str(ckpt), str(tmp_path), *tags],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == PAUSED  # optimizer.safetensors of step 7 written, not renamed
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait(timeout=60)
-    assert read_latest(ckpt) == "global_step5"
-    interrupted = ckpt / "global_step7" / "rank_0"
-    assert not (interrupted / MANIFEST).exists() and not (interrupted / OPTIMIZER_FILE).exists()
-    assert any(p.name.startswith(f".{OPTIMIZER_FILE}.tmp-") for p in interrupted.iterdir())
+    assert read_latest(ckpt) == tags[0]
+    aside = ckpt / tags[1] / ".rank_0.saving"
+    assert any(p.name.startswith(f".{OPTIMIZER_FILE}.tmp-") for p in aside.iterdir())
+    assert (ckpt / tags[0] / "rank_0" / MANIFEST).exists()  # the previous save, whole
+    assert (ckpt / tags[1] / "rank_0").exists() == same_tag  # a new tag has no rank folder until it is complete
     want_losses, want_weights = uninterrupted(tmp_path, batches)
     engine = Engine(fresh_model(), settings(str(tmp_path)))
     try:
-        with pytest.raises(CheckpointError, match="has no manifest.json: the save did not finish"):
-            engine.load_checkpoint(str(ckpt), tag="global_step7")
+        if not same_tag:
+            with pytest.raises(CheckpointError, match="the save of tag 'global_step7' did not finish"):
+                engine.load_checkpoint(str(ckpt), tag="global_step7")
         engine.load_checkpoint(str(ckpt))
+        assert engine.global_steps == SAVE_AT
         assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
         # saving the interrupted tag again clears what the killed save left
-        engine.save_checkpoint(str(ckpt), tag="global_step7")
-        assert read_latest(ckpt) == "global_step7" and not [p for p in interrupted.iterdir() if ".tmp-" in p.name]
+        engine.save_checkpoint(str(ckpt), tag=tags[1])
+        assert read_latest(ckpt) == tags[1] and not aside.exists()
+        assert sorted(p.name for p in (ckpt / tags[1]).iterdir()) == ["rank_0"]
     finally:
         engine.close()
 
@@ -345,7 +353,7 @@ def test_loading_into_a_live_engine_refreshes_kept_host_copies(tmp_path, batches
 
 def test_a_full_disk_fails_the_save_and_training_goes_on(tmp_path, batches):
     """The checkpoint folder on a real 1 MiB tmpfs: optimizer.safetensors (1.8 MB) does not fit.  The
-    save raises the AioError (ENOSPC or a short write, the temporary file's path), removes its temporary file, leaves
+    save raises the AioError (ENOSPC or a short write, the temporary file's path), removes what it wrote, leaves
     `latest` alone, and the run trains on exactly as if no save had been tried."""
     import errno
 
@@ -367,8 +375,8 @@ def test_a_full_disk_fails_the_save_and_training_goes_on(tmp_path, batches):
             # ENOSPC, or a short write when the kernel wrote what fitted; both name the path and free space
             assert err.value.errno in (errno.ENOSPC, errno.EIO) and f".{OPTIMIZER_FILE}.tmp-" in err.value.path
             assert "free space" in str(err.value)
-            rank = folder / f"global_step{SAVE_AT}" / "rank_0"
-            assert not (folder / LATEST).exists() and not [p for p in rank.iterdir() if ".tmp-" in p.name]
+            tag = folder / f"global_step{SAVE_AT}"
+            assert not (folder / LATEST).exists() and list(tag.iterdir()) == []  # nothing left of the save
             assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
         finally:
             engine.close()

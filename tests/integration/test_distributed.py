@@ -161,6 +161,33 @@ def test_two_ranks_save_at_step_5_and_resume_in_fresh_processes_exactly(tmp_path
         assert all(torch.equal(got["weights"][n], w) for n, w in want["weights"].items())
 
 
+@pytest.mark.parametrize("damage", ["mixed", "missing"])
+def test_rank_folders_of_two_saves_or_a_missing_one_fail_every_rank_clearly(tmp_path, damage):
+    """Rank 1's folder from another save (its save id differs: what a kill between the ranks' swaps of a
+    same-tag save leaves), or missing: every rank refuses the load with a CheckpointError instead of
+    loading a mix or waiting for the rank that stopped."""
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    check_ran(launch(tmp_path / "first", 2, "nvme", steps=2, CKPT_DIR=str(ckpt), CKPT_SAVE_AT="2"))
+    rank1 = ckpt / "global_step2" / "rank_1"
+    if damage == "mixed":
+        manifest = json.loads((rank1 / "manifest.json").read_text())
+        manifest["save_id"] += 1
+        (rank1 / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        rank1.rename(rank1.with_name("elsewhere"))
+    done = launch(tmp_path / "second", 2, "nvme", steps=4, CKPT_DIR=str(ckpt), CKPT_RESUME="1", timeout=200)
+    for rank, p in enumerate(done):
+        assert p.returncode != 0 and "CheckpointError" in p.stderr, p.stderr[-2000:]
+        if damage == "mixed":
+            assert "holds rank folders of different saves" in p.stderr
+        elif rank == 0:
+            assert "cannot be loaded by another rank" in p.stderr
+        else:
+            assert "has no folder for rank 1" in p.stderr
+
+
 def test_consolidating_a_two_rank_checkpoint_gives_the_models_state_dict(tmp_path, nvme_runs):
     """A checkpoint two real ranks saved after step 10, merged by infinity-consolidate, equals the two-rank
     run's parameters exactly, is within 1e-4 of the single-process run's, and loads into the plain model."""
