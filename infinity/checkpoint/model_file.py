@@ -43,11 +43,10 @@ def save_16bit_model(engine: "Engine", save_dir: Path, save_filename: str, exclu
         if engine.rank != 0:
             for _, index in entries:  # the others' part of every gather, in rank 0's order
                 if index is not None:
-                    with engine._whole(index):
-                        pass
+                    engine._gather(index)
             return True
         save_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(_tensors(engine, entries)) as tensors:  # a failed write releases the fetched one
+        with contextlib.closing(_tensors(engine, entries)) as tensors:  # a failed write stops the fetching
             write_state_dict(path, [spec for spec, _ in entries], tensors, StateDictFormat.of_filename(save_filename))
     log.info("save_16bit_model: wrote %d tensors to %s", len(entries), path)
     return True
@@ -73,5 +72,4 @@ def _tensors(engine: "Engine", entries: list[tuple[TensorSpec, int | None]]) -> 
         if index is None:
             yield spec.name, module_state[spec.name].detach()
             continue
-        with engine._whole(index) as values:
-            yield spec.name, values.to(spec.dtype)
+        yield spec.name, engine._read_values(index, dtype=spec.dtype)  # one host copy at a time

@@ -376,23 +376,20 @@ class Engine:
         finally:
             self.coordinator.read_ahead_of_next_step()
 
-    @contextlib.contextmanager
-    def _whole(self, i: int) -> Iterator[torch.Tensor]:
-        """Parameter i whole and shaped, in the compute dtype, on the compute tier, for the block (with
-        several ranks an all-gather: every rank enters it for the same i, in the same order)."""
-        values = self.homes[i].fetch(i).detach()  # a fetch that fails has nothing to release
-        try:
-            yield values
-        finally:
-            self.homes[i].release(i)
+    def _gather(self, i: int) -> None:
+        """Fetches and releases parameter i, keeping nothing: a rank's part in another rank's _read_values of
+        it (with several ranks each fetch is an all-gather that every rank enters, in the same order)."""
+        self.homes[i].fetch(i)
+        self.homes[i].release(i)
 
-    def _read_values(self, i: int, home: ParamHome | None = None) -> torch.Tensor:
-        """Parameter i's values from its home (or the home given), fp32 in host memory, as a copy."""
-        # [Note: not through _whole]  No view of the fetched values is alive at the release (the copy is not
-        # one), so a lent staging buffer goes back to the pool; under _whole the caller's view would make the
-        # pool replace it (BufferPool.replace).
+    def _read_values(self, i: int, home: ParamHome | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Parameter i whole and shaped from its home (or the home given), in dtype in host memory, as a copy.
+
+        [Note: a copy, so no view outlives the release]  On a CPU compute tier the fetched values may be a
+        staging buffer lent to the compute tier; a view of it still alive at the release would make the
+        pool replace the buffer (BufferPool.replace).  The copy is made from a temporary view, so none is."""
         home = home if home is not None else self.homes[i]
-        values = home.fetch(i).detach().to("cpu", torch.float32, copy=True)
+        values = home.fetch(i).detach().to("cpu", dtype, copy=True)  # a fetch that fails has nothing to release
         home.release(i)
         return values
 
