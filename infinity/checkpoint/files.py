@@ -4,7 +4,8 @@
 of one; fsync of the file before the rename makes sure the name never points at bytes still only in
 the page cache (after a power cut a renamed but unsynced file can come back empty); fsync of the
 folder makes the rename itself durable.  A process killed at any point leaves at worst a
-".<name>.tmp-<pid>" file behind, which no reader looks at and the next save of that folder removes.
+".<name>.tmp-<pid>" file behind, in the hidden folder a save writes into (saving_dir), which no reader
+looks at and the next save of that tag removes whole (remove_leftovers).
 """
 from __future__ import annotations
 
@@ -105,13 +106,6 @@ def remove_leftovers(final: Path) -> None:
         if stale.exists():
             shutil.rmtree(stale)
             log.info("removed %s, left by a save that did not finish", stale)
-
-
-def remove_temporaries(folder: Path) -> None:
-    """Removes temporary files an earlier, interrupted save left in folder."""
-    for stale in folder.glob(f".*{TEMP_MARK}*"):
-        stale.unlink(missing_ok=True)
-        log.info("removed %s, left by a save that did not finish", stale)
 
 
 def write_bytes(folder: Path, name: str, data: bytes) -> FileEntry:
