@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 
 from infinity.checkpoint import state, tensors
 from infinity.checkpoint.contents import Contents, contents_of
@@ -23,6 +22,7 @@ from infinity.checkpoint.format import (CLIENT_STATE_FILE, CONSOLIDATE_HINT, MOD
 from infinity.checkpoint.files import saving_dir
 from infinity.checkpoint.save import Streaming, io_handle
 from infinity.errors import CheckpointError
+from infinity.zero.ranks import Ranks
 
 if TYPE_CHECKING:
     from infinity.zero.engine import Engine
@@ -41,10 +41,10 @@ def load(engine: "Engine", load_dir: str | Path, tag: str | None,
     try:
         files = open_folder(ckpt_dir, tag, folder, engine.world, engine.rank)
     except CheckpointError as err:
-        agree_on_save(-1, folder)  # the other ranks learn that this one cannot load, and stop too
+        agree_on_save(engine.ranks, -1, folder)  # the other ranks learn that this one cannot load, and stop too
         raise err
     manifest = files.manifest
-    agree_on_save(manifest.save_id, folder)
+    agree_on_save(engine.ranks, manifest.save_id, folder)
     contents = contents_of(engine)
     check_model(manifest, contents, folder)
     files.verify([STATE_FILE, RNG_FILE, CLIENT_STATE_FILE])  # sizes of all, checksums of the small ones
@@ -76,16 +76,10 @@ def open_folder(ckpt_dir: Path, tag: str, folder: Path, world: int, rank: int) -
     return files
 
 
-def agree_on_save(save_id: int, folder: Path) -> None:
+def agree_on_save(ranks: Ranks, save_id: int, folder: Path) -> None:
     """With several ranks: every rank's folder must come from one save (the same save_id); -1 says this
     rank cannot load.  One collective that every rank enters, so no rank is left waiting in a later one."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-            torch.distributed.get_world_size() == 1:
-        return
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    ids = torch.tensor([save_id, -save_id], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(ids, op=torch.distributed.ReduceOp.MIN)
-    low, high = int(ids[0]), -int(ids[1])
+    low, high = ranks.low_high(save_id, "the checkpoint's save id")
     if save_id == -1:
         return  # this rank raises its own error
     if low == -1:

@@ -9,7 +9,7 @@
    temporary name, fsynced, renamed (checkpoint/files.py); the two large files stream from the swap
    files (or host tensors) through the async-IO engine in chunks;
 4. manifest.json, listing every file's size and checksum, the same way; the folder is fsynced;
-5. every rank waits for every other (a torch.distributed barrier when it is initialized); each puts its
+5. every rank waits for every other (Ranks.barrier, with several ranks); each puts its
    folder in place as TAG/rank_<r> (files.swap_in: an earlier save of the same tag is exchanged
    atomically and removed); all wait again, rank 0 replaces `latest`, and all wait a last time so no
    rank returns before `latest` names the new tag.
@@ -39,6 +39,7 @@ from infinity.checkpoint.format import (CLIENT_STATE_FILE, MANIFEST, MODEL_FILE,
 from infinity.config.training import TagValidation
 from infinity.errors import CheckpointError
 from infinity.io import DirectPolicy, IoHandle, open_handle
+from infinity.zero.ranks import Ranks
 from infinity.zero.settings import dtype_of
 
 if TYPE_CHECKING:
@@ -65,11 +66,12 @@ def save(engine: "Engine", save_dir: str | Path, tag: str | None, client_state: 
          streaming: Streaming = Streaming()) -> Path:
     """Writes this rank's folder of the checkpoint and, once every rank has, `latest`; returns the folder."""
     tag = check_tag(tag if tag is not None else f"global_step{engine.global_steps}")
-    validate_tag(tag, engine.config.checkpoint.tag_validation if engine.config is not None else TagValidation.WARN)
+    validate_tag(tag, engine.config.checkpoint.tag_validation if engine.config is not None else TagValidation.WARN,
+                 engine.ranks)
     ckpt_dir = Path(save_dir)
     final = rank_dir(ckpt_dir, tag, engine.rank)
     client = state.client_state_bytes(client_state if client_state is not None else {}, str(final))
-    save_id = shared_save_id()
+    save_id = shared_save_id(engine.ranks)
     files.make_dirs(final.parent)
     files.remove_leftovers(final)
     folder = files.saving_dir(final)
@@ -79,12 +81,12 @@ def save(engine: "Engine", save_dir: str | Path, tag: str | None, client_state: 
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # a save that failed (a full disk, say) leaves nothing behind
         raise
-    barrier()
+    engine.ranks.barrier("checkpoint save: every rank's files written")
     files.swap_in(folder, final)
-    barrier()
+    engine.ranks.barrier("checkpoint save: every rank's folder in place")
     if engine.rank == 0:
         files.write_latest(ckpt_dir, tag)
-    barrier()
+    engine.ranks.barrier("checkpoint save: `latest` written")
     log.info("saved checkpoint %s (rank %d of %d) in %s", tag, engine.rank, engine.world, final)
     return final
 
@@ -120,38 +122,24 @@ def json_bytes(data: Any) -> bytes:
     return json.dumps(data, indent=1).encode()
 
 
-def validate_tag(tag: str, policy: TagValidation) -> None:
-    """checkpoint.tag_validation: with torch.distributed running, every rank must save under the same tag
-    (compared by a hash of it); Warn logs a disagreement, Fail raises, Ignore does not compare."""
-    if policy is TagValidation.IGNORE or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+def validate_tag(tag: str, policy: TagValidation, ranks: Ranks) -> None:
+    """checkpoint.tag_validation: with several ranks, every rank must save under the same tag (compared
+    by a hash of it); Warn logs a disagreement, Fail raises, Ignore does not compare."""
+    if policy is TagValidation.IGNORE:
         return
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     digest = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:7], "little")
-    low, high = (torch.tensor([digest], dtype=torch.int64, device=device) for _ in range(2))
-    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-    if int(low) != int(high):
+    low, high = ranks.low_high(digest, "the checkpoint tag")
+    if low != high:
         message = f"ranks save under different checkpoint tags (this rank: {tag!r})"
         if policy is TagValidation.FAIL:
             raise CheckpointError(tag, message, "pass the same tag on every rank (checkpoint.tag_validation is Fail)")
         log.warning("%s; checkpoint.tag_validation is Warn", message)
 
 
-def shared_save_id() -> int:
-    """A random id of this save, rank 0's on every rank (all-reduce of it against zeros)."""
+def shared_save_id(ranks: Ranks) -> int:
+    """A random id of this save, rank 0's on every rank (the largest of it and the others' zeros)."""
     mine = secrets.randbits(62) + 1
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return mine
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    shared = torch.tensor([mine if torch.distributed.get_rank() == 0 else 0], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
-    return int(shared)
-
-
-def barrier() -> None:
-    """Waits for every rank when torch.distributed runs (one process: nothing to wait for)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    return ranks.low_high(mine if ranks.rank == 0 else 0, "the checkpoint's save id")[1]
 
 
 @contextlib.contextmanager

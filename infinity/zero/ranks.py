@@ -60,22 +60,32 @@ class Ranks:
     def broadcast(self, t: torch.Tensor, what: str, source: int = 0) -> None:
         """t = rank source's t, on every rank (a host tensor goes through the current CUDA device on NCCL,
         which moves only CUDA tensors)."""
-        if t.device.type == "cpu" and dist.get_backend() == "nccl":
-            on_device = t.to(torch.device("cuda", torch.cuda.current_device()))
+        device = _collective_device()
+        if t.device.type == "cpu" and device.type == "cuda":
+            on_device = t.to(device)
             self._run("broadcast", what, dist.broadcast, on_device, source)
             t.copy_(on_device)
             return
         self._run("broadcast", what, dist.broadcast, t, source)
 
+    def low_high(self, value: int, what: str) -> tuple[int, int]:
+        """(the smallest, the largest) of every rank's value, in one all-reduce of (value, -value) with MIN;
+        one process: (value, value).  Values fit in 62 bits."""
+        if not self.several:
+            return value, value
+        both = torch.tensor([value, -value], dtype=torch.int64, device=_collective_device())
+        self._run("all-reduce", what, dist.all_reduce, both, op=dist.ReduceOp.MIN)
+        return int(both[0]), -int(both[1])
+
     def barrier(self, what: str) -> None:
         if self.several:
             self._run("barrier", what, dist.barrier)
 
-    def _run(self, op: str, what: str, collective: Any, *args: Any, **kwargs: Any) -> Any:
+    def _run(self, name: str, what: str, collective: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return collective(*args, **kwargs)
         except (RuntimeError, dist.DistError) as err:  # DistBackendError, gloo's closed connections, timeouts
-            raise RankFailed(op, what, self.rank, self.world, err) from err
+            raise RankFailed(name, what, self.rank, self.world, err) from err
 
 
 @dataclass
@@ -92,6 +102,11 @@ class Pending:
 
     def wait(self) -> None:
         self.ranks._run(self.op, self.what, self.work.wait)
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must be: NCCL moves only CUDA tensors, gloo host ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def current() -> Ranks:

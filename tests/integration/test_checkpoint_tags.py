@@ -12,14 +12,16 @@ CASES = [(("a", "a"), TagValidation.FAIL, "ok"), (("a", "b"), TagValidation.WARN
 
 
 def _rank(rank: int, init: str, results) -> None:
-    from infinity.checkpoint.save import barrier, validate_tag
+    from infinity.checkpoint.save import validate_tag
+    from infinity.zero.ranks import current
 
     dist.init_process_group("gloo", init_method=init, world_size=2, rank=rank)
     try:
+        ranks = current()
         for i, (tags, policy, _) in enumerate(CASES):
             try:
-                validate_tag(tags[rank], policy)
-                barrier()
+                validate_tag(tags[rank], policy, ranks)
+                ranks.barrier("the next case")
                 results[(rank, i)] = "ok"
             except CheckpointError as err:
                 results[(rank, i)] = str(err)
