@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from checkpoint_run import PAUSED, SAVE_AT, STEPS, settings, train
+from tmpfs import size_limited_tmpfs
 from training_reference import SPEC, fresh_model, make_batches
 from infinity.checkpoint.format import (ALIGNMENT, LATEST, MANIFEST, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
                                         open_rank, read_latest)
@@ -359,13 +360,7 @@ def test_a_full_disk_fails_the_save_and_training_goes_on(tmp_path, batches):
 
     from infinity.errors import AioError
 
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here ({mounted.stderr.strip()}); needs root")
-    try:
+    with size_limited_tmpfs(tmp_path / "small", "1m") as folder:
         want_losses, _ = uninterrupted(tmp_path, batches)
         engine = Engine(fresh_model(), settings(str(tmp_path)))
         try:
@@ -380,8 +375,6 @@ def test_a_full_disk_fails_the_save_and_training_goes_on(tmp_path, batches):
             assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
         finally:
             engine.close()
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_initialize_with_a_warmup_schedule_resumes_its_position(tmp_path, batches):

@@ -8,7 +8,6 @@ import ctypes
 import errno
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from infinity.swap import optimizer as optimizer_module
 from infinity.swap.params import Tier
 from infinity.zero import Engine, EngineSettings, UsageError
 
+from tmpfs import size_limited_tmpfs
 from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run, train
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -53,15 +53,9 @@ def assert_refuses_everything(engine: Engine, batches, cause: str) -> None:
 @pytest.fixture
 def small_fs(tmp_path):
     """A real 8 MiB tmpfs (it takes O_DIRECT on kernels >= 6.6) with a user's file on it."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here ({mounted.stderr.strip()}); needs root")
-    (folder / "keep.bin").write_bytes(SENTINEL)
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with size_limited_tmpfs(tmp_path / "small", "8m") as folder:
+        (folder / "keep.bin").write_bytes(SENTINEL)
+        yield folder
 
 
 def punch_hole(path: str) -> None:
