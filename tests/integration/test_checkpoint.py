@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from checkpoint_run import PAUSED, SAVE_AT, STEPS, settings, train
 from tmpfs import size_limited_tmpfs
-from training_reference import SPEC, fresh_model, make_batches
+from training_reference import SPEC, fresh_model, make_batches, train_with_schedule
 from infinity.checkpoint.format import (ALIGNMENT, LATEST, MANIFEST, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
                                         open_rank, read_latest)
 from infinity.checkpoint.tensors import read_header
@@ -397,21 +397,15 @@ def test_initialize_with_a_warmup_schedule_resumes_its_position(tmp_path, batche
         try:
             if load:
                 engine.load_checkpoint(str(tmp_path / "ckpt"))
-            lrs = []
-            for x, y in steps:
-                lrs.append(scheduler.get_last_lr()[0])
-                loss = engine(x, y)
-                engine.backward(loss)
-                engine.step()
-                lrs.append(loss.item())
+            lrs_and_losses = train_with_schedule(engine, scheduler, steps)
             if save:
                 engine.save_checkpoint(str(tmp_path / "ckpt"))
-            return lrs, engine.config.to_dict()
+            return lrs_and_losses, engine.config.to_dict()
         finally:
             engine.close()
 
-    want, resolved = run(batches)
+    (want_lrs, want_losses), resolved = run(batches)
     run(batches[:SAVE_AT], save=True)
-    got, _ = run(batches[SAVE_AT:], load=True)
-    assert got == want[2 * SAVE_AT:]  # lrs and losses of steps 6-10
+    (lrs, losses), _ = run(batches[SAVE_AT:], load=True)
+    assert lrs == want_lrs[SAVE_AT:] and losses == want_losses[SAVE_AT:]  # steps 6-10
     assert open_rank(tmp_path / "ckpt").manifest.config == resolved

@@ -13,7 +13,7 @@ from infinity.models.gpt import Gpt
 from infinity.zero.init import placed
 
 from test_training import assert_same_weights, final_weights, train
-from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run
+from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run, train_with_schedule
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +78,8 @@ def test_warmup_lr_scheduler_matches_a_plain_run_with_the_same_lrs(tmp_path, bat
     cfg = config(tmp_path, scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": low, "warmup_max_lr": high,
                                                                     "warmup_num_steps": steps}})
     engine, _, _, scheduler = infinity.initialize(model=fresh_model(), config=cfg)
-    seen, losses = [], []
     try:
-        for x, y in batches:
-            seen.append(scheduler.get_last_lr()[0])
-            loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
+        seen, losses = train_with_schedule(engine, scheduler, batches)
     finally:
         engine.close()
     assert seen == pytest.approx(lrs, rel=1e-12)

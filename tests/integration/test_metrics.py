@@ -23,7 +23,7 @@ from infinity.zero import Engine
 
 from test_faults import fill, punch_hole, settings, small_fs  # noqa: F401 (small_fs is a fixture)
 from test_initialize import config
-from training_reference import SPEC, fresh_model, make_batches
+from training_reference import SPEC, fresh_model, make_batches, train
 
 
 @pytest.fixture(autouse=True)
@@ -102,12 +102,11 @@ class Moved:
         return counted
 
 
-def train(engine, batches) -> list:
+def train_reporting(engine, batches) -> list:
+    """Steps engine over batches (training_reference.train); each step's StepReport."""
     reports = []
-    for x, y in batches:
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
+    for batch in batches:
+        train(engine, [batch])
         reports.append(engine.step_report())
     return reports
 
@@ -124,9 +123,9 @@ def test_scrape_during_training_equals_what_the_manager_moved(tmp_path, batches)
         start, constant = scrape(url)  # after initialize wrote the first values, before training
         assert constant == {"rank": "0", "job_name": "metrics-test"}
         io_start, moved = engine.io_stats(), Moved(engine)
-        reports = train(engine, batches[:2])
+        reports = train_reporting(engine, batches[:2])
         middle, _ = scrape(url)  # a scrape during the run
-        reports += train(engine, batches[2:4])
+        reports += train_reporting(engine, batches[2:4])
         engine.coordinator.settle()  # the next step's reads, started ahead, are counted once they complete
         end, _ = scrape(url)
         io_end, report = engine.io_stats(), engine.memory_report()
@@ -200,7 +199,7 @@ def test_failing_write_counts_its_errno(small_fs, batches, backend):  # noqa: F8
     exporter = start_exporter(0)
     engine = Engine(fresh_model(), settings(small_fs, backend))
     try:
-        train(engine, batches[:1])
+        train_reporting(engine, batches[:1])
         (manager,) = engine._managers.values()
         before, io_before = scrape(exporter.url)[0], engine.io_stats()
         loss = engine(*batches[1])

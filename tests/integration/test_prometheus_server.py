@@ -19,8 +19,8 @@ import infinity
 from infinity import exporter as exporter_module
 
 from test_initialize import config
-from test_metrics import free_port, train
-from training_reference import fresh_model, make_batches
+from test_metrics import free_port
+from training_reference import fresh_model, make_batches, train
 
 ROOT = Path(__file__).resolve().parents[2]
 

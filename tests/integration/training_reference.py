@@ -46,3 +46,12 @@ def train(engine, batches) -> list[float]:
         engine.step()
         losses.append(loss.item())
     return losses
+
+
+def train_with_schedule(engine, scheduler, batches) -> tuple[list[float], list[float]]:
+    """Steps an infinity engine over batches; (the scheduler's lr before each step, each step's loss)."""
+    lrs, losses = [], []
+    for batch in batches:
+        lrs.append(scheduler.get_last_lr()[0])
+        losses += train(engine, [batch])
+    return lrs, losses
