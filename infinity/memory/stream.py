@@ -4,11 +4,12 @@ file, host tensor <-> checkpoint file).
 
 [Note: the pipeline]  With n staging buffers, up to max(1, n // 2) reads are in flight ahead of the
 chunk being handed on; each chunk, once read, has its write submitted at once and is then shown to
-`seen` (a checksum, in file order), which may hand back a completion (a hash running on another thread):
-the chunk's buffer is reused only when its write and that completion are both done.  A read waits for a buffer only when every buffer is reading or writing;
-then it completes the oldest write.  So at most n chunks of memory are ever used, whatever the size
-copied, and the async-IO engine's threads read and write while the caller's thread hashes.  A failed
-transfer completes every other one in flight (their buffers must not be reused under them) and raises.
+`seen` (a checksum, in file order), which may hand back a completion (a hash running on another
+thread): the chunk's buffer is reused only when its write and that completion are both done.  A read
+waits for a buffer only when every buffer is reading or writing; then it completes the oldest write.
+So at most n chunks of memory are ever used, whatever the size copied, and the async-IO engine's
+threads read and write while the checksum runs.  A failed transfer completes every other one in flight
+(their buffers must not be reused under them) and raises.
 """
 from __future__ import annotations
 
