@@ -7,7 +7,9 @@ With $CKPT_SAVE_AT=N and $CKPT_DIR the run saves a checkpoint after step N; with
 loads $CKPT_DIR's latest checkpoint and trains the steps after it (to STEPS).  With $BUILD_UNDER_ZERO_INIT=1
 the model is built under infinity.zero.Init (which starts the process group itself); with
 $SEED_BY_RANK=1 each rank builds it from its own seed (rank 0 from the reference's), so only the
-broadcast of rank 0's initial values makes the ranks agree.
+broadcast of rank 0's initial values makes the ranks agree.  With $BUILD_UNDER_ZERO_INIT=alone, zero.Init
+runs with WORLD_SIZE hidden (as one process would), the process group starts after it, and initialize's
+refusal goes to OUT.rank<r>.pt.
 
 TIER: nvme (parameters and optimizer on NVMe), cpu, or none.  FAULT_STEP: rank 1 kills itself with
 SIGKILL (kill) or stops itself with SIGSTOP (stop: alive but silent) before that step's backward; the
@@ -57,6 +59,17 @@ def main() -> None:
     fault = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[sys.argv[6]] if fault_at >= 0 else None
     timeout = float(sys.argv[7]) if len(sys.argv) > 7 else 60.0
     rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get("BUILD_UNDER_ZERO_INIT") == "alone":
+        world_size = os.environ.pop("WORLD_SIZE")
+        with infinity.zero.Init(config=config(nvme_root, tier, rank)):  # sees one process: starts no group
+            model = build_model(rank)
+        os.environ["WORLD_SIZE"] = world_size
+        infinity.init_distributed(timeout=datetime.timedelta(seconds=timeout))
+        try:
+            infinity.initialize(model=model, config=config(nvme_root, tier, rank))
+        except infinity.UsageError as err:
+            torch.save({"refused": str(err)}, f"{out}.rank{rank}.pt")
+        return
     if os.environ.get("BUILD_UNDER_ZERO_INIT"):
         with infinity.zero.Init(config=config(nvme_root, tier, rank)):  # starts the process group
             model = build_model(rank)

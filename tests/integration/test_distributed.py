@@ -161,6 +161,15 @@ def test_two_ranks_save_at_step_5_and_resume_in_fresh_processes_exactly(tmp_path
         assert all(torch.equal(got["weights"][n], w) for n, w in want["weights"].items())
 
 
+def test_a_model_built_under_zero_init_as_another_rank_is_refused_with_the_fix(tmp_path):
+    """zero.Init ran as one process (WORLD_SIZE hidden), then the group of 2 started: each rank's swap file
+    holds whole parameters, so initialize refuses, naming both places and the fix."""
+    check_ran(launch(tmp_path, 2, "nvme", BUILD_UNDER_ZERO_INIT="alone"))
+    for rank, run in enumerate(results(tmp_path, 2)):
+        assert f"built under zero.Init as rank 0 of 1, but initialize runs as rank {rank} of 2" in run["refused"]
+        assert "start the process group (torchrun, or infinity.init_distributed) before zero.Init" in run["refused"]
+
+
 @pytest.mark.parametrize("damage", ["mixed", "missing"])
 def test_rank_folders_of_two_saves_or_a_missing_one_fail_every_rank_clearly(tmp_path, damage):
     """Rank 1's folder from another save (its save id differs: what a kill between the ranks' swaps of a
