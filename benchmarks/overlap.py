@@ -22,7 +22,7 @@ memory-tight setting; 1e9 would keep this small model whole between the two).  E
 steps per mode in a rotated order, then the I/O-only reads and writes; a round's figure is the median step
 of a mode ÷ max(the round's resident median, the round's I/O-only time), and the result the median of the
 rounds.  At the end one overlap step is recorded as a timeline (--trace, Chrome trace events) and drawn
-as an SVG (benchmarks/timeline_svg.py).
+as an SVG (infinity/timeline_svg.py, the code of infinity-timeline).
 
     .venv/bin/python -m benchmarks.overlap --nvme_path swap --optimizer cpu --rounds 15 \\
         --json bench-out/overlap-cpu.json --trace bench-out/overlap-step.json --svg docs/img/overlap-step.svg
@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.metrics_overhead import machine
-from benchmarks.timeline_svg import render
 from infinity.cli.train import DEFAULT_CONFIG
 from infinity.memory import HostBuffer
 from infinity.models.gpt import GptSpec, synthetic_batches
 from infinity.timeline import Timeline
+from infinity.timeline_svg import render
 from infinity.train import TrainJob, build_model, load_config
 from infinity.zero import Engine, initialize
 

@@ -142,13 +142,13 @@ class Coordinator:
         if phase is Phase.FORWARD:
             self._started[m] = now
             return
-        self._close_backward()
+        self._close_backward(now)  # ends where the next begins: one row's spans never overlap
         self._backward = (m, now)
 
-    def _close_backward(self) -> None:
+    def _close_backward(self, end: float | None = None) -> None:
         if self._backward is not None:
             m, start = self._backward
-            self.timeline.complete(f"backward {self._names[m]}", Track.COMPUTE, start)
+            self.timeline.complete(f"backward {self._names[m]}", Track.COMPUTE, start, end)
             self._backward = None
 
     def _leave(self, m: int) -> None:

@@ -19,11 +19,57 @@ def test_spans_and_async_spans_become_trace_events(tmp_path):
     events = json.loads(timeline.write(tmp_path / "t.json").read_text())["traceEvents"]
     complete = [e for e in events if e["ph"] == "X"]
     assert len(complete) == 1 and complete[0]["dur"] >= 0 and complete[0]["args"] == {"module": 3}
-    assert complete[0]["tid"].startswith("compute ")
+    names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert isinstance(complete[0]["tid"], int) and names[complete[0]["tid"]] == "compute MainThread"
+    assert all(isinstance(e["tid"], int) and isinstance(e["pid"], int) for e in events)
+    assert {names[e["tid"]] for e in events if e["ph"] != "M"} == {"compute MainThread", "io", "steps"}
     begin, end = (next(e for e in events if e["ph"] == ph) for ph in ("b", "e"))
     assert begin["id"] == end["id"] and begin["ts"] <= end["ts"] and end["args"] == {"bytes": 4096}
     assert begin["ts"] >= complete[0]["ts"]
     assert any(e["ph"] == "i" and e["name"] == "step 1" for e in events)
+
+
+def test_rows_are_numbered_named_and_sorted_by_kind(tmp_path):
+    """Each (kind, thread) row is its own numeric tid with thread_name and thread_sort_index metadata;
+    compute sorts before waits, the optimizer and I/O whatever order they were first used in."""
+    timeline = Timeline(process_name="infinity rank 0")
+    with timeline.span("optimizer step", Track.OPTIMIZER):
+        with timeline.span("wait read 0", Track.WAIT):
+            pass
+    worker = threading.Thread(target=lambda: timeline.complete("backward blocks.0", Track.COMPUTE,
+                                                                timeline.now_us()), name="autograd")
+    worker.start()
+    worker.join()
+    with timeline.span("forward", Track.COMPUTE):
+        pass
+    events = timeline.events()
+    meta = [e for e in events if e["ph"] == "M"]
+    assert {"name": "process_name", "ph": "M", "pid": meta[0]["pid"], "tid": 0,
+            "args": {"name": "infinity rank 0"}} in meta
+    names = {e["tid"]: e["args"]["name"] for e in meta if e["name"] == "thread_name"}
+    sort = {names[e["tid"]]: e["args"]["sort_index"] for e in meta if e["name"] == "thread_sort_index"}
+    assert set(names.values()) == {"optimizer MainThread", "wait MainThread", "compute autograd",
+                                   "compute MainThread"}
+    assert len(set(names)) == 4  # one tid each
+    order = sorted(sort, key=sort.get)
+    assert order[:2] == ["compute autograd", "compute MainThread"] and order[2:] == ["wait MainThread",
+                                                                                     "optimizer MainThread"]
+
+
+def test_back_to_back_spans_touch_and_never_overlap_after_rounding():
+    """A span closed where the next begins (complete(..., end_us=)) ends at exactly the next one's start,
+    however the fractional microseconds round; nested spans stay inside their parent."""
+    timeline = Timeline()
+    starts = [10.4, 10.6, 11.5, 12.49, 12.51, 20.0]
+    for start, end in zip(starts, starts[1:]):
+        timeline.complete("backward m", Track.COMPUTE, start, end)
+    timeline.complete("backward", Track.COMPUTE, 10.4, 20.0)
+    spans = [e for e in timeline.events() if e["ph"] == "X"]
+    assert all(isinstance(e["ts"], int) and isinstance(e["dur"], int) for e in spans)
+    modules = [e for e in spans if e["name"] == "backward m"]
+    assert all(a["ts"] + a["dur"] == b["ts"] for a, b in zip(modules, modules[1:]))
+    parent = next(e for e in spans if e["name"] == "backward")
+    assert parent["ts"] == modules[0]["ts"] and parent["ts"] + parent["dur"] == modules[-1]["ts"] + modules[-1]["dur"]
 
 
 def test_a_disabled_timeline_records_nothing():

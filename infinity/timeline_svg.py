@@ -1,15 +1,15 @@
-"""Draws Chrome trace events (infinity.timeline) as an SVG picture: one band per thread row, nested spans
-stacked, I/O requests packed into lanes per operation, a millisecond axis.  No plotting library needed.
+"""Draws Chrome trace events (infinity.timeline, infinity-train --trace) as an SVG picture: one band per
+row (a track kind on one thread, named by the trace's "thread_name" metadata), nested spans stacked, I/O
+requests packed into lanes per operation, a millisecond axis.  No plotting library needed.
 
-    .venv/bin/python -m benchmarks.timeline_svg step.json step.svg
+    svg = render(json.loads(Path("step.json").read_text())["traceEvents"], title="step.json")
+
+`infinity-timeline TRACE.json OUT.svg` (infinity/cli/timeline.py) is the command.  Leaf module: no torch.
 """
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
 from html import escape
-from pathlib import Path
 from typing import Any
 
 COLORS = {"compute": "#4e79a7", "wait": "#e15759", "optimizer": "#59a14f", "read": "#f28e2b", "write": "#b07aa1"}
@@ -26,11 +26,25 @@ class Bar:
     color: str
 
 
+def row_names(events: list[dict[str, Any]]) -> dict[tuple[Any, Any], str]:
+    """(pid, tid) -> the row's name from "thread_name" metadata (the tid itself where none names it)."""
+    return {(e["pid"], e["tid"]): str(e["args"]["name"]) for e in events
+            if e["ph"] == "M" and e["name"] == "thread_name"}
+
+
+def row_order(events: list[dict[str, Any]]) -> dict[str, int]:
+    """Row name -> its "thread_sort_index" (rows without one sort after, by name)."""
+    names = row_names(events)
+    return {names[(e["pid"], e["tid"])]: int(e["args"]["sort_index"]) for e in events
+            if e["ph"] == "M" and e["name"] == "thread_sort_index" and (e["pid"], e["tid"]) in names}
+
+
 def bars(events: list[dict[str, Any]]) -> list[Bar]:
-    out = _thread_bars([e for e in events if e["ph"] == "X"])
-    begins = {e["id"]: e for e in events if e["ph"] == "b"}
-    requests = sorted(((begins[e["id"]], e) for e in events if e["ph"] == "e" and e["id"] in begins),
-                      key=lambda pair: pair[0]["ts"])
+    names = row_names(events)
+    out = _thread_bars([e for e in events if e["ph"] == "X"], names)
+    begins = {(e["pid"], e["id"]): e for e in events if e["ph"] == "b"}
+    requests = sorted(((begins[(e["pid"], e["id"])], e) for e in events
+                       if e["ph"] == "e" and (e["pid"], e["id"]) in begins), key=lambda pair: pair[0]["ts"])
     lanes: dict[str, list[float]] = {}
     for b, e in requests:
         op = b["name"].split()[0]
@@ -43,24 +57,25 @@ def bars(events: list[dict[str, Any]]) -> list[Bar]:
     return out
 
 
-def _thread_bars(spans: list[dict[str, Any]]) -> list[Bar]:
+def _thread_bars(spans: list[dict[str, Any]], names: dict[tuple[Any, Any], str]) -> list[Bar]:
     out, open_ends = [], {}  # row -> ends of the spans enclosing the current one
     for e in sorted(spans, key=lambda e: (e["ts"], -e["dur"])):
-        row = e["tid"].split()[0] if e["cat"] != "wait" else "waits"
+        row = names.get((e["pid"], e["tid"]), str(e["tid"]))
         stack = [end for end in open_ends.get(row, []) if end > e["ts"]]
-        out.append(Bar(row, len(stack), e["ts"], e["ts"] + e["dur"], e["name"], COLORS.get(e["cat"], "#999")))
+        out.append(Bar(row, len(stack), e["ts"], e["ts"] + e["dur"], e["name"], COLORS.get(e.get("cat"), "#999")))
         open_ends[row] = stack + [e["ts"] + e["dur"]]
     return out
 
 
 def render(events: list[dict[str, Any]], title: str = "") -> str:
+    """The SVG document of the trace events."""
     drawn = bars(events)
     if not drawn:
         return '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="40"><text x="8" y="24">no spans</text></svg>'
     t0, t1 = min(b.start for b in drawn), max(b.end for b in drawn)
     scale = (WIDTH - LEFT - 10) / max(t1 - t0, 1.0)
-    order = [r for r in ("compute", "waits", "optimizer", "I/O reads", "I/O writes") if any(b.row == r for b in drawn)]
-    order += sorted({b.row for b in drawn} - set(order))
+    sort = row_order(events)
+    order = sorted({b.row for b in drawn}, key=lambda r: (r.startswith("I/O"), sort.get(r, 1 << 30), r))
     tops, y = {}, 40
     for row in order:
         tops[row] = y
@@ -78,13 +93,16 @@ def render(events: list[dict[str, Any]], title: str = "") -> str:
                      f'</title></rect>')
         if w > 6 * len(b.name):
             parts.append(f'<text x="{x + 2:.1f}" y="{top + 10}" fill="white">{escape(b.name)}</text>')
-    step = _tick((t1 - t0) / 1e3)
-    for k in range(int((t1 - t0) / 1e3 / step) + 1):
-        x = LEFT + k * step * 1e3 * scale
-        parts.append(f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + 5}" stroke="black"/>'
-                     f'<text x="{x + 2:.1f}" y="{y + 16}">{k * step:g} ms</text>')
+    parts += _axis(t1 - t0, scale, y)
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _axis(span_us: float, scale: float, y: int) -> list[str]:
+    step = _tick(span_us / 1e3)
+    return [f'<line x1="{LEFT + k * step * 1e3 * scale:.1f}" y1="{y}" x2="{LEFT + k * step * 1e3 * scale:.1f}" '
+            f'y2="{y + 5}" stroke="black"/><text x="{LEFT + k * step * 1e3 * scale + 2:.1f}" y="{y + 16}">'
+            f'{k * step:g} ms</text>' for k in range(int(span_us / 1e3 / step) + 1)]
 
 
 def _tick(total_ms: float) -> float:
@@ -92,17 +110,3 @@ def _tick(total_ms: float) -> float:
         if total_ms / step <= 12:
             return step
     return 10000
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 2:
-        print("usage: python -m benchmarks.timeline_svg TRACE.json OUT.svg", file=sys.stderr)
-        return 2
-    events = json.loads(Path(args[0]).read_text())["traceEvents"]
-    Path(args[1]).write_text(render(events, title=Path(args[0]).name))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
