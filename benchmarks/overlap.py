@@ -154,7 +154,7 @@ def summarize(rounds: list[dict]) -> dict[str, Any]:
         out[m]["efficiency"] = spread([b["efficiency"][m] for b in rounds])
         out[m]["stall_share"] = spread([b["stall_share"][m] for b in rounds])
         reports = [rep for b in rounds for rep in b[m]["reports"]]
-        out[m]["hit_ratio"] = statistics.median(rep["hit_ratio"] for rep in reports)
+        out[m]["hit_ratio"] = statistics.median(rep["hit_ratio"] + rep["late_ratio"] for rep in reports)  # hits + late
     out["io_only_s"] = spread([b["io_only"]["seconds"] for b in rounds])
     out["serial_over_overlap"] = spread([b["serial"]["median_s"] / b["overlap"]["median_s"] for b in rounds])
     out["compute_over_io"] = spread([b["resident"]["median_s"] / b["io_only"]["seconds"] for b in rounds])
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in ("overlap", "serial"):
         e, s = summary[m]["efficiency"], summary[m]["stall_share"]
         print(f"{m}: overlap efficiency {e['median']:.3f} (quartiles {e['q1']:.3f}-{e['q3']:.3f}), stall share "
-              f"{100 * s['median']:.1f}%, step {summary[m]['step_s']['median']:.3f} s, prefetch hit "
+              f"{100 * s['median']:.1f}%, step {summary[m]['step_s']['median']:.3f} s, prefetch hit + late "
               f"{100 * summary[m]['hit_ratio']:.1f}%")
     for mode, rows in profile.items():
         print(f"{mode}, own time per step: " + ", ".join(f"{r['function'].rsplit('(', 1)[-1][:-1]} "

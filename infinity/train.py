@@ -6,6 +6,7 @@ model is built under infinity.zero.Init when parameters go to NVMe, so it never 
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
@@ -54,11 +55,96 @@ class StepStats:
     bytes_written: int
     lr: float
     stall_ratio: float = 0.0  # of the last optimizer step: time waiting on I/O / step time (step_report)
-    hit_ratio: float = 1.0  # of the last optimizer step: (prefetch hits + late hits) / partitions needed
+    prefetch_hits: int = 0  # of the last optimizer step, as StepReport (infinity_prefetch_total{outcome})
+    prefetch_late: int = 0
+    prefetch_misses: int = 0
+    peak_rss_bytes: int = 0  # the largest peak RSS (ru_maxrss) of any rank so far, at the end of the step
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.step_s if self.step_s > 0 else 0.0
+
+    @property
+    def prefetch(self) -> "Prefetch":
+        return Prefetch(self.prefetch_hits, self.prefetch_late, self.prefetch_misses)
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """Uses of offloaded parameters by how they had been fetched: the outcomes of infinity_prefetch_total
+    (hit: resident or its read done; late: its read still in flight; miss: fetched on demand)."""
+
+    hits: int
+    late: int
+    misses: int
+
+    @property
+    def uses(self) -> int:
+        return self.hits + self.late + self.misses
+
+    def shares(self) -> str:
+        """"hit 87.0% / late 13.0% / miss 0.0% of 36 uses" (or "no uses")."""
+        if not self.uses:
+            return "no offloaded uses"
+        return (f"hit {100 * self.hits / self.uses:.1f}% / late {100 * self.late / self.uses:.1f}% / "
+                f"miss {100 * self.misses / self.uses:.1f}% of {self.uses} uses")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The end of a run as infinity-train prints it (`line()`) and writes it (--json's "summary").
+
+    [Note: what the means cover]  Step 1 records the module order, fetches everything on demand and pays
+    for first touches, so the means (time, tokens/s, I/O per step, stall, prefetch) cover steps
+    `averaged_from`..`steps` (all of them in a one-step run); the line says so.  Bytes are decimal GB
+    (1e9), RSS included.  With several ranks, step time, I/O, stall and prefetch are rank 0's and
+    `peak_rss_gb` is the largest of every rank's peak (`rss_of` says so)."""
+
+    steps: int
+    first_loss: float
+    last_loss: float
+    averaged_from: int  # the first step the means cover (2 unless the run had one step)
+    mean_step_s: float
+    tokens_per_s: float  # tokens of the global batch (every rank's) per second
+    gb_read_per_step: float  # this rank's NVMe reads, GB (1e9 bytes) per step
+    gb_written_per_step: float
+    stall_ratio: float  # time waiting on I/O / step time, over the averaged steps
+    prefetch_hits: int  # summed over the averaged steps
+    prefetch_late: int
+    prefetch_misses: int
+    peak_rss_gb: float
+    ranks: int = 1
+    rss_of: str = "this process"  # or "the largest of 2 ranks"
+
+    def line(self) -> str:
+        world = f" on {self.ranks} ranks" if self.ranks > 1 else ""
+        who = " (rank 0's)" if self.ranks > 1 else ""
+        span = (f"step {self.steps}" if self.averaged_from == self.steps else
+                f"steps {self.averaged_from}-{self.steps}")
+        left_out = " (step 1, which records the module order, left out)" if self.averaged_from > 1 else ""
+        prefetch = Prefetch(self.prefetch_hits, self.prefetch_late, self.prefetch_misses)
+        return (f"{self.steps} steps{world}: loss {self.first_loss:.4f} -> {self.last_loss:.4f}; mean of {span}"
+                f"{left_out}: {self.mean_step_s:.2f} s/step, {self.tokens_per_s:.0f} tokens/s, per step "
+                f"{self.gb_read_per_step:.3f} GB read and {self.gb_written_per_step:.3f} GB written{who}, stalled "
+                f"{100 * self.stall_ratio:.1f}% of the time, prefetch {prefetch.shares()}{who}; peak RSS "
+                f"{self.peak_rss_gb:.2f} GB ({self.rss_of})")
+
+
+def summarize(steps: list[StepStats], ranks: int = 1) -> RunSummary:
+    """The run's summary; the means leave step 1 out when there are more (RunSummary's note)."""
+    if not steps:
+        raise UsageError("summarize() needs at least one step's StepStats")
+    steady = steps[1:] or steps
+    seconds = sum(s.step_s for s in steady)
+    return RunSummary(
+        steps=len(steps), first_loss=steps[0].loss, last_loss=steps[-1].loss, averaged_from=steady[0].step,
+        mean_step_s=seconds / len(steady), tokens_per_s=sum(s.tokens for s in steady) / seconds if seconds else 0.0,
+        gb_read_per_step=sum(s.bytes_read for s in steady) / len(steady) / 1e9,
+        gb_written_per_step=sum(s.bytes_written for s in steady) / len(steady) / 1e9,
+        stall_ratio=sum(s.stall_ratio * s.step_s for s in steady) / seconds if seconds else 0.0,
+        prefetch_hits=sum(s.prefetch_hits for s in steady), prefetch_late=sum(s.prefetch_late for s in steady),
+        prefetch_misses=sum(s.prefetch_misses for s in steady), peak_rss_gb=steps[-1].peak_rss_bytes / 1e9,
+        ranks=ranks, rss_of=f"the largest of {ranks} ranks" if ranks > 1 else "this process")
 
 
 def load_config(job: TrainJob) -> Config:
@@ -139,10 +225,14 @@ def _step(engine: Engine, job: TrainJob, window: list, step: int, tokens: int) -
     if engine.world > 1:
         engine.ranks.all_reduce_mean(mean, "the step's loss")  # the global batch's loss
     after, report = engine.io_stats(), engine.step_report()
+    _, peak_rss = engine.ranks.low_high(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS")
     return StepStats(step=step + 1, loss=float(mean), step_s=time.perf_counter() - start,
                      tokens=len(window) * tokens, bytes_read=after.bytes_read - before.bytes_read,
                      bytes_written=after.bytes_written - before.bytes_written, lr=engine.get_lr()[0],
-                     stall_ratio=report.stall_ratio if report else 0.0, hit_ratio=report.hit_ratio if report else 1.0)
+                     stall_ratio=report.stall_ratio if report else 0.0,
+                     prefetch_hits=report.prefetch_hits if report else 0,
+                     prefetch_late=report.prefetch_late if report else 0,
+                     prefetch_misses=report.prefetch_misses if report else 0, peak_rss_bytes=peak_rss)
 
 
 def _forward(engine: Engine, x: torch.Tensor, y: torch.Tensor, hf: bool) -> torch.Tensor:

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 from dataclasses import asdict
@@ -93,24 +92,14 @@ def job_from_args(ns: argparse.Namespace):  # -> TrainJob (imported late: torch 
 
 
 def describe(stats) -> str:
-    return (f"loss {stats.loss:7.4f}  {stats.step_s:6.2f} s/step  {stats.tokens_per_s:8.0f} tok/s  "
-            f"stall {100 * stats.stall_ratio:4.1f}%  prefetch hit {100 * stats.hit_ratio:5.1f}%  "
-            f"read {stats.bytes_read / 1e9:6.3f} GB  written {stats.bytes_written / 1e9:6.3f} GB  lr {stats.lr:.2e}")
+    """The progress line of one optimizer step (StepStats): every figure is that step's alone."""
+    return (f"loss {stats.loss:7.4f}  this step: {stats.step_s:6.2f} s  {stats.tokens_per_s:8.0f} tok/s  "
+            f"stall {100 * stats.stall_ratio:4.1f}%  read {stats.bytes_read / 1e9:6.3f} GB  written "
+            f"{stats.bytes_written / 1e9:6.3f} GB  prefetch {stats.prefetch.shares()}  lr {stats.lr:.2e}")
 
 
-def summary(steps: list) -> dict:
-    steady = steps[1:] or steps  # the first step also pays for first touches and the page cache
-    seconds = sum(s.step_s for s in steady)
-    return {"steps": len(steps), "first_loss": steps[0].loss, "last_loss": steps[-1].loss,
-            "mean_step_s": seconds / len(steady), "tokens_per_s": sum(s.tokens for s in steady) / seconds,
-            "gb_read_per_step": sum(s.bytes_read for s in steady) / len(steady) / 1e9,
-            "gb_written_per_step": sum(s.bytes_written for s in steady) / len(steady) / 1e9,
-            "stall_ratio": sum(s.stall_ratio * s.step_s for s in steady) / seconds,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def train(ns: argparse.Namespace) -> dict:
-    from infinity.train import run
+def train(ns: argparse.Namespace):  # -> RunSummary
+    from infinity.train import run, summarize
     job = job_from_args(ns)
     bar = ProgressBar(job.steps, sys.stderr if _rank() == 0 else open(os.devnull, "w"), Cadence.EVERY)
     steps = []
@@ -120,9 +109,10 @@ def train(ns: argparse.Namespace) -> dict:
             bar.advance(describe(stats))
     finally:
         bar.close()
-    result = summary(steps)
+    result = summarize(steps, ranks=int(os.environ.get("WORLD_SIZE", "1") or 1))
     if ns.json and _rank() == 0:
-        Path(ns.json).write_text(json.dumps({"summary": result, "steps": [asdict(s) for s in steps]}, indent=2))
+        Path(ns.json).write_text(json.dumps({"summary": asdict(result), "steps": [asdict(s) for s in steps]},
+                                            indent=2))
     return result
 
 
@@ -142,13 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     if _rank() != 0:
         return EXIT_OK  # rank 0 speaks for the run
-    ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    world = f" on {ranks} ranks (rank 0's I/O)" if ranks > 1 else ""
-    print(f"{result['steps']} steps{world}: loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
-          f"{result['mean_step_s']:.2f} s/step, {result['tokens_per_s']:.0f} tokens/s, "
-          f"{result['gb_read_per_step']:.3f} GB read and {result['gb_written_per_step']:.3f} GB written per step, "
-          f"stalled {100 * result['stall_ratio']:.1f}% of the time, "
-          f"peak RSS {result['peak_rss_gib']:.2f} GiB")
+    print(result.line())
     return EXIT_OK
 
 

@@ -61,14 +61,29 @@ class StepReport:
         return self.stall_s / self.step_s if self.step_s > 0 else 0.0
 
     @property
+    def prefetch_uses(self) -> int:
+        """Uses of offloaded parameters: hits + late + misses."""
+        return self.prefetch_hits + self.prefetch_late + self.prefetch_misses
+
+    @property
     def hit_ratio(self) -> float:
-        """(hits + late hits) / partitions needed; 1.0 when nothing was needed."""
-        total = self.prefetch_hits + self.prefetch_late + self.prefetch_misses
-        return (self.prefetch_hits + self.prefetch_late) / total if total else 1.0
+        """Hits / uses (the read was done, or the parameter resident, when the module came); 1.0 with no
+        uses.  Late uses are not hits: late_ratio counts them (as infinity_prefetch_total's labels do)."""
+        return self.prefetch_hits / self.prefetch_uses if self.prefetch_uses else 1.0
+
+    @property
+    def late_ratio(self) -> float:
+        """Late / uses: read ahead, but still in flight when the module came; 0.0 with no uses."""
+        return self.prefetch_late / self.prefetch_uses if self.prefetch_uses else 0.0
+
+    @property
+    def miss_ratio(self) -> float:
+        """Misses / uses: nobody read them ahead; 0.0 with no uses."""
+        return self.prefetch_misses / self.prefetch_uses if self.prefetch_uses else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "stall_s": self.stall_s, "stall_ratio": self.stall_ratio,
-                "hit_ratio": self.hit_ratio}
+                "hit_ratio": self.hit_ratio, "late_ratio": self.late_ratio, "miss_ratio": self.miss_ratio}
 
     def line(self) -> str:
         who = f"rank {self.rank} " if self.rank else ""

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from infinity import metrics
 from infinity.cli.train import DEFAULT_CONFIG, main
 
 SMALL = ["--steps", "3", "--hidden", "64", "--layers", "1", "--heads", "4", "--vocab", "256", "--seq", "16",
@@ -15,14 +16,38 @@ def test_trains_on_nvme_and_records_every_step(tmp_path, capsys):
     out = tmp_path / "run.json"
     swap = tmp_path / "swap"
     swap.mkdir()
-    assert main(["--nvme_path", str(swap), "--json", str(out), *SMALL]) == 0
+    metrics.enable()  # what Prometheus would export, counted in this process
+    try:
+        before = metrics.TALLY.snapshot()
+        assert main(["--nvme_path", str(swap), "--json", str(out), *SMALL, "--hidden", "256"]) == 0
+        after = metrics.TALLY.snapshot()
+    finally:
+        metrics.disable()
     record = json.loads(out.read_text())
-    assert [s["step"] for s in record["steps"]] == [1, 2, 3]
-    assert all(s["bytes_read"] > 0 and s["bytes_written"] > 0 and s["tokens"] == 2 * 16 for s in record["steps"])
-    err = capsys.readouterr().err
-    assert err.count("tok/s") == 3 and "read" in err and "written" in err  # one progress line a step
-    assert err.count("stall") == 3 and err.count("prefetch hit") == 3
-    assert all(0 <= s["stall_ratio"] <= 1 and 0 <= s["hit_ratio"] <= 1 for s in record["steps"])
+    steps = record["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all(s["bytes_read"] > 0 and s["bytes_written"] > 0 and s["tokens"] == 2 * 16 for s in steps)
+    assert all(0 <= s["stall_ratio"] <= 1 and s["peak_rss_bytes"] > 0 for s in steps)
+    # hit, late and miss are infinity_prefetch_total's outcomes, step by step
+    for outcome, field in (("hit", "prefetch_hits"), ("late", "prefetch_late"), ("miss", "prefetch_misses")):
+        key = ("infinity_prefetch_total", (outcome,))
+        assert after.counters[key] - before.counters[key] == sum(s[field] for s in steps)
+    assert sum(s["prefetch_hits"] + s["prefetch_late"] + s["prefetch_misses"] for s in steps) > 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if "tok/s" in line]
+    assert len(lines) == 3 and all("this step:" in line and " GB " in line for line in lines)
+    for line, s in zip(lines, steps):  # the progress line's shares are the step's counts
+        uses = s["prefetch_hits"] + s["prefetch_late"] + s["prefetch_misses"]
+        assert (f"prefetch hit {100 * s['prefetch_hits'] / uses:.1f}% / late {100 * s['prefetch_late'] / uses:.1f}% "
+                f"/ miss {100 * s['prefetch_misses'] / uses:.1f}% of {uses} uses") in line
+    summary = record["summary"]
+    assert summary["averaged_from"] == 2 and summary["steps"] == 3 and summary["rss_of"] == "this process"
+    assert summary["prefetch_hits"] == sum(s["prefetch_hits"] for s in steps[1:])
+    assert summary["peak_rss_gb"] == steps[-1]["peak_rss_bytes"] / 1e9
+    assert summary["gb_read_per_step"] == pytest.approx(sum(s["bytes_read"] for s in steps[1:]) / 2 / 1e9)
+    printed = captured.out.strip()
+    assert printed.startswith("3 steps: loss ") and "mean of steps 2-3 (step 1" in printed
+    assert f"peak RSS {summary['peak_rss_gb']:.2f} GB (this process)" in printed and "GiB" not in printed
     assert not any((swap / "infinity-swap" / "rank-0").iterdir())  # swap files removed at the end
 
 
@@ -90,7 +115,8 @@ def test_nproc_2_trains_two_data_parallel_ranks_under_torchrun(tmp_path):
     done = subprocess.run([sys.executable, "-m", "infinity.cli.train", "--nproc", "2", "--nvme_path", str(swap),
                            "--json", str(out), *wide], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "3 steps on 2 ranks" in done.stdout
+    assert "3 steps on 2 ranks" in done.stdout and "(rank 0's)" in done.stdout
+    assert "(the largest of 2 ranks)" in done.stdout
     record = json.loads(out.read_text())
     assert all(s["tokens"] == 2 * 2 * 16 and s["bytes_read"] > 0 for s in record["steps"])  # the global batch
     assert {p.name for p in (swap / "infinity-swap").iterdir()} == {"rank-0", "rank-1"}
