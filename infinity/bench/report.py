@@ -50,29 +50,47 @@ def _ratio(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
+MARK_HEADER = "best"
+LEGEND = ('best: "chosen" = the setting whose aio block is printed below; "fastest <op>" = the highest GB/s '
+          'of that operation')
+
+
+def marks(m: Measurement, best: Best | None) -> str:
+    """What the table's last column says of m: "chosen" (its setting's aio block is the one printed),
+    "fastest <op>" (the top GB/s of its operation), both, or nothing."""
+    if best is None:
+        return ""
+    words = ["chosen"] if m.aio == best.aio else []
+    words += [f"fastest {m.opname}" for top in best.by_op if top is m]
+    return ", ".join(words)
+
+
 def table(outcome: SweepOutcome, best: Best | None) -> str:
-    """One row per setting and operation; * marks the fastest row of each operation."""
+    """One row per setting and operation; the last column marks the chosen setting and each operation's
+    fastest row, and a legend line under the table says what the marks mean."""
     ms = outcome.measurements
     show_ss = len({m.aio.single_submit for m in ms}) > 1
     show_oe = len({m.aio.overlap_events for m in ms}) > 1
     fio = any(m.fio_gbps is not None for m in ms)
     head = ["op", "block", "qd", "threads"] + (["single_submit"] if show_ss else []) + \
         (["overlap_events"] if show_oe else []) + ["GB/s", "device/requested"] + \
-        (["fio GB/s", "ours/fio"] if fio else [])
-    fastest = set(id(m) for m in best.by_op) if best else set()
+        (["fio GB/s", "ours/fio"] if fio else []) + ([MARK_HEADER] if best else [])
     rows = []
     for m in ms:
         row = [m.opname, format_size(m.aio.block_size), str(m.aio.queue_depth), str(m.aio.thread_count)]
         row += [str(m.aio.single_submit).lower()] if show_ss else []
         row += [str(m.aio.overlap_events).lower()] if show_oe else []
-        row += [f"{m.gbps:.2f}" + ("*" if id(m) in fastest else " "), _ratio(m.device_bytes_ratio)]
+        row += [f"{m.gbps:.2f}", _ratio(m.device_bytes_ratio)]
         if fio:
             row += ["-", "-"] if m.fio_gbps is None else [f"{m.fio_gbps:.2f}", f"{m.gbps / m.fio_gbps:.2f}"]
+        row += [marks(m, best)] if best else []
         rows.append(row)
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [head] + rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    last = len(head) - 1 if best else -1  # the marks are words: left-aligned
+    lines = ["  ".join(c.ljust(w) if i in (0, last) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             .rstrip() for r in [head] + rows]
+    width = max(len(line) for line in lines)
+    return "\n".join([lines[0], "-" * width, *lines[1:]] + ([LEGEND] if best else []))
 
 
 def summary(outcome: SweepOutcome, best: Best | None) -> str:
@@ -80,7 +98,8 @@ def summary(outcome: SweepOutcome, best: Best | None) -> str:
     if best is None:
         return "no results"
     lines = [f"best {m.opname}: {m.gbps:.2f} GB/s with {describe(m.aio)}" for m in best.by_op]
-    lines.append(f"best overall by {best.basis}: {best.score_gbps:.2f} GB/s with {describe(best.aio)}")
+    lines.append(f"best overall by {best.basis}: {best.score_gbps:.2f} GB/s with {describe(best.aio)} "
+                 "(\"chosen\" in the table)")
     lines.append("aio block to paste into your DeepSpeed config:")
     lines.append(json.dumps(best_block(best), indent=2))
     return "\n".join(lines)

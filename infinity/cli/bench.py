@@ -117,7 +117,7 @@ def sweep_and_report(plan: SweepPlan, outputs: Outputs) -> None:
     if outputs.plot_path:
         from infinity.bench.plot import write_heatmap
 
-        write_heatmap(outcome, outputs.plot_path)
+        write_heatmap(outcome, outputs.plot_path, best)
     print(summary(outcome, best))
 
 

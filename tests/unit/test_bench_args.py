@@ -13,7 +13,7 @@ from infinity.bench.axes import OpSelection, parse_axes
 from infinity.bench.diskstats import DiskCounters, DiskProbe, device_bytes, parse_diskstats
 from infinity.bench.fio import FioError, fio_command, parse_fio_json
 from infinity.bench.progress import ProgressBar
-from infinity.bench.report import LOW_RATIO, choose_best, table, to_json, warnings
+from infinity.bench.report import LOW_RATIO, choose_best, summary, table, to_json, warnings
 from infinity.bench.sizes import format_size, parse_size
 from infinity.bench.sweep import Measurement, SweepOutcome
 from infinity.cli import bench as cli
@@ -220,6 +220,58 @@ def test_low_ratio_warns_and_nan_becomes_null():
 def test_table_has_fio_columns_when_fio_ran():
     text = table(outcome(m(Op.WRITE, 1 << 20, 8, 2.0, fio=2.5)), None)
     assert "fio GB/s" in text and "ours/fio" in text and "0.80" in text
+
+
+def third_setting() -> SweepOutcome:
+    """The fastest write (1M), the fastest read (4M qd 32) and the chosen setting (4M qd 8, the best geometric
+    mean) are three different settings."""
+    return outcome(m(Op.WRITE, 1 << 20, 8, 4.0), m(Op.READ, 1 << 20, 8, 1.0),
+                   m(Op.WRITE, 4 << 20, 8, 2.4), m(Op.READ, 4 << 20, 8, 2.4),
+                   m(Op.WRITE, 4 << 20, 32, 1.0), m(Op.READ, 4 << 20, 32, 2.5))
+
+
+def test_table_marks_the_chosen_setting_and_each_operations_fastest_row_apart():
+    found = third_setting()
+    best = choose_best(found.measurements)
+    assert best.aio.block_size == 4 << 20 and best.aio.queue_depth == 8
+    lines = table(found, best).splitlines()
+    assert lines[0].split()[-1] == "best"
+    rows = {tuple(line.split()[:3]): line for line in lines[2:8]}
+    assert rows[("write", "1M", "8")].endswith("  fastest write")
+    assert rows[("read", "1M", "8")].endswith("1.00")  # nothing to mark
+    assert rows[("write", "4M", "8")].endswith("  chosen") and rows[("read", "4M", "8")].endswith("  chosen")
+    assert rows[("read", "4M", "32")].endswith("  fastest read") and rows[("write", "4M", "32")].endswith("1.00")
+    assert "*" not in "\n".join(lines)
+    assert lines[-1].startswith('best: "chosen" = the setting whose aio block is printed below')
+    assert "(\"chosen\" in the table)" in summary(found, best)
+    both = outcome(m(Op.WRITE, 1 << 20, 8, 3.0), m(Op.READ, 1 << 20, 8, 2.0))  # one setting: every mark on it
+    assert table(both, choose_best(both.measurements)).splitlines()[3].endswith("  chosen, fastest read")
+
+
+def test_heatmap_boxes_the_chosen_and_fastest_cells_on_one_colour_scale():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from infinity.bench.plot import CHOSEN, FASTEST, heatmap_figure
+    found = third_setting()
+    fig = heatmap_figure(found, choose_best(found.measurements))
+    try:
+        panels = [ax for ax in fig.axes if ax.get_title() in ("write", "read")]
+        assert [ax.get_title() for ax in panels] == ["write", "read"]
+        norms = {(ax.images[0].norm.vmin, ax.images[0].norm.vmax) for ax in panels}
+        assert norms == {(1.0, 4.0)}  # the sweep's lowest and highest GB/s, in both panels
+        assert len(fig.axes) == 3  # the two panels and one colour bar
+
+        def boxed(ax, gid):  # (row, column) of the cells boxed with gid; rows 1M, 4M; columns qd 8, qd 32
+            return sorted((round(p.get_y() + p.get_height() / 2), round(p.get_x() + p.get_width() / 2))
+                          for p in ax.patches if p.get_gid() == gid)
+        write, read = panels
+        assert boxed(write, CHOSEN) == [(1, 0)] and boxed(read, CHOSEN) == [(1, 0)]
+        assert boxed(write, FASTEST) == [(0, 0)] and boxed(read, FASTEST) == [(1, 1)]
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert labels == ["chosen: the aio block printed", "fastest of this operation"]
+    finally:
+        plt.close(fig)
 
 
 # ---- fio and progress --------------------------------------------------------------------
