@@ -12,7 +12,7 @@ from typing import Callable, TypeVar
 
 from infinity.bench.sizes import parse_size
 from infinity.config.aio import AioConfig
-from infinity.config._values import Problems
+from infinity.config import Problems
 from infinity.errors import ConfigError
 from infinity.io.handle import Op
 

@@ -7,7 +7,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-from infinity._native import available as native_refusal
+from infinity.io import native_refusal
 from infinity.bench.axes import OpSelection, SweepAxes
 from infinity.bench.sizes import format_size
 from infinity.config.aio import DIRECT_ALIGNMENT

@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from infinity.config import Config
-from infinity.config._values import Problems, as_count
+from infinity.config import Problems, as_count
 from infinity.errors import ConfigError, Problem
 from infinity.estimate import Cluster, ModelSize, build_on_meta, count_module, estimate
 from infinity.estimate.report import table, to_json

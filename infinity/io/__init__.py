@@ -19,7 +19,7 @@ from infinity.io.handle import DirectPolicy, IoFuture, IoHandle, IoStats, Op
 log = logging.getLogger("infinity.io")
 
 __all__ = ["Access", "AioFile", "DirectPolicy", "IoFuture", "IoHandle", "IoStats", "Op", "check_nvme_path",
-           "choose_backend", "open_file", "open_handle"]
+           "choose_backend", "native_refusal", "open_file", "open_handle"]
 
 
 def choose_backend(requested: Backend, nvme_path: str | os.PathLike[str] | None = None) -> tuple[Backend, str]:
