@@ -58,3 +58,12 @@ def test_round_trip_through_the_printed_json(capsys, tmp_path):
     status, again = run(capsys, str(printed))
     assert status == 0 and again["config"] == report["config"]
     assert Config.load(printed) == Config.load(report["config"])
+
+
+def test_every_file_in_configs_passes_check(capsys):
+    # `infinity-config check configs/*.json` as the README shows it: only configs live there.
+    paths = sorted((Path(REFERENCE).parent).glob("*.json"))
+    assert len(paths) >= 3
+    for path in paths:
+        status, report = run(capsys, str(path), "--defer-auto")
+        assert status == 0 and report["valid"], (path.name, report.get("problems"))
