@@ -6,9 +6,10 @@ quiet, so one mistake is reported once and not again through its consequences.
 from __future__ import annotations
 
 import re
+from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from infinity.config._schema import Source
+from infinity.config._schema import Source, spec_fields, spec_of
 from infinity.config.training import SCHEDULER_KEYS, OptimizerType
 from infinity.config.zero import ADAM_SWAPPED_STATES, OffloadDevice
 from infinity.errors import Problem
@@ -122,7 +123,7 @@ def no_effect(config: "Config") -> list[tuple[str, str]]:
     """(key, why) for every key given in the file or overrides that changes nothing here."""
     default = type(config)()
     given = {k for k, s in config.sources.items() if s in (Source.FILE, Source.OVERRIDE, Source.AUTO)
-             and _value_at(config, k) != _value_at(default, k)}
+             and _value_at(config, k) != _default_at(default, k)}
     found = {k: why for k, why in INERT.items() if k in given}
     zero = config.zero_optimization
     for name in ("offload_param", "offload_optimizer"):
@@ -144,4 +145,18 @@ def no_effect(config: "Config") -> list[tuple[str, str]]:
 def _value_at(block: object, path: str) -> object:
     for key in path.split("."):
         block = getattr(block, key, None)
+    return block
+
+
+def _default_at(default: object, path: str) -> object:
+    """The default of the key at path, read from a default Config.
+    [Note: optional blocks] `optimizer` and `scheduler` are None in a default Config, so the defaults of
+    their keys (optimizer.params.torch_adam: false) are those of a default instance of the block's class;
+    reading None there would count every key written at its default as given."""
+    block = default
+    for key in path.split("."):
+        f = next((f for f in spec_fields(block) if f.name == key), None) if is_dataclass(block) else None
+        block = getattr(block, key, None)
+        if block is None and f is not None and spec_of(f).block is not None:
+            block = spec_of(f).block()
     return block

@@ -186,7 +186,7 @@ class IoHandle(ABC):
                 raise AioError(errno.EINVAL, t.opname, t.file.path, t.offset, t.span.nbytes,
                                detail="the file system refuses O_DIRECT",
                                fix="put nvme_path on a file system that supports O_DIRECT (not tmpfs)")
-            if not aligned and t.span.nbytes >= align:
+            if not aligned:  # whatever its size: a small request would otherwise go through the page cache
                 raise AlignmentError(t.opname, t.file.path, t.offset, t.span.nbytes, t.span.address, align)
         elif not aligned and t.span.nbytes >= align and not self._warned_unaligned:
             self._warned_unaligned = True

@@ -75,7 +75,8 @@ int64_t inf_aio_wait(inf_aio_request *request, inf_aio_result *result);
 /* Frees a request; waits for it first if it is still in flight. */
 void inf_aio_release(inf_aio_request *request);
 
-/* Pieces in flight in the kernel across all workers of the handle, now. */
+/* Pieces in flight in the kernel across all workers of the handle, now.  A piece leaves the count
+ * before its request is marked done: after every request has been waited for, this reads 0. */
 int64_t inf_aio_inflight(inf_aio_handle *handle);
 
 #endif

@@ -181,14 +181,17 @@ static void reap(worker *w) {
     int min_nr = w->handle->params.overlap_events ? 1 : w->inflight;
     int got = io_getevents(w->ctx, min_nr, w->handle->params.queue_depth, w->events, NULL);
     if (got < 0) return; /* -EINTR: the loop comes back here */
+    /* [Note: in flight before done] The reaped pieces leave the kernel's count before any of them
+     * completes its request: a waiter woken by finish_piece may read inf_aio_inflight at once, and
+     * must not see its own request still counted. */
+    w->inflight -= got;
+    __atomic_sub_fetch(&w->handle->inflight, got, __ATOMIC_RELAXED); /* req->mu orders it before the wake */
     for (int i = 0; i < got; i++) {
         piece *p = (piece *)w->events[i].data;
         /* res holds the byte count or -errno; res2 is never set for files. */
         finish_piece(p, (int64_t)(long)w->events[i].res);
         release_slot(w, p);
     }
-    w->inflight -= got;
-    __atomic_sub_fetch(&w->handle->inflight, got, __ATOMIC_RELAXED);
 }
 
 static void *worker_main(void *arg) {

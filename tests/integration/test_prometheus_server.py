@@ -1,8 +1,10 @@
 """A real Prometheus server (Debian's `prometheus` package, which scripts/setup installs) scrapes a short
-training run on a loopback port, and its HTTP query API returns a non-zero rate() of NVMe read bytes."""
+training run on a loopback port: its HTTP query API returns a non-zero rate() of NVMe read bytes, and a
+result for every PromQL example of docs/metrics.md and every panel query of the Grafana dashboard."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -17,6 +19,11 @@ import pytest
 
 import infinity
 from infinity import exporter as exporter_module
+from infinity import metrics
+from infinity.config.aio import AioConfig
+from infinity.errors import ShortTransferError
+from infinity.io import open_handle
+from infinity.memory import HostBuffer
 
 from test_initialize import config
 from test_metrics import free_port
@@ -27,6 +34,13 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus") or next((p for p in ("/usr/bin/prometheus",) if os.path.exists(p)), None)
 SCRAPE_INTERVAL = "500ms"
 RATE_QUERY = 'sum(rate(infinity_tier_transfer_bytes_total{src_tier="nvme",dst_tier="host",job="infinity-test"}[5s]))'
+STEPS_QUERY = 'sum(rate(infinity_steps_total{job="infinity-test"}[5s]))'
+DASHBOARD = ROOT / "dashboards" / "grafana-dashboard.json"
+# Grafana's $__rate_interval is max($__interval + scrape interval, 4 × scrape interval): one minute for the
+# dashboard's default 30-minute range at a 15 s scrape.  Here that window holds the whole run.
+RATE_INTERVAL = "1m"
+# Dashboard queries over series that appear with the first error (docs/metrics.md, "Dashboard").
+EMPTY_UNTIL_AN_ERROR = ("infinity_io_errors_total",)
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus package is not installed "
                                 "(scripts/setup installs it: apt-get install --no-install-recommends prometheus)")
@@ -88,26 +102,31 @@ def wait_until(ok, seconds: float, what: str, tmp_path) -> None:
         time.sleep(0.2)
 
 
-def test_prometheus_scrapes_a_training_run_and_rates_nvme_reads(tmp_path, prometheus):
+def test_prometheus_scrapes_a_training_run_and_every_documented_query_has_data(tmp_path, prometheus):
     api, target = prometheus
     nvme = tmp_path / "nvme"
     nvme.mkdir()
     cfg = config(nvme, prometheus={"enabled": True, "port": target})
     engine, *_ = infinity.initialize(model=fresh_model(), config=cfg)
+    # Counters never reset within a process: an earlier test's failed request may have made the series already.
+    had_errors = any(name in EMPTY_UNTIL_AN_ERROR for name, _ in metrics.TALLY.snapshot().counters)
     batches = make_batches()
     rates: list[float] = []
     try:
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:  # train until Prometheus has seen the reads move (a few seconds)
+        while time.monotonic() < deadline:  # train until Prometheus has seen reads and steps move (seconds)
             train(engine, batches[:2])
-            result = query(api, RATE_QUERY)
-            rates = [float(r["value"][1]) for r in result]
-            if rates and rates[0] > 0:
+            rates = [float(r["value"][1]) for r in query(api, RATE_QUERY)]
+            steps = query(api, STEPS_QUERY)  # a step counted between two scrapes: the per-step rates exist
+            if rates and rates[0] > 0 and steps and float(steps[0]["value"][1]) > 0:
                 break
         up = query(api, 'up{job="infinity-test"}')
         families = query(api, 'count by (__name__) ({__name__=~"infinity_.+", job="infinity-test"})')
-        # Every query of the dashboard and of docs/metrics.md is valid PromQL that this server evaluates.
-        answered = {expr: query(api, expr) for expr in dashboard_queries() + documented_queries()}
+        before_error = {expr: query(api, expr) for expr in dashboard_queries()}
+        fail_one_read(tmp_path)  # a real failed request in this process: the error series appear
+        wait_until(lambda: query(api, 'infinity_io_errors_total{job="infinity-test"}'), 30,
+                   "the failed read reached Prometheus", tmp_path)
+        after_error = {expr: query(api, expr) for expr in dashboard_queries() + documented_queries()}
     finally:
         engine.close()
         exporter_module.stop_all()
@@ -116,18 +135,43 @@ def test_prometheus_scrapes_a_training_run_and_rates_nvme_reads(tmp_path, promet
     names = {r["metric"]["__name__"] for r in families}
     assert {"infinity_io_request_duration_seconds_bucket", "infinity_tier_resident_bytes",
             "infinity_aio_info"} <= names
-    bandwidth = [e for e in answered
-                 if "rate(infinity_tier_transfer_bytes_total" in e and "by (src_tier, dst_tier)" in e]
-    assert bandwidth and all(answered[e] for e in bandwidth)  # the dashboard's bandwidth panel has data
+    empty_before = [e for e, result in before_error.items() if not has_data(result)]
+    until_an_error = [e for e in before_error if any(name in e for name in EMPTY_UNTIL_AN_ERROR)]
+    assert until_an_error, "the documented empty-until-an-error query is no longer in the dashboard"
+    assert empty_before == ([] if had_errors else until_an_error), (
+        f"dashboard queries without data that docs/metrics.md does not list as empty until an error: "
+        f"{[e for e in empty_before if e not in until_an_error]}")
+    assert [e for e, result in after_error.items() if not has_data(result)] == []
+
+
+def fail_one_read(tmp_path: Path) -> None:
+    """Reads 16 KiB from a 10000-byte file: a short read, counted as EIO and as a short transfer."""
+    path = tmp_path / "short.bin"
+    path.write_bytes(os.urandom(10000))
+    with open_handle(AioConfig()) as handle, pytest.raises(ShortTransferError):
+        handle.pread(HostBuffer(16384).tensor, path)
+
+
+def has_data(result: list[dict]) -> bool:
+    """A non-empty vector with at least one number (a ratio of two zero rates is NaN: no data to draw)."""
+    return any(math.isfinite(float(sample["value"][1])) for sample in result)
 
 
 def dashboard_queries() -> list[str]:
-    dashboard = json.loads((ROOT / "configs" / "grafana-dashboard.json").read_text())
+    """Every panel query, with the template variables as Grafana sends them with All selected."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    values = {f"${v['name']}": v["allValue"] for v in dashboard["templating"]["list"]}
+    values["$__rate_interval"] = RATE_INTERVAL
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    return [e.replace("$job", ".*").replace("$rank", ".*") for e in exprs]
+    for name in sorted(values, key=len, reverse=True):  # $__rate_interval before any shorter name
+        exprs = [e.replace(name, values[name]) for e in exprs]
+    assert not [e for e in exprs if "$" in e], "a template variable the test does not substitute"
+    return exprs
 
 
 def documented_queries() -> list[str]:
-    """The PromQL column of docs/metrics.md's table (the last backticked span of each metric's row)."""
-    rows = [line for line in (ROOT / "docs" / "metrics.md").read_text().splitlines() if line.startswith("| `infinity_")]
-    return [re.findall(r"`([^`]+)`", row)[-1].replace("\\|", "|") for row in rows]
+    """Every ```promql block of docs/metrics.md (one query each)."""
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    blocks = [b.strip() for b in re.findall(r"^```promql\n(.*?)^```", text, re.S | re.M)]
+    assert len(blocks) >= 20, "docs/metrics.md lost its ```promql blocks"
+    return blocks

@@ -51,6 +51,24 @@ def test_unaligned_buffer_where_direct_is_required(tmp_path):
     assert "aligned to" in str(err.value) and "HostBuffer" in str(err.value)
 
 
+@pytest.mark.parametrize("nbytes,shift,offset", [(1, 1, 0), (100, 8, 0), (4095, 1, 0), (512, 0, 1), (100, 0, 4097)])
+def test_small_unaligned_request_where_direct_is_required(tmp_path, nbytes, shift, offset):
+    # Shorter than one block, it would fit the buffered descriptor; REQUIRE refuses it all the same.
+    path = tmp_path / "small.bin"
+    path.write_bytes(os.urandom(3 * 4096))
+    before = path.read_bytes()
+    with open_handle(AioConfig(backend=Backend.LIBAIO), direct=DirectPolicy.REQUIRE) as h:
+        view = HostBuffer(8192).tensor[shift:shift + nbytes]
+        for move in (h.pread, h.pwrite):
+            with pytest.raises(AlignmentError) as err:
+                move(view, path, offset)
+            assert err.value.errno == errno.EINVAL and str(path) in str(err.value)
+        assert h.stats.requests == 0
+        # Aligned address and offset: a short tail goes through the buffered descriptor, as documented.
+        assert h.pread(HostBuffer(8192).tensor[:100], path, 4096) == 100
+    assert path.read_bytes() == before
+
+
 def test_reading_past_end_of_file_is_a_short_read(make_handle, tmp_path):
     path = tmp_path / "short.bin"
     path.write_bytes(os.urandom(10000))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from infinity.cli import config as cli
@@ -58,3 +59,28 @@ def test_round_trip_through_the_printed_json(capsys, tmp_path):
     status, again = run(capsys, str(printed))
     assert status == 0 and again["config"] == report["config"]
     assert Config.load(printed) == Config.load(report["config"])
+
+
+def test_rechecking_the_printed_json_names_no_key_without_effect(capsys, tmp_path, caplog):
+    # Every key is printed, each at its value; those at their default must not read as given.
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                                "zero_optimization": {"stage": 3}}))
+    status, report = run(capsys, str(base))
+    assert status == 0 and report["no_effect"] == []
+    assert report["config"]["optimizer"]["params"]["torch_adam"] is False
+    printed = tmp_path / "printed.json"
+    printed.write_text(json.dumps(report["config"]))
+    with caplog.at_level(logging.WARNING, logger="infinity.config"):
+        status, again = run(capsys, str(printed))
+    assert status == 0 and again["no_effect"] == [] and again["config"] == report["config"]
+    assert [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()] == []
+
+
+def test_every_file_in_configs_passes_check(capsys):
+    # `infinity-config check configs/*.json` as the README shows it: only configs live there.
+    paths = sorted((Path(REFERENCE).parent).glob("*.json"))
+    assert len(paths) >= 3
+    for path in paths:
+        status, report = run(capsys, str(path), "--defer-auto")
+        assert status == 0 and report["valid"], (path.name, report.get("problems"))
