@@ -83,14 +83,20 @@ class DeviceCopies:
         self.device = device
         self._stream: torch.cuda.Stream | None = None
 
-    def start(self, host: torch.Tensor) -> Arriving:
-        """Issues host's copy to the device on the side stream; returns without waiting for it."""
+    @property
+    def stream(self) -> torch.cuda.Stream:
+        """The side stream the copies run on (made at first use)."""
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def start(self, host: torch.Tensor) -> Arriving:
+        """Issues host's copy to the device on the side stream; returns without waiting for it."""
+        stream = self.stream
         copied = torch.cuda.Event()
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             values = host.to(self.device, non_blocking=True)
-            copied.record(self._stream)
+            copied.record(stream)
         return Arriving(values, copied)
 
     def finish(self, arriving: Arriving) -> torch.Tensor:
@@ -112,6 +118,11 @@ class ComputeTier:
         self.copy_ahead = CopyAhead.SIDE_STREAM if device.type == "cuda" else CopyAhead.NONE
         self._device_copies = DeviceCopies(device) if device.type == "cuda" else None
         self._lending = Lending()
+
+    @property
+    def side_stream(self) -> torch.cuda.Stream | None:
+        """The stream host-to-device copies run on (CUDA); None where there are none."""
+        return self._device_copies.stream if self._device_copies is not None else None
 
     def allow_lending(self, pool: BufferPool, reserve: int) -> None:
         """On a CPU compute tier, lets `place` lend up to pool.buffer_count - reserve of pool's buffers as
