@@ -17,6 +17,11 @@ New values of other partitions come in through `stage` (HOST_DIRTY) and go out t
 (WRITING -> HOST_CLEAN); `drop` returns the buffer.  A kept host copy (HostCache) is written through:
 host and NVMe hold the same bytes whenever nothing is in flight.
 
+[Note: why this module is over 400 lines]  It is the one place that drives the state table: the compute
+tier (compute_tier.py), pending writes (writes.py) and the per-partition entry (entry.py) live apart, but
+every verb that moves a partition between states stays here, so that no other module reads a state to
+choose what to do next.
+
 Any error in a transfer, at submit or at completion, latches: from then on every call that moves
 bytes raises EngineFailed naming the first error (`fail` latches one from outside, such as an
 optimizer step stopped midway).
