@@ -91,6 +91,10 @@ class Residence:
         """On the compute tier: in use or kept."""
         return {i for i in self._offloaded if self._users[i] > 0} | self._kept
 
+    def kept(self) -> set[int]:
+        """On the compute tier with no user, kept for a use soon."""
+        return self._kept
+
     def reading(self) -> set[int]:
         """Reads started ahead, not yet used."""
         return self._reading
