@@ -6,10 +6,10 @@ with every method below, in alternating order, and the ratio swap-in GB/s ÷ raw
 
   raw       the engine's handle (the same one the manager uses, so the same aio settings) reads the whole
             file in one request into one HostBuffer: the bandwidth to keep up with
-  swap-in   NvmeHome.fetch_many (infinity.swap.swap_in): every parameter NVMe → pooled host buffer →
-            compute tier (CPU), up to offload_param.buffer_count reads in flight, each released after it
-            arrives as the engine's coordinator does
-  fetch     NvmeHome.fetch / release, one parameter at a time (what the engine did before swap_in)
+  swap-in   NvmeHome.read_ahead then fetch: every parameter NVMe → pooled host buffer → compute tier
+            (CPU), up to offload_param.buffer_count reads in flight (started ahead in order of use, as
+            the engine's coordinator does), each released after it arrives
+  fetch     NvmeHome.fetch / release, one parameter at a time, no read ahead
   fio       fio on the same file, libaio, direct=1, the same block size, iodepth and jobs (context only)
 
     .venv/bin/python -m benchmarks.param_swap_in --nvme_path swap --hidden 2048 --layers 32 --rounds 5 \\
@@ -131,8 +131,13 @@ def methods(model: Model, config: Config, with_fio: bool) -> dict[str, Callable[
         handle.pread(whole.tensor, model.path, 0)
         return model.file_bytes
 
-    def swapped_in() -> int:  # NvmeHome.fetch_many: infinity.swap.swap_in (a library path; the coordinator reads ahead)
-        for i, _values in model.home.fetch_many(model.indices):
+    def swapped_in() -> int:  # reads kept ahead as far as the pool allows, as the coordinator keeps them
+        ahead = 0
+        for n, i in enumerate(model.indices):
+            ahead = max(ahead, n)
+            while ahead < len(model.indices) and model.home.read_ahead(model.indices[ahead]):
+                ahead += 1
+            model.home.fetch(i)
             model.home.release(i)
         return model.param_bytes
 

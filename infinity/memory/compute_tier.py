@@ -1,5 +1,6 @@
 """How a host copy becomes the compute tier's copy: lent as it is (CPU), or copied to the device on a side
-stream (CUDA), at use or ahead of it.  Used by the memory manager only; nothing here moves NVMe bytes.
+stream (CUDA), at use or ahead of it.  The memory manager holds one ComputeTier and calls it; nothing here moves NVMe bytes or changes a
+partition's state (the manager does both).
 
 [Note: lending a staging buffer to the compute tier (CPU)]
 When the compute tier is host memory, copying a parameter from its staging buffer into a fresh tensor is
@@ -9,36 +10,30 @@ buffer itself can be the compute copy until the parameter is released.  Two cost
   the copy).  A module that misses must still find a buffer: reads ahead can be given up, lent buffers
   cannot.  So at most pool.buffer_count - reserve buffers are lent at once, where reserve is the most
   offloaded partitions one module gathers (Engine sets it); past that to_compute copies as before.
+  A partition kept on the compute tier beyond its use gets a copy of its own (`MemoryManager.keep`),
+  so that it does not hold a buffer all the while.
 - a tensor outside may still view the buffer when it is released (an op that saved the weight itself
   for backward).  The manager then replaces the pool's buffer (BufferPool.replace) instead of lending
   the memory again under that tensor: the old memory lives as long as the view, as a copy would.
 """
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from infinity import metrics
-from infinity.memory.partition import State
+from infinity.memory.policy import ComputeCopy, CopyAhead
 from infinity.memory.pool import BufferPool
 
 if TYPE_CHECKING:
-    from infinity.memory.manager import Entry
+    from infinity.memory.entry import Entry
     from infinity.memory.report import TierLedger
 
 log = logging.getLogger("infinity.memory")
-
-
-class ComputeCopy(enum.Enum):
-    """How to_compute made a partition's compute copy."""
-
-    COPY = "copy"  # a tensor of its own on the compute tier; the host buffer went back at once
-    LENT = "lent"  # the host buffer itself (CPU compute tier); it goes back at drop_compute
 
 
 @dataclass
@@ -88,14 +83,20 @@ class DeviceCopies:
         self.device = device
         self._stream: torch.cuda.Stream | None = None
 
-    def start(self, host: torch.Tensor) -> Arriving:
-        """Issues host's copy to the device on the side stream; returns without waiting for it."""
+    @property
+    def stream(self) -> torch.cuda.Stream:
+        """The side stream the copies run on (made at first use)."""
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def start(self, host: torch.Tensor) -> Arriving:
+        """Issues host's copy to the device on the side stream; returns without waiting for it."""
+        stream = self.stream
         copied = torch.cuda.Event()
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             values = host.to(self.device, non_blocking=True)
-            copied.record(self._stream)
+            copied.record(stream)
         return Arriving(values, copied)
 
     def finish(self, arriving: Arriving) -> torch.Tensor:
@@ -107,49 +108,45 @@ class DeviceCopies:
         return arriving.values
 
 
-class ComputeTierMoves:
-    """The memory manager's moves between a host copy and the compute tier.  MemoryManager inherits them
-    (they are here only to keep manager.py to one screenful per concern); they use its _entry,
-    check_healthy, host_view, read_done, _settle and _give_back, and nothing else moves these bytes."""
+class ComputeTier:
+    """The compute tier as the memory manager sees it: places a host copy there (lent or copied, at use or
+    ahead of it) and forgets it again.  Works on the manager's entries; the manager changes their state
+    and gives host buffers back as the results here say."""
 
-    device: torch.device
-    ledger: TierLedger
-    _device_copies: DeviceCopies | None
-    _lending: Lending
-    _entry: Any
-    check_healthy: Any
-    host_view: Any
-    read_done: Any
-    _settle: Any
-    _give_back: Any
+    def __init__(self, device: torch.device, ledger: TierLedger):
+        self.device, self.ledger = device, ledger
+        self.copy_ahead = CopyAhead.SIDE_STREAM if device.type == "cuda" else CopyAhead.NONE
+        self._device_copies = DeviceCopies(device) if device.type == "cuda" else None
+        self._lending = Lending()
 
-    def lend_to_compute(self, pool: BufferPool, reserve: int) -> None:
-        """On a CPU compute tier, lets to_compute lend up to pool.buffer_count - reserve of pool's buffers
-        as compute copies instead of copying (reserve: buffers that must stay for reads; see the Note in
-        infinity/memory/compute_tier.py).  Elsewhere it changes nothing."""
+    @property
+    def side_stream(self) -> torch.cuda.Stream | None:
+        """The stream host-to-device copies run on (CUDA); None where there are none."""
+        return self._device_copies.stream if self._device_copies is not None else None
+
+    def allow_lending(self, pool: BufferPool, reserve: int) -> None:
+        """On a CPU compute tier, lets `place` lend up to pool.buffer_count - reserve of pool's buffers as
+        compute copies instead of copying (see the Note above).  Elsewhere it changes nothing."""
         if self.device.type == "cpu":
             self._lending.allow(pool, reserve)
 
-    def start_to_compute(self, key: str) -> bool:
-        """On CUDA, issues the copy of a partition whose read has completed to the device now, on the side
-        stream, so to_compute later finds it there; False (nothing started) elsewhere, or if the read is
-        still in flight."""
-        e = self._entry(key)
-        if self._device_copies is None or e.arriving is not None or not self.read_done(key):
+    def start(self, e: Entry, host: torch.Tensor) -> bool:
+        """Issues the copy of e's host copy to the device ahead of use, where the policy says so."""
+        if self._device_copies is None or e.arriving is not None:
             return False
-        if e.partition.state is State.READING:
-            self._settle(e, State.HOST_CLEAN, State.ON_NVME, "read")
-        if e.partition.state is not State.HOST_CLEAN:
-            return False
-        e.arriving = self._device_copies.start(self.host_view(key))
+        e.arriving = self._device_copies.start(host)
         return True
 
-    def to_compute(self, key: str) -> torch.Tensor:
-        """The partition on the compute tier: a copy of its host copy (the host buffer goes back, a kept
-        one stays), or on CPU the host buffer itself, lent until drop_compute."""
-        self.check_healthy()
-        e = self._entry(key)
-        host = self.host_view(key)
+    @staticmethod
+    def forget_arriving(e: Entry) -> None:
+        """A copy to the device issued ahead and not used: its host buffer may change once it completes."""
+        if e.arriving is not None:
+            e.arriving.copied.synchronize()
+            e.arriving = None
+
+    def place(self, e: Entry, host: torch.Tensor) -> ComputeCopy:
+        """e's compute copy from its host copy host: the copy issued ahead, or on CPU the host buffer itself
+        (lent, within the pool's limit), or a copy.  Sets e.compute and e.copy."""
         started = time.perf_counter() if metrics.ACTIVE else 0.0
         e.copy = ComputeCopy.COPY
         if e.arriving is not None:
@@ -166,30 +163,25 @@ class ComputeTierMoves:
             e.compute = host.to(self.device, copy=True)
         if started:
             metrics.transfer("host", "compute", e.kind, e.extent.nbytes, time.perf_counter() - started)
-        e.partition.move_to(State.ON_COMPUTE)
-        if e.copy is ComputeCopy.LENT:
-            self.ledger.add("host", -e.extent.nbytes)  # the buffer's bytes count as the compute tier's now
-        elif not e.kept:
-            self._give_back(e)
-        self.ledger.add("compute", e.extent.nbytes)
-        return e.compute
+        return e.copy
 
-    def lent(self, key: str) -> bool:
-        """Whether key's compute copy is its staging buffer, lent (to_compute on CPU)."""
-        return self._entry(key).copy is ComputeCopy.LENT
-
-    def unlend(self, key: str) -> torch.Tensor:
-        """A partition whose compute copy is a lent buffer gets a copy of its own, and the buffer goes back
-        (replaced if a tensor outside still views it): for one kept on the compute tier beyond its use.
-        Returns the compute copy (unchanged if it was not lent).  The caller must drop its own views of the
-        old one first, so that they are not taken for views outside."""
-        e = self._entry(key)
+    def own_copy(self, e: Entry) -> bool:
+        """A lent compute copy becomes a copy of its own; True if so (its buffer must then go back)."""
         if e.copy is not ComputeCopy.LENT or e.slot is None or e.slot.pool is None:
-            return e.compute  # type: ignore[return-value]
+            return False
         e.compute, e.copy = e.compute.clone(), ComputeCopy.COPY  # type: ignore[union-attr]
         self._return_lent(e)
-        self._give_back(e)
-        return e.compute
+        return True
+
+    def drop(self, e: Entry) -> bool:
+        """Forgets e's compute copy; True if it was a lent buffer (which must then go back)."""
+        e.compute = None
+        self.ledger.add("compute", -e.extent.nbytes)
+        if e.copy is ComputeCopy.LENT and e.slot is not None and e.slot.pool is not None:
+            e.copy = ComputeCopy.COPY
+            self._return_lent(e)
+            return True
+        return False
 
     def _return_lent(self, e: Entry) -> None:
         """Accounts a lent buffer as the pool's again; replaces it there if a tensor outside views it."""
@@ -199,18 +191,3 @@ class ComputeTierMoves:
             log.debug("partition %r: a tensor outside still views its lent buffer; the pool gets a new one",
                       e.partition.key)
             e.slot.pool.replace(e.slot.index)  # type: ignore[union-attr]
-
-    def drop_compute(self, key: str) -> None:
-        """Forgets the compute-tier copy; the NVMe extent (and a kept host copy) still hold the values.
-        A lent buffer goes back to its pool (or, if tensors outside still view it, is replaced there)."""
-        e = self._entry(key)
-        e.compute = None
-        self.ledger.add("compute", -e.extent.nbytes)
-        if e.copy is ComputeCopy.LENT and e.slot is not None and e.slot.pool is not None:
-            e.copy = ComputeCopy.COPY
-            self._return_lent(e)
-            e.partition.move_to(State.ON_NVME)
-            self._give_back(e)
-            return
-        e.partition.move_to(State.HOST_CLEAN if e.slot is not None else State.ON_NVME)
-

@@ -1,18 +1,26 @@
-"""The tiered memory manager: the only code that moves bytes between NVMe, host buffers and the compute tier.
+"""The tiered memory manager: the only code that moves bytes between NVMe, host buffers and the compute tier,
+and the only code that changes a partition's state (infinity/memory/partition.py).
 
 A partition's bytes live in an NVMe extent.  To use them, the manager borrows a host buffer from the
 partition's pool, reads the extent into it (READING -> HOST_CLEAN), and either hands out a typed view
-of that buffer (host work such as the optimizer step) or copies it to the compute tier and gives the
-buffer back at once (ON_COMPUTE).  On a CPU compute tier the buffer itself may be lent as the compute
-copy until `drop_compute` (`lend_to_compute`; infinity/memory/compute_tier.py); on CUDA the copy to the
-device may be issued ahead of use (`start_to_compute`).  New values come in through `stage` (HOST_DIRTY) and go out through
-`start_write` (WRITING -> HOST_CLEAN); `drop` returns the buffer.  Every change of place goes through
-the partition's state table.
+of that buffer (host work such as the optimizer step: `start_read` / `finish_read`) or places it on the
+compute tier (ON_COMPUTE), which its ComputeTier does: a copy on CUDA, on CPU possibly the buffer itself.
 
-A partition may keep its host copy (`keep_host_copy`, offload_param.max_in_cpu): its first read goes
-into a buffer of its own rather than the pool's, which it keeps after `to_compute`, so it rests in
-HOST_CLEAN and later uses skip NVMe.  New values reach it through `write_held`, which updates the host
-copy and writes it through, so both places hold the same bytes whenever nothing is in flight.
+Parameters go through five verbs that take a key and decide from its state what to do, so no caller
+reads a state to choose a verb: `fetch` starts the read if one is needed and returns a `Fetch` handle
+(`ready()`, `wait()` -> the compute copy); `cancel` gives up a fetch nobody will use; `release` forgets
+the compute copy; `keep` gives a compute copy kept beyond its use one of its own; `write` takes new
+values.  The policies that shape them (infinity/memory/policy.py) are set once: `lend_to_compute`,
+`cache_host_copies` (max_in_cpu), and CopyAhead from the compute device (`advance`).
+
+New values of other partitions come in through `stage` (HOST_DIRTY) and go out through `start_write`
+(WRITING -> HOST_CLEAN); `drop` returns the buffer.  A kept host copy (HostCache) is written through:
+host and NVMe hold the same bytes whenever nothing is in flight.
+
+[Note: why this module is over 400 lines]  It is the one place that drives the state table: the compute
+tier (compute_tier.py), pending writes (writes.py) and the per-partition entry (entry.py) live apart, but
+every verb that moves a partition between states stays here, so that no other module reads a state to
+choose what to do next.
 
 Any error in a transfer, at submit or at completion, latches: from then on every call that moves
 bytes raises EngineFailed naming the first error (`fail` latches one from outside, such as an
@@ -21,9 +29,7 @@ optimizer step stopped midway).
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -31,52 +37,38 @@ from infinity import metrics
 from infinity.errors import EngineFailed, InfinityError
 from infinity.io.files import AioFile
 from infinity.io.handle import IoFuture, IoHandle
-from infinity.memory.compute_tier import Arriving, ComputeCopy, ComputeTierMoves, DeviceCopies, Lending
-from infinity.memory.host_buffer import HostBuffer
 from infinity.io.align import round_up
-from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore
+from infinity.memory.compute_tier import ComputeTier
+from infinity.memory.entry import Entry, Slot
+from infinity.memory.host_buffer import HostBuffer
+from infinity.memory.nvme_store import ALIGNMENT, NvmeStore
 from infinity.memory.partition import Partition, State
+from infinity.memory.policy import AfterWrite, CacheBudget, ComputeCopy, CopyAhead, HostCache
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
 from infinity.memory.stream import Chain, FileEnd, Piece, Seen, SwapRange, copy
+from infinity.memory.writes import PendingWrites
 
 log = logging.getLogger("infinity.memory")
 
 
-@dataclass
-class Slot:
-    """A host buffer of a pool, lent to one partition; pool None: the partition's own kept buffer."""
-
-    pool: BufferPool | None
-    index: int
-    buffer: HostBuffer
-
-
-@dataclass
-class Entry:
-    partition: Partition
-    extent: Extent
-    dtype: torch.dtype
-    pool: BufferPool
-    slot: Slot | None = None
-    future: IoFuture | None = None
-    compute: torch.Tensor | None = field(default=None, repr=False)
-    kept: bool = False  # keeps its host copy between uses (keep_host_copy)
-    copy: ComputeCopy = ComputeCopy.COPY  # how its compute copy was made (LENT: it is the host buffer)
-    arriving: Arriving | None = field(default=None, repr=False)  # a copy to the device issued ahead
-    kind: str = "other"  # for metrics: param, grad or optimizer_state, from its region
-
-
-class MemoryManager(ComputeTierMoves):
+class MemoryManager:
     def __init__(self, handle: IoHandle, store: NvmeStore, compute_device: torch.device):
-        self.handle, self.store, self.device = handle, store, compute_device
+        self.handle, self.store = handle, store
         self.ledger = TierLedger()
         self._entries: dict[str, Entry] = {}
-        self._lock = threading.Lock()
         self._failure: BaseException | None = None
-        self._pending: list[tuple[str, IoFuture, Slot | None]] = []
-        self._device_copies = DeviceCopies(compute_device) if compute_device.type == "cuda" else None
-        self._lending = Lending()
+        self._writes = PendingWrites(self.ledger, self.fail)
+        self.compute = ComputeTier(compute_device, self.ledger)
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute.device
+
+    @device.setter
+    def device(self, device: torch.device) -> None:
+        """The compute device, where zero.Init opened the manager before the engine knew it."""
+        self.compute = ComputeTier(device, self.ledger)
 
     # ---- registration ------------------------------------------------------
     def add(self, key: str, numel: int, dtype: torch.dtype, region: str, pool: BufferPool) -> Partition:
@@ -87,7 +79,7 @@ class MemoryManager(ComputeTierMoves):
         self.ledger.add("nvme", extent.nbytes)
         return partition
 
-    def lend_pool(self, key: str, pool: BufferPool) -> None:
+    def use_pool(self, key: str, pool: BufferPool) -> None:
         """From now on key's host copies come from pool (zero.Init wrote it through a staging pool)."""
         e = self._entry(key)
         if e.slot is not None:
@@ -107,7 +99,7 @@ class MemoryManager(ComputeTierMoves):
         e.slot = self._borrow(e, timeout)
         e.future = self._submit(True, self._host_bytes(e), e, 0)
 
-    def read_done(self, key: str) -> bool:
+    def ready(self, key: str) -> bool:
         """The host copy is there, or its read has completed (finish_read will not wait)."""
         e = self._entry(key)
         if e.partition.state is State.READING:
@@ -126,11 +118,132 @@ class MemoryManager(ComputeTierMoves):
             raise InfinityError(f"partition {key!r} has no host copy (state {e.partition.state.value})")
         return e.slot.buffer.view(e.dtype, e.partition.numel)
 
+    # ---- parameters: the verbs that decide from the state -------------------------
+    def cache_host_copies(self, keys: Iterable[str], policy: HostCache) -> None:
+        """keys keep their host copies under policy's budget, decided at each one's first fetch."""
+        budget = CacheBudget(policy)
+        for key in keys:
+            self._entry(key).cache = budget
+
+    def lend_to_compute(self, pool: BufferPool, reserve: int) -> None:
+        """On a CPU compute tier, to_compute may lend up to pool.buffer_count - reserve of pool's buffers as
+        compute copies instead of copying (infinity/memory/compute_tier.py).  Elsewhere nothing changes."""
+        self.compute.allow_lending(pool, reserve)
+
+    def fetch(self, key: str) -> Fetch:
+        """Starts moving key towards the compute tier: a read, unless its host copy is there or on its way."""
+        e = self._entry(key)
+        if e.partition.state is State.ON_NVME:
+            if not e.fetched:  # [Note: max_in_cpu] in policy.py: decided at the first read
+                e.fetched = True
+                e.kept = e.cache is not None and e.cache.take(e.partition.numel)
+            self.start_read(key)
+        return Fetch(self, key)
+
+    def _arrive(self, key: str) -> torch.Tensor:
+        """The compute copy of key, waiting for what is in flight (a kept copy's write-through first)."""
+        if self.state(key) is State.WRITING:
+            self.flush({key})
+        if self.state(key) is State.ON_NVME:
+            self.fetch(key)
+        if self.state(key) is State.READING:
+            self.finish_read(key)
+        return self.to_compute(key)
+
+    def cancel(self, key: str) -> None:
+        """A fetch nobody will use: its read completes and its buffer goes back (a kept copy stays)."""
+        e = self._entry(key)
+        if e.partition.state is State.READING:
+            self.finish_read(key)
+        if e.partition.state is State.HOST_CLEAN and not e.kept:
+            self.drop(key)
+
+    def advance(self, key: str) -> bool:
+        """Under CopyAhead.SIDE_STREAM (CUDA), issues the copy of a partition whose read has completed to
+        the device now, so to_compute later finds it there; False (nothing started) otherwise, or if the
+        read is still in flight."""
+        e = self._entry(key)
+        if self.compute.copy_ahead is CopyAhead.NONE or e.arriving is not None or not self.ready(key):
+            return False
+        if e.partition.state is State.READING:
+            self._settle(e, State.HOST_CLEAN, State.ON_NVME, "read")
+        if e.partition.state is not State.HOST_CLEAN:
+            return False
+        return self.compute.start(e, self.host_view(key))
+
+    def write(self, key: str, values: torch.Tensor, after: AfterWrite, dtype: torch.dtype) -> None:
+        """New values for key (converted to dtype as they are copied).  A kept copy, or one to hold
+        (AfterWrite.HOLD) that fits a buffer, is updated and written through (`_write_held`); other values
+        go straight to NVMe through a staging buffer of key's pool (`write_part`).  `flush` completes it."""
+        e = self._entry(key)
+        if e.kept or (after is AfterWrite.HOLD and e.pool.buffer_bytes >= e.extent.capacity):
+            self._write_held(e, values)
+        else:
+            self.write_part(key, 0, values, staging=e.pool, dtype=dtype)
+
+    def _write_held(self, e: Entry, values: torch.Tensor) -> None:
+        """New values into e's host copy (HOST_DIRTY), written from there (WRITING); `flush` completes the
+        write (HOST_CLEAN).  A kept partition uses its own buffer; another one, which must be on NVMe,
+        borrows one from its pool and holds it, like a completed read, until `drop` or a use."""
+        key = e.partition.key
+        self.check_healthy()
+        self.flush({key})
+        if e.partition.state not in ((State.ON_NVME, State.HOST_CLEAN) if e.kept else (State.ON_NVME,)):
+            raise InfinityError(f"partition {key!r} is {e.partition.state.value}; holding new values needs a kept "
+                                f"partition at rest or one on NVMe")
+        self.stage(key, values.reshape(-1)[: e.partition.numel])
+        e.partition.move_to(State.WRITING)
+        e.future = self._submit(False, e.slot.buffer.tensor[: e.extent.capacity], e, 0)  # type: ignore[union-attr]
+        self._writes.add(e, e.future, None)
+
+    def kept(self, key: str) -> bool:
+        """Whether key keeps its host copy between uses (HostCache)."""
+        return self._entry(key).kept
+
+    # ---- host -> compute ----------------------------------------------------------
+    def to_compute(self, key: str) -> torch.Tensor:
+        """The partition on the compute tier: a copy of its host copy (the host buffer goes back, a kept
+        one stays), or on CPU the host buffer itself, lent until release."""
+        self.check_healthy()
+        e = self._entry(key)
+        lent = self.compute.place(e, self.host_view(key)) is ComputeCopy.LENT
+        e.partition.move_to(State.ON_COMPUTE)
+        if lent:
+            self.ledger.add("host", -e.extent.nbytes)  # the buffer's bytes count as the compute tier's now
+        elif not e.kept:
+            self._give_back(e)
+        self.ledger.add("compute", e.extent.nbytes)
+        return e.compute  # type: ignore[return-value]
+
+    def lent(self, key: str) -> bool:
+        """Whether key's compute copy is its staging buffer, lent (to_compute on CPU)."""
+        return self._entry(key).copy is ComputeCopy.LENT
+
+    def keep(self, key: str) -> torch.Tensor:
+        """A partition kept on the compute tier beyond its use whose compute copy is a lent buffer gets a copy
+        of its own, and the buffer goes back (replaced if a tensor outside still views it).  Returns the
+        compute copy (unchanged if it was not lent).  The caller drops its own views of the old one first,
+        so that they are not taken for views outside."""
+        e = self._entry(key)
+        if self.compute.own_copy(e):
+            self._give_back(e)
+        return e.compute  # type: ignore[return-value]
+
+    def release(self, key: str) -> None:
+        """Forgets the compute copy; the NVMe extent (and a kept host copy) still hold the values.  A lent
+        buffer goes back to its pool (or, if tensors outside still view it, is replaced there)."""
+        e = self._entry(key)
+        if self.compute.drop(e):
+            e.partition.move_to(State.ON_NVME)
+            self._give_back(e)
+            return
+        e.partition.move_to(State.HOST_CLEAN if e.slot is not None else State.ON_NVME)
+
     # ---- host -> NVMe ------------------------------------------------------
     def stage(self, key: str, values: torch.Tensor | None = None, timeout: float | None = None) -> torch.Tensor:
         """Marks the host copy as newer than NVMe; with values, first copies them into a borrowed buffer."""
         e = self._entry(key)
-        self._forget_arriving(e)
+        self.compute.forget_arriving(e)
         if values is not None and e.slot is None:
             e.slot = self._borrow(e, timeout)
         e.partition.move_to(State.HOST_DIRTY)
@@ -152,7 +265,7 @@ class MemoryManager(ComputeTierMoves):
         """Gives back the host buffer of a clean partition (no write: NVMe already holds it)."""
         e = self._entry(key)
         e.partition.move_to(State.ON_NVME)
-        self._forget_arriving(e)
+        self.compute.forget_arriving(e)
         self._give_back(e)
 
     def write_through(self, key: str, values: torch.Tensor) -> None:
@@ -187,95 +300,15 @@ class MemoryManager(ComputeTierMoves):
                 and nbytes == length and flat.dtype == stored:
             source = flat.view(torch.uint8)
         else:
-            slot = self._borrow_for_write(staging, length)
+            slot = self._writes.borrow(staging, length)
             source = slot.buffer.tensor[:length]
             source[nbytes:].zero_()
             source[:nbytes].view(stored).copy_(flat)
-        future = self._submit(False, source, e, byte_offset)
-        with self._lock:
-            self._pending.append((key, future, slot))
-
-    # ---- host copies kept between uses (offload_param.max_in_cpu) ----------------
-    def keep_host_copy(self, key: str) -> None:
-        """From its next read on, key keeps its host copy in a buffer of its own, counted as host bytes."""
-        e = self._entry(key)
-        if e.partition.state is not State.ON_NVME:
-            raise InfinityError(f"partition {key!r} is {e.partition.state.value}; only one on NVMe can start "
-                                f"keeping its host copy")
-        e.kept = True
-
-    def write_held(self, key: str, values: torch.Tensor) -> None:
-        """New values (converted to the partition's dtype as they are copied) into its host copy
-        (HOST_DIRTY), written from there (WRITING); `flush` completes the write (HOST_CLEAN), and host and
-        NVMe hold the same bytes again.  A kept partition uses its own buffer; another one, which must be
-        on NVMe, borrows one from its pool and holds it, like a completed read, until `drop` or a use."""
-        self.check_healthy()
-        self.flush({key})
-        e = self._entry(key)
-        if e.partition.state not in ((State.ON_NVME, State.HOST_CLEAN) if e.kept else (State.ON_NVME,)):
-            raise InfinityError(f"partition {key!r} is {e.partition.state.value}; write_held needs a kept partition "
-                                f"at rest or one on NVMe")
-        if not self.can_hold(key):
-            raise InfinityError(f"partition {key!r}: {e.extent.capacity} bytes (whole blocks) do not fit a buffer of "
-                                f"pool {e.pool.name!r}; write it with write_part")
-        self.stage(key, values.reshape(-1)[: e.partition.numel])
-        e.partition.move_to(State.WRITING)
-        e.future = self._submit(False, e.slot.buffer.tensor[: e.extent.capacity], e, 0)  # type: ignore[union-attr]
-        with self._lock:
-            self._pending.append((key, e.future, None))
-
-    def can_hold(self, key: str) -> bool:
-        """Whether write_held can write key from a host buffer in whole blocks (see _host_bytes)."""
-        e = self._entry(key)
-        return e.kept or e.pool.buffer_bytes >= e.extent.capacity
+        self._writes.add(e, self._submit(False, source, e, byte_offset), slot)
 
     def flush(self, keys: set[str] | None = None) -> None:
-        """Waits for write_part and write_held transfers (of keys, or all), giving back their buffers."""
-        with self._lock:
-            chosen = [p for p in self._pending if keys is None or p[0] in keys]
-        self._complete(chosen)
-
-    def _borrow_for_write(self, pool: BufferPool, nbytes: int) -> Slot:
-        """A staging buffer for write_part."""
-        self._make_room(pool)
-        index, buffer = pool.acquire(nbytes)
-        self.ledger.add("host", buffer.nbytes)
-        return Slot(pool, index, buffer)
-
-    def _make_room(self, pool: BufferPool) -> None:
-        """While the pool is empty, completes its oldest write_part, whose buffer then comes back.
-
-        [Note: why every borrow does this] write_part buffers return only when their write is
-        completed here; a borrower that just waited on the pool would wait for itself."""
-        while pool.in_use >= pool.buffer_count:
-            with self._lock:
-                oldest = next((p for p in self._pending if p[2] is not None and p[2].pool is pool), None)
-            if oldest is None:
-                return  # the buffers are out elsewhere; acquire waits for them
-            self._complete([oldest])
-
-    def _complete(self, pending: list[tuple[str, IoFuture, Slot | None]]) -> None:
-        finished = {id(p) for p in pending}
-        with self._lock:
-            self._pending = [p for p in self._pending if id(p) not in finished]
-        first_error: InfinityError | None = None
-        for key, future, slot in pending:
-            ok = True
-            try:
-                future.wait()
-            except InfinityError as err:
-                ok = False
-                self.fail(err)
-                first_error = first_error or err
-            e = self._entries[key]
-            if e.future is future:  # a write_held: its host copy is clean again, or still dirty
-                e.future = None
-                e.partition.move_to(State.HOST_CLEAN if ok else State.HOST_DIRTY)
-            if slot is not None:
-                slot.pool.release(slot.index)
-                self.ledger.add("host", -slot.buffer.nbytes)
-        if first_error is not None:
-            raise first_error
+        """Waits for write_part transfers and write-throughs (of keys, or all), giving back their buffers."""
+        self._writes.flush(keys)
 
     # ---- checkpoints: ranges of extents to or from another file -------------------
     def copy_out(self, pieces: Sequence[Piece], target: AioFile, target_offset: int,
@@ -368,17 +401,10 @@ class MemoryManager(ComputeTierMoves):
             buffer = HostBuffer(e.extent.capacity, pin=e.pool.pin, zero=True)  # padding stays zero
             self.ledger.add("host", e.extent.nbytes)
             return Slot(None, -1, buffer)
-        self._make_room(e.pool)
+        self._writes.make_room(e.pool)
         index, buffer = e.pool.acquire(e.extent.nbytes, timeout)
         self.ledger.add("host", e.extent.nbytes)
         return Slot(e.pool, index, buffer)
-
-    @staticmethod
-    def _forget_arriving(e: Entry) -> None:
-        """A copy to the device issued ahead and not used: its host buffer may change once it completes."""
-        if e.arriving is not None:
-            e.arriving.copied.synchronize()
-            e.arriving = None
 
     def _give_back(self, e: Entry) -> None:
         """Returns the host buffer to its pool, or frees the partition's own kept one."""
@@ -414,3 +440,17 @@ class MemoryManager(ComputeTierMoves):
                 self._give_back(e)
             raise
         e.partition.move_to(ok)
+
+
+class Fetch:
+    """A fetch under way (MemoryManager.fetch): ready() says whether wait() would find the host copy there;
+    wait() returns the values on the compute tier, where they stay until MemoryManager.release."""
+
+    def __init__(self, manager: MemoryManager, key: str):
+        self._manager, self.key = manager, key
+
+    def ready(self) -> bool:
+        return self._manager.ready(self.key)
+
+    def wait(self) -> torch.Tensor:
+        return self._manager._arrive(self.key)

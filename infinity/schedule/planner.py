@@ -1,27 +1,21 @@
 """What to release after a use, what to evict to make room, and what to fetch ahead: pure functions of
 the trace, the position on it, what is held, and the budgets.
 
-"Held" means resident on the compute tier or on its way there (in flight).  Persistent partitions are
-never released, never fetched ahead (they are always there) and not counted against max_live.
+"Held" means resident on the compute tier or on its way there (in flight).  Persistent partitions
+(stage3_param_persistence_threshold) are never offloaded, so they are in no trace and the planner never
+sees them.
 
 [Note: distances]  The reuse distance of a partition after use i is the number of elements the uses
 between i and its next use bring in (each use's partitions counted each time), as DeepSpeed measures
 stage3_max_reuse_distance.  A partition with no later use in the step has an infinite distance: it is
-released, and everything not persistent is released by the end of the step.
+released, and everything is released by the end of the step.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from infinity.schedule.budget import Budgets
 from infinity.schedule.trace import Trace
-
-
-@dataclass(frozen=True)
-class Plan:
-    release: tuple[int, ...]
-    fetch: tuple[int, ...]
 
 
 def next_use_distance(trace: Trace, position: int, partition: int) -> float:
@@ -34,25 +28,24 @@ def next_use_distance(trace: Trace, position: int, partition: int) -> float:
     return math.inf
 
 
-def releases_after(trace: Trace, position: int, resident: frozenset[int], budgets: Budgets,
-                   persistent: frozenset[int]) -> tuple[int, ...]:
+def releases_after(trace: Trace, position: int, resident: frozenset[int], budgets: Budgets) -> tuple[int, ...]:
     """After use `position`: the resident partitions not used again within (strictly less than)
     max_reuse_distance elements; so 0 releases everything, as DeepSpeed's 0 does."""
-    return tuple(sorted(p for p in resident - persistent
+    return tuple(sorted(p for p in resident
                         if next_use_distance(trace, position, p) >= budgets.max_reuse_distance))
 
 
 def make_room(trace: Trace, position: int, held: frozenset[int], incoming: int, budgets: Budgets,
-              persistent: frozenset[int], needed: frozenset[int] = frozenset()) -> tuple[int, ...]:
+              needed: frozenset[int] = frozenset()) -> tuple[int, ...]:
     """Partitions to release, farthest next use first, so that held + incoming fits max_live.
 
     needed (the current use's partitions) are never chosen.  If even releasing every other partition
     cannot make room, all of them are returned and the caller goes over budget for that one use (the
     engine refuses such configs up front: max_live below the largest module)."""
-    live = trace.elements(frozenset(held - persistent))
+    live = trace.elements(held)
     if live + incoming <= budgets.max_live_elements:
         return ()
-    candidates = sorted(held - persistent - needed, key=lambda p: -next_use_distance(trace, position, p))
+    candidates = sorted(held - needed, key=lambda p: -next_use_distance(trace, position, p))
     chosen = []
     for p in candidates:
         if live + incoming <= budgets.max_live_elements:
@@ -62,16 +55,15 @@ def make_room(trace: Trace, position: int, held: frozenset[int], incoming: int, 
     return tuple(chosen)
 
 
-def fetches_from(trace: Trace, position: int, held: frozenset[int], budgets: Budgets,
-                 persistent: frozenset[int]) -> tuple[int, ...]:
+def fetches_from(trace: Trace, position: int, held: frozenset[int], budgets: Budgets) -> tuple[int, ...]:
     """Partitions of the uses after `position` to start fetching now, in order of use: up to
     prefetch_elements in all, and never past max_live counted with what is held."""
-    live = trace.elements(frozenset(held - persistent))
+    live = trace.elements(held)
     chosen: list[int] = []
     ahead = 0
     for use in trace.uses[position + 1:]:
         for p in use.partitions:
-            if p in held or p in persistent or p in chosen:
+            if p in held or p in chosen:
                 continue
             size = trace.sizes[p]
             if ahead + size > budgets.prefetch_elements or live + size > budgets.max_live_elements:
@@ -81,10 +73,3 @@ def fetches_from(trace: Trace, position: int, held: frozenset[int], budgets: Bud
             live += size
     return tuple(chosen)
 
-
-def plan_after(trace: Trace, position: int, resident: frozenset[int], in_flight: frozenset[int],
-               budgets: Budgets, persistent: frozenset[int]) -> Plan:
-    """After use `position` ran: release what is not reused soon, then fetch ahead into the room left."""
-    release = releases_after(trace, position, resident, budgets, persistent)
-    held = (resident | in_flight) - frozenset(release)
-    return Plan(release, fetches_from(trace, position, held, budgets, persistent))

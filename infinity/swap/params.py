@@ -2,21 +2,23 @@
 
 Three homes, one interface: the compute tier itself (offload_param none, and small persistent
 parameters), host memory (cpu) and NVMe (nvme, through the memory manager).  The coordinator calls
-`fetch` before a module runs and `release` after; the optimizer calls `write` with new values.
+`fetch` before a module runs and `release` after, `read_ahead` / `ready` / `cancel` for reads started
+ahead of a use, and `keep` for a parameter that stays gathered beyond its use; the optimizer calls
+`write` with new values.  The homes choose no verbs by state: the memory manager does.
 """
 from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from typing import Iterator
 
 import torch
 
 from infinity.memory.manager import MemoryManager
-from infinity.memory.partition import State
+from infinity.memory.policy import AfterWrite, HostCache
 from infinity.memory.pool import BufferPool
 from infinity.memory.stream import HostPart, Part, SwapPart
-from infinity.swap.swap_in import swap_in
+
+__all__ = ["AfterWrite", "ComputeHome", "HostHome", "NvmeHome", "ParamHome", "Tier"]
 
 
 class Tier(enum.Enum):
@@ -27,15 +29,11 @@ class Tier(enum.Enum):
     NVME = "nvme"
 
 
-class AfterWrite(enum.Enum):
-    """What becomes of a parameter's new host copy once ParamHome.write has written it."""
-
-    DROP = "drop"  # the staging buffer goes back when the write completes
-    HOLD = "hold"  # the host copy stays, as a completed read would: the next step's first modules find it
-
-
 class ParamHome(ABC):
-    """Values of the parameters one home holds, by index in the engine's parameter list."""
+    """Values of the parameters one home holds, by index in the engine's parameter list.
+
+    Homes without reads (the compute tier, host memory) have every value ready: their read_ahead starts
+    nothing and their ready is always True."""
 
     @abstractmethod
     def fetch(self, index: int) -> torch.Tensor:
@@ -53,24 +51,21 @@ class ParamHome(ABC):
     def part(self, index: int) -> Part:
         """Where the values rest between uses (for checkpoints): a tensor, or a partition of a swap file."""
 
-    def start_fetch(self, index: int) -> None:
-        """Begins moving the values towards the compute tier; a later fetch finishes it."""
-
-    def fetch_many(self, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        """(index, fetch(index)) for each index, in order; a home that reads NVMe overlaps the reads."""
-        for i in indices:
-            yield i, self.fetch(i)
-
-    def can_start_fetch(self) -> bool:
-        """Whether start_fetch would begin a read now without waiting (homes without reads: never)."""
+    def read_ahead(self, index: int) -> bool:
+        """Starts moving the values towards the compute tier, if a staging buffer is free; a later fetch
+        finishes it.  False: no buffer is free (nothing started)."""
         return False
 
-    def read_ready(self, index: int) -> bool:
+    def ready(self, index: int) -> bool:
         """Whether fetch(index) would find the values without waiting for a read."""
         return True
 
-    def cancel_fetch(self, index: int) -> None:
-        """A read started by start_fetch will not be used: complete it and give its buffer back."""
+    def cancel(self, index: int) -> None:
+        """A read started by read_ahead will not be used: complete it and give its buffer back."""
+
+    def advance(self, index: int) -> None:
+        """A read ahead that has completed goes one step further now, where the home's policies say so (on
+        CUDA the copy to the device; with several ranks the all-gather is begun by `gather_ahead`)."""
 
     def gathers_ahead(self) -> bool:
         """Whether gather_ahead does anything (homes holding a rank's shard: infinity/zero/gather.py)."""
@@ -79,19 +74,9 @@ class ParamHome(ABC):
     def gather_ahead(self, index: int) -> None:
         """Brings the whole parameter ahead of its use, where that takes more than a read (an all-gather)."""
 
-    def lent(self, index: int) -> bool:
-        """Whether the parameter's compute copy is a staging buffer lent to the compute tier (CPU)."""
-        return False
-
-    def unlend(self, index: int) -> torch.Tensor:
-        """A parameter kept on the compute tier beyond its use whose compute copy is a lent staging buffer
-        gets a copy of its own (the buffer goes back to the pool for reads ahead); returns it.  The caller
-        drops its views of the old values first."""
-        raise NotImplementedError(f"{type(self).__name__} lends no buffers")
-
-    def advance(self, index: int) -> None:
-        """A fetch started ahead whose read has completed goes one tier further now (on CUDA: the copy to
-        the device is issued on the side stream), so fetch finds it there."""
+    def keep(self, index: int, param: torch.nn.Parameter) -> None:
+        """param stays gathered beyond its use: where its compute copy is a staging buffer, param gets a
+        copy of its own so that the buffer goes back for reads ahead."""
 
 
 class ComputeHome(ParamHome):
@@ -143,35 +128,31 @@ class HostHome(ParamHome):
 
 
 class NvmeHome(ParamHome):
-    """Values in swap files, staged through the parameter buffer pool (offload_param.buffer_count).
-
-    [Note: max_in_cpu]  Up to max_in_cpu elements of parameters keep a host copy: on its first read a
-    parameter is kept if its elements fit in what is left of the budget (first come, never evicted),
-    and its later fetches copy from host memory instead of reading NVMe.  `write` updates a kept copy
-    and writes it through, so the swap file always holds the same values (DeepSpeed keeps such
-    parameters in host memory only)."""
+    """Values in swap files, staged through the parameter buffer pool (offload_param.buffer_count); up to
+    max_in_cpu elements keep a host copy ([Note: max_in_cpu] in infinity/memory/policy.py)."""
 
     def __init__(self, manager: MemoryManager, pool: BufferPool, names: dict[int, str],
                  shapes: dict[int, torch.Size], dtype: torch.dtype, adopted: dict[int, str] | None = None,
                  max_in_cpu: int = 0):
         """adopted: partitions already in manager (written by zero.Init), by index."""
         self.manager, self.pool, self.dtype = manager, pool, dtype
-        self.max_in_cpu = max_in_cpu
-        self.kept: set[int] = set()  # parameters whose host copy stays between uses
-        self._seen: set[int] = set()  # parameters read at least once
-        self._kept_numel = 0
         adopted = adopted or {}
         self._keys = {i: adopted.get(i, f"param/{names[i]}") for i in names}
         self._shapes = shapes
-        self._ahead = manager.device.type == "cuda"  # advance issues copies to the device ahead
         for i, k in self._keys.items():
             if i in adopted:
-                manager.lend_pool(k, pool)
+                manager.use_pool(k, pool)
             else:
                 manager.add(k, int(torch.Size(shapes[i]).numel()), dtype, region="param", pool=pool)
+        manager.cache_host_copies(self._keys.values(), HostCache(max_in_cpu))
 
     def key(self, index: int) -> str:
         return self._keys[index]
+
+    @property
+    def kept(self) -> set[int]:
+        """The parameters whose host copy stays between uses (max_in_cpu)."""
+        return {i for i, k in self._keys.items() if self.manager.kept(k)}
 
     def put(self, index: int, values: torch.Tensor) -> None:
         self.manager.write_through(self._keys[index], values.to(self.dtype))
@@ -179,75 +160,43 @@ class NvmeHome(ParamHome):
     def part(self, index: int) -> Part:
         return SwapPart(self.manager, self._keys[index])
 
-    def start_fetch(self, index: int) -> None:
-        k = self._keys[index]
-        if self.manager.state(k) is not State.ON_NVME:
-            return  # a kept host copy, or a read already started: nothing to start
-        if index not in self._seen:
-            self._seen.add(index)
-            numel = self._numel(index)
-            if self._kept_numel + numel <= self.max_in_cpu:
-                self.manager.keep_host_copy(k)
-                self.kept.add(index)
-                self._kept_numel += numel
-        self.manager.start_read(k)
+    def read_ahead(self, index: int) -> bool:
+        if self.pool.in_use >= self.pool.buffer_count:
+            return False
+        self.manager.fetch(self._keys[index])
+        return True
 
     def fetch(self, index: int) -> torch.Tensor:
-        k = self._keys[index]
-        if self.manager.state(k) is State.WRITING:
-            self.manager.flush({k})  # a kept copy's write-through completes first
-        if self.manager.state(k) is State.ON_NVME:
-            self.start_fetch(index)
-        if self.manager.state(k) is State.READING:
-            self.manager.finish_read(k)
-        return self.manager.to_compute(k).view(self._shapes[index])
-
-    def fetch_many(self, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        """fetch of each index, in order, with up to offload_param.buffer_count reads in flight and each
-        copy to the compute tier overlapping the next reads (infinity.swap.swap_in)."""
-        index_of = {self._keys[i]: i for i in indices}
-        for k, values in swap_in(self.manager, list(index_of), self.pool,
-                                 start=lambda k: self.start_fetch(index_of[k])):
-            yield index_of[k], values.view(self._shapes[index_of[k]])
+        return self.manager.fetch(self._keys[index]).wait().view(self._shapes[index])
 
     def release(self, index: int) -> None:
-        self.manager.drop_compute(self._keys[index])
+        self.manager.release(self._keys[index])
 
-    def can_start_fetch(self) -> bool:
-        return self.pool.in_use < self.pool.buffer_count
+    def ready(self, index: int) -> bool:
+        return self.manager.ready(self._keys[index])
 
-    def read_ready(self, index: int) -> bool:
-        return self.manager.read_done(self._keys[index])
-
-    def cancel_fetch(self, index: int) -> None:
-        k = self._keys[index]
-        if self.manager.state(k) is State.READING:
-            self.manager.finish_read(k)
-        if self.manager.state(k) is State.HOST_CLEAN and index not in self.kept:
-            self.manager.drop(k)  # a kept copy stays in host memory, as it would after a use
-
-    def lent(self, index: int) -> bool:
-        return self.manager.lent(self._keys[index])
-
-    def unlend(self, index: int) -> torch.Tensor:
-        return self.manager.unlend(self._keys[index]).view(self._shapes[index])
+    def cancel(self, index: int) -> None:
+        self.manager.cancel(self._keys[index])
 
     def advance(self, index: int) -> None:
-        if self._ahead:
-            self.manager.start_to_compute(self._keys[index])
+        self.manager.advance(self._keys[index])
+
+    def keep(self, index: int, param: torch.nn.Parameter) -> None:
+        """[Note: kept parameters give their staging buffer back]  On CPU a gathered parameter's compute
+        copy may be its staging buffer (infinity/memory/compute_tier.py).  Kept until a later use, it
+        would hold that buffer all the while and leave fewer for reads ahead (with the default reuse
+        distance every parameter is kept from forward to backward), so it gets a copy of its own."""
+        k = self._keys[index]
+        if self.manager.lent(k):
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)  # not a view outside
+            param.data = self.manager.keep(k).view(self._shapes[index])
 
     def write(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP) -> set[str]:
         """[Note: AfterWrite.HOLD]  The engine holds the new values of the next step's first partitions in
         staging buffers (converted as they are copied, then written through), so those modules find them
         in host memory instead of waiting for reads that can only start after the optimizer step."""
         k = self._keys[index]
-        numel = self._numel(index)
+        numel = int(torch.Size(self._shapes[index]).numel())
         part = values if self.dtype == torch.float32 else values[:numel]  # fp32 keeps its padding: whole blocks
-        if index in self.kept or (after is AfterWrite.HOLD and self.manager.can_hold(k)):
-            self.manager.write_held(k, part)
-        else:  # converted to the parameter's dtype as it is copied into a staging buffer: one pass
-            self.manager.write_part(k, 0, part, staging=self.pool, dtype=self.dtype)
+        self.manager.write(k, part, after, self.dtype)
         return {k}
-
-    def _numel(self, index: int) -> int:
-        return int(torch.Size(self._shapes[index]).numel())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import time
 import types
 from typing import Callable
@@ -29,8 +28,9 @@ import torch
 from torch import nn
 
 from infinity.errors import ConfigError, Problem
-from infinity.schedule import Budgets, Cursor, Phase, fetches_from
-from infinity.schedule.planner import make_room, next_use_distance, releases_after
+from infinity.memory.residency import Residence, Residency
+from infinity.schedule import (Budgets, Cursor, Phase, fetches_from, make_room, preempt_for_miss,
+                               preempt_for_read_ahead, releases_after)
 from infinity.swap.params import ParamHome
 from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.linear import zero_linear_forward
@@ -68,9 +68,7 @@ class Coordinator:
         self.timeline = timeline
         self.cursor = Cursor()
         self._index = {id(p): i for i, p in enumerate(params)}
-        self._users = [0] * len(params)
-        self._kept: set[int] = set()  # resident with no user: kept for a use soon
-        self._in_flight: set[int] = set()  # reads started ahead of use
+        self.residence = Residence(len(params), offloaded)  # users, kept, read ahead (infinity/memory/residency.py)
         self._position: int | None = None
         self._empty = [torch.empty(0, dtype=p.dtype, device=p.device) for p in params]
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -127,7 +125,7 @@ class Coordinator:
             self._gather(i, mine)
         if position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)
-            for i in self._in_flight:
+            for i in self.residence.reading():
                 self.homes[i].advance(i)  # on CUDA: reads done go on to the device now
             self._gather_ahead(position)
         if self.timeline.enabled:
@@ -155,34 +153,30 @@ class Coordinator:
         start = self._started.pop(m, None)
         if start is not None:
             self.timeline.complete(f"forward {self._names[m]}", Track.COMPUTE, start)
-        unused = []
-        for i in self._mine[m]:
-            self._users[i] -= 1
-            if self._users[i] == 0:
-                unused.append(i)
+        unused = [i for i in self._mine[m] if self.residence.leave(i)]
         trace, position = self.cursor.trace, self._position
         if trace is None or position is None:
             released = unused  # off the trace: nothing is known to come back soon
         else:
-            released = releases_after(trace, position, frozenset(unused), self.budgets, frozenset())
+            released = releases_after(trace, position, frozenset(unused), self.budgets)
         for i in unused:
             if i in released:
                 self._drop(i)
             else:
-                self._kept.add(i)
-                self._unlend(i)
+                self.residence.keep(i)
+                self.homes[i].keep(i, self.params[i])
         if released and position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)  # a dropped partition needed again soon is read again now
 
     # ---- gathering, with the prefetch outcome --------------------------------------------
     def _gather(self, i: int, mine: tuple[int, ...]) -> None:
-        if self._users[i] == 0 and i not in self._kept:
+        was = self.residence.state(i)
+        if was is Residency.AT_REST or was is Residency.READ_AHEAD:
             outcome = Outcome.MISS
-            if i in self._in_flight:
-                self._in_flight.discard(i)
-                outcome = Outcome.HIT if self.homes[i].read_ready(i) else Outcome.LATE
+            if was is Residency.READ_AHEAD:
+                outcome = Outcome.HIT if self.homes[i].ready(i) else Outcome.LATE
             else:
-                self._free_a_buffer(i, mine)
+                self._start_miss(i, mine)
             self.clock.count(outcome)
             start = time.perf_counter()
             with self.timeline.span(f"wait {outcome.value}", Track.WAIT, param=i):
@@ -192,19 +186,17 @@ class Coordinator:
             self.clock.live_changed(self.sizes[i])
         else:
             self.clock.count(Outcome.HIT)
-        self._kept.discard(i)
-        self._users[i] += 1
+        self.residence.use(i)
 
     def _read_ahead(self, position: int) -> None:
         trace = self.cursor.trace
         if trace is None:
             return
-        held = frozenset(self._resident() | self._in_flight)
-        for i in fetches_from(trace, position, held, self.budgets, frozenset()):
-            if not self.homes[i].can_start_fetch() and not self._preempt(i, position):
+        held = frozenset(self._resident() | self.residence.reading())
+        for i in fetches_from(trace, position, held, self.budgets):
+            if not self.homes[i].read_ahead(i) and not self._preempt(i, position):
                 break  # every staging buffer is out; the next module's hook tries again
-            self.homes[i].start_fetch(i)
-            self._in_flight.add(i)
+            self.residence.read_ahead(i)
 
     def _gather_ahead(self, position: int) -> None:
         """[Note: gathering ahead]  With several ranks a use needs the read of this rank's piece and an
@@ -218,69 +210,62 @@ class Coordinator:
         if trace is None or position + 1 >= len(trace):
             return
         for i in trace.uses[position + 1].partitions:
-            if i in self._in_flight and self.homes[i].gathers_ahead():
+            if self.residence.state(i) is Residency.READ_AHEAD and self.homes[i].gathers_ahead():
                 with self.clock.waiting(Wait.READ), self.timeline.span("gather ahead", Track.WAIT, param=i):
                     self.homes[i].gather_ahead(i)
 
     def _preempt(self, i: int, position: int) -> bool:
-        """[Note: nearer reads first]  A partition dropped after its use may be needed again before reads
-        already started ahead for later uses (the last forward module is the first backward one).  When
-        no buffer is free, the read ahead whose use is farthest, if farther than i's, gives its buffer up."""
+        """No buffer is free for i's read ahead: the read ahead used farthest after i, if any, gives its buffer
+        up and i's read starts ([Note: nearer reads first] in infinity/schedule/preempt.py)."""
         trace = self.cursor.trace
         if trace is None:
             return False
-        farthest = self._farthest_read_ahead(self.homes[i], position, beyond=next_use_distance(trace, position, i))
+        farthest = preempt_for_read_ahead(trace, position, i, self._reading_on(self.homes[i]))
         if farthest is None:
             return False
         self._cancel(farthest)
-        return self.homes[i].can_start_fetch()
+        return self.homes[i].read_ahead(i)
 
-    def _free_a_buffer(self, i: int, mine: tuple[int, ...]) -> None:
-        """[Note: reads ahead never starve a miss]  Reads started ahead hold staging buffers until their
-        module uses them.  When a parameter nobody read ahead is needed and its home has no free buffer,
-        the read ahead whose use is farthest away is given up (its buffer returns at once); otherwise
-        fetch would wait for a buffer only this thread can give back."""
+    def _start_miss(self, i: int, mine: tuple[int, ...]) -> None:
+        """A parameter nobody read ahead: its read starts now, reads ahead giving their buffers up while
+        none is free; otherwise fetch would wait for a buffer only this thread can give back.  (Buffers held
+        by writes come back when the writes complete: fetch waits for those.)"""
         home = self.homes[i]
-        while not home.can_start_fetch():
-            farthest = self._farthest_read_ahead(home, self._position, excluded=mine)
+        while not home.read_ahead(i):
+            farthest = preempt_for_miss(self.cursor.trace, self._position,
+                                        [j for j in self._reading_on(home) if j not in mine])
             if farthest is None:
-                return  # buffers held by writes come back when the writes complete
+                return
             self._cancel(farthest)
 
-    def _farthest_read_ahead(self, home: ParamHome, position: int | None, excluded: tuple[int, ...] = (),
-                             beyond: float = -math.inf) -> int | None:
-        """The read ahead on home (not in excluded) whose next use after position is farthest, if farther
-        than beyond; off the trace, the highest index."""
-        trace = self.cursor.trace
-        distances = [(next_use_distance(trace, position, j) if trace is not None and position is not None else j, j)
-                     for j in self._in_flight if self.homes[j] is home and j not in excluded]
-        farthest = max((d for d in distances if d[0] > beyond), default=None)
-        return farthest[1] if farthest is not None else None
+    def _reading_on(self, home: ParamHome) -> list[int]:
+        return [j for j in self.residence.reading() if self.homes[j] is home]
 
     def _cancel(self, i: int) -> None:
         """A read started ahead is given up: its buffer returns to the pool."""
-        self._in_flight.discard(i)
-        self.homes[i].cancel_fetch(i)
+        self.residence.rest(i)
+        self.homes[i].cancel(i)
 
     def first_reads(self, most: int) -> tuple[int, ...]:
         """The partitions (at most `most`) that read_ahead_of_next_step would read first, in order of use."""
         trace = self.cursor.trace
         if self.prefetch is not Prefetch.TRACE or trace is None or most <= 0:
             return ()
-        return fetches_from(trace, -1, frozenset(self._resident() | self._in_flight), self.budgets, frozenset())[:most]
+        return fetches_from(trace, -1, frozenset(self._resident() | self.residence.reading()), self.budgets)[:most]
 
     def read_ahead_of_next_step(self, arrived: tuple[int, ...] = ()) -> None:
         """After the optimizer step (or between micro-batches): start the next step's first reads.
         arrived: partitions already in host memory (the optimizer step held their new values), counted
         as reads ahead that have completed, so a use finds them and `settle` gives their buffers back."""
         if self.prefetch is Prefetch.TRACE and self.cursor.trace is not None:
-            self._in_flight.update(arrived)
+            for i in arrived:
+                self.residence.read_ahead(i)
             self._read_ahead(-1)
-            for i in self._in_flight:
+            for i in self.residence.reading():
                 self.homes[i].advance(i)
         else:
             for i in arrived:
-                self.homes[i].cancel_fetch(i)
+                self.homes[i].cancel(i)
 
     def largest_gather(self) -> int:
         """The most offloaded partitions one module gathers at once."""
@@ -290,35 +275,22 @@ class Coordinator:
         trace = self.cursor.trace
         if trace is None:
             return
-        incoming = sum(self.sizes[i] for i in mine if self._users[i] == 0 and i not in self._kept
-                       and i not in self._in_flight)
-        held = frozenset(self._resident() | self._in_flight)
-        for i in make_room(trace, position, held, incoming, self.budgets, frozenset(), frozenset(mine)):
-            if i in self._kept:
-                self._kept.discard(i)
+        incoming = sum(self.sizes[i] for i in mine if self.residence.state(i) is Residency.AT_REST)
+        held = frozenset(self._resident() | self.residence.reading())
+        for i in make_room(trace, position, held, incoming, self.budgets, frozenset(mine)):
+            if self.residence.state(i) is Residency.KEPT:
                 self._drop(i)
-            elif i in self._in_flight:
+            elif self.residence.state(i) is Residency.READ_AHEAD:
                 self._cancel(i)
 
-    def _unlend(self, i: int) -> None:
-        """[Note: kept parameters give their staging buffer back]  On CPU a gathered parameter's compute
-        copy may be its staging buffer (infinity/memory/compute_tier.py).  Kept until a later use, it
-        would hold that buffer all the while and leave fewer for reads ahead (with the default reuse
-        distance every parameter is kept from forward to backward), so it gets a copy of its own."""
-        if self.homes[i].lent(i):
-            self.params[i].data = self._empty[i]  # the parameter's view must not count as a view outside
-            self.params[i].data = self.homes[i].unlend(i)
-
     def _resident(self) -> set[int]:
-        return {i for i in self.offloaded if self._users[i] > 0} | self._kept
+        return self.residence.resident()
 
     # ---- releasing ---------------------------------------------------------------------
     def release_all(self) -> None:
         """After backward: whatever is still gathered or kept goes; reads nobody will use are completed."""
         for i in self.offloaded:
-            if self._users[i] > 0 or i in self._kept:
-                self._users[i] = 0
-                self._kept.discard(i)
+            if self.residence.users(i) > 0 or self.residence.state(i) is Residency.KEPT:
                 self._drop(i)
         self._close_backward()
         self.settle()
@@ -330,10 +302,11 @@ class Coordinator:
 
     def settle(self) -> None:
         """Gives up every read started ahead (their buffers return); the next module reads on demand."""
-        for i in sorted(self._in_flight):
+        for i in sorted(self.residence.reading()):
             self._cancel(i)
 
     def _drop(self, i: int) -> None:
+        self.residence.rest(i)
         self.params[i].data = self._empty[i]
         self.homes[i].release(i)
         self.clock.live_changed(-self.sizes[i])
@@ -341,8 +314,6 @@ class Coordinator:
     def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             self.on_grad(i, p)
-            if i in self.offloaded and self._users[i] > 0:
-                self._users[i] = 0  # autograd reads this parameter no more in this backward
-                self._kept.discard(i)
-                self._drop(i)
+            if i in self.offloaded and self.residence.users(i) > 0:
+                self._drop(i)  # autograd reads this parameter no more in this backward
         return hook

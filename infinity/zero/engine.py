@@ -153,7 +153,7 @@ class Engine:
                                       self.coordinator.cursor.invalidations)
         metrics.record_step(report)
         self.timeline.mark(f"step {self.global_steps}", **report.to_dict())
-        held = tuple(i for i in sorted(self._hold) if self.homes[i].read_ready(i))
+        held = tuple(i for i in sorted(self._hold) if self.homes[i].ready(i))
         self._hold = frozenset()
         self.coordinator.read_ahead_of_next_step(held)
         for m in self._managers.values():

@@ -16,8 +16,6 @@ parameters' all-gathers: keep the control flow the same on every rank.
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 
 from infinity.memory.stream import Part
@@ -61,6 +59,9 @@ class ShardedHome(ParamHome):
             self.inner.release(index)  # the piece's staging buffer goes back as soon as the whole is built
         return whole[: shard.numel].view(shard.shape)
 
+    def gathers_ahead(self) -> bool:
+        return True
+
     def gather_ahead(self, index: int) -> None:
         """Completes the read of index's piece and starts its all-gather, to run while the module before
         its use computes; fetch(index) waits for it.  A collective: every rank calls it at the same point
@@ -77,13 +78,6 @@ class ShardedHome(ParamHome):
         pending = self.ranks.all_gather_start(whole, piece, f"parameter {shard.name!r}")
         self._ahead[index] = (whole, piece, pending)  # the piece stays referenced until the gather is done
 
-    def gathers_ahead(self) -> bool:
-        return True
-
-    def fetch_many(self, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        for i in indices:
-            yield i, self.fetch(i)
-
     def release(self, index: int) -> None:
         """The gathered copy is dropped by the coordinator; the piece was released after the gather."""
 
@@ -94,20 +88,17 @@ class ShardedHome(ParamHome):
         if index not in self._ahead:
             self.inner.advance(index)  # local: the piece goes on to the device; no collective
 
-    def start_fetch(self, index: int) -> None:
-        self.inner.start_fetch(index)
+    def read_ahead(self, index: int) -> bool:
+        return self.inner.read_ahead(index)
 
-    def can_start_fetch(self) -> bool:
-        return self.inner.can_start_fetch()
-
-    def read_ready(self, index: int) -> bool:
+    def ready(self, index: int) -> bool:
         ahead = self._ahead.get(index)
-        return ahead[2].done() if ahead is not None else self.inner.read_ready(index)
+        return ahead[2].done() if ahead is not None else self.inner.ready(index)
 
-    def cancel_fetch(self, index: int) -> None:
+    def cancel(self, index: int) -> None:
         ahead = self._ahead.pop(index, None)
         if ahead is None:
-            self.inner.cancel_fetch(index)
+            self.inner.cancel(index)
             return
         try:
             ahead[2].wait()  # the other ranks take part in it: it completes, and its result is dropped

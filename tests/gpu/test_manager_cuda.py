@@ -18,9 +18,7 @@ BUSY_CYCLES = 500_000_000  # about a quarter of a second of one spinning kernel 
 
 
 def fetch(m: MemoryManager, key: str) -> torch.Tensor:
-    m.start_read(key)
-    m.finish_read(key)
-    return m.to_compute(key)
+    return m.fetch(key).wait()
 
 
 def test_buffer_reused_after_to_compute_does_not_change_the_copy(manager):
@@ -30,9 +28,10 @@ def test_buffer_reused_after_to_compute_does_not_change_the_copy(manager):
     m.add("w", N, torch.float32, region="param", pool=pool)
     m.write_through("w", values)
     fetch(m, "w")
-    m.drop_compute("w")
-    assert m._h2d is not None  # the side stream the copies run on
-    with torch.cuda.stream(m._h2d):
+    m.release("w")
+    side = m.compute.side_stream  # the side stream the copies run on
+    assert side is not None
+    with torch.cuda.stream(side):
         torch.cuda._sleep(BUSY_CYCLES)  # the next copy waits behind this
     torch.cuda._sleep(BUSY_CYCLES)  # and so does whatever reads it on the compute stream
     on_device = fetch(m, "w")
@@ -40,21 +39,21 @@ def test_buffer_reused_after_to_compute_does_not_change_the_copy(manager):
     with pool.borrowed(N * 4) as buffer:  # the pool's only buffer, the one the copy came from
         buffer.tensor.fill_(0xFF)
     assert torch.equal(on_device.cpu(), values)
-    m.drop_compute("w")
+    m.release("w")
 
 
 def test_to_compute_does_not_wait_for_queued_compute_work(manager):
     m, pool = manager
     m.add("w", N, torch.float32, region="param", pool=pool)
     m.write_through("w", torch.ones(N))
-    m.start_read("w")
-    m.finish_read("w")
+    handle = m.fetch("w")
+    m.finish_read("w")  # the read is done: only the copy to the device is left
     torch.cuda._sleep(BUSY_CYCLES)
-    on_device = m.to_compute("w")
+    on_device = handle.wait()
     still_busy = not torch.cuda.current_stream().query()
     assert float(on_device.sum()) == N
     assert still_busy, "to_compute waited for the compute stream's earlier work, not for its own copy"
-    m.drop_compute("w")
+    m.release("w")
 
 
 def test_freed_copies_are_not_reused_while_the_compute_stream_reads_them(manager):
@@ -71,11 +70,11 @@ def test_freed_copies_are_not_reused_while_the_compute_stream_reads_them(manager
         torch.cuda._sleep(BUSY_CYCLES // 5)
         acc_a += a  # queued behind the sleep
         del a
-        m.drop_compute("a")  # a's memory is free now as far as Python knows
+        m.release("a")  # a's memory is free now as far as Python knows
         b = fetch(m, "b")
         acc_b += b
         del b
-        m.drop_compute("b")
+        m.release("b")
     torch.cuda.synchronize()
     assert torch.equal(acc_a.cpu(), rounds * a_values)
     assert torch.equal(acc_b.cpu(), rounds * b_values)

@@ -70,7 +70,7 @@ def test_lent_buffers_and_held_values_give_plain_pytorchs_results(tmp_path, batc
         losses = train(engine, batches)
         weights = final_weights(engine)
         # parameter_values gave every held and read-ahead buffer back, then read ahead again: only those hold one
-        assert pool.in_use == len(engine.coordinator._in_flight)
+        assert pool.in_use == len(engine.coordinator.residence.reading())
     finally:
         engine.close()
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, want_losses))
@@ -118,9 +118,9 @@ def test_parameters_kept_from_forward_to_backward_hold_no_staging_buffer(tmp_pat
         train(engine, batches[:3])
         x, y = batches[3]
         loss = engine(x, y)
-        kept = engine.coordinator._kept
-        assert kept and not any(engine.homes[i].lent(i) for i in kept)
-        assert engine._param_pool.in_use == len(engine.coordinator._in_flight)  # only reads ahead hold buffers
+        kept = engine.coordinator.residence.kept()
+        assert kept and not any(engine.homes[i].manager.lent(engine.homes[i].key(i)) for i in kept)
+        assert engine._param_pool.in_use == len(engine.coordinator.residence.reading())  # only reads ahead hold buffers
         engine.backward(loss)
         engine.step()
     finally:

@@ -1,6 +1,6 @@
 """The memory manager's CPU compute tier without copies: staging buffers lent as compute copies (within
 the pool's reserve, replaced when a tensor outside still views them), and new values held in a staging
-buffer after their write (write_held), with real swap files and real libaio."""
+buffer after their write (write with AfterWrite.HOLD), with real swap files and real libaio."""
 from __future__ import annotations
 
 import pytest
@@ -12,6 +12,7 @@ from infinity.io import DirectPolicy, open_handle
 from infinity.memory.manager import MemoryManager
 from infinity.memory.nvme_store import NvmeStore
 from infinity.memory.partition import State
+from infinity.memory.policy import AfterWrite
 from infinity.memory.pool import BufferPool
 
 SIZES = {"a": 4096 * 3, "b": 1000, "c": 4097, "d": 2048}  # bf16 elements: whole blocks and not
@@ -36,9 +37,7 @@ def parts(tmp_path):
 
 
 def fetch(manager: MemoryManager, key: str) -> torch.Tensor:
-    manager.start_read(key)
-    manager.finish_read(key)
-    return manager.to_compute(key)
+    return manager.fetch(key).wait()
 
 
 def shares(t: torch.Tensor, pool: BufferPool) -> bool:
@@ -50,10 +49,10 @@ def test_without_lending_to_compute_copies_and_gives_the_buffer_back(parts):
     got = fetch(manager, "a")
     assert not shares(got, pool) and pool.in_use == 0
     assert torch.equal(got, values["a"])
-    manager.drop_compute("a")
+    manager.release("a")
 
 
-def test_a_lent_buffer_is_the_compute_copy_until_drop_compute(parts):
+def test_a_lent_buffer_is_the_compute_copy_until_release(parts):
     manager, pool, values = parts
     manager.lend_to_compute(pool, reserve=1)
     got = fetch(manager, "a")
@@ -61,7 +60,7 @@ def test_a_lent_buffer_is_the_compute_copy_until_drop_compute(parts):
     assert torch.equal(got, values["a"]) and manager.state("a") is State.ON_COMPUTE
     assert manager.ledger.report().compute_bytes == got.numel() * 2
     del got
-    manager.drop_compute("a")
+    manager.release("a")
     assert pool.in_use == 0 and manager.state("a") is State.ON_NVME and pool.replaced == 0
     assert manager.ledger.report().host_bytes == 0 and manager.ledger.report().compute_bytes == 0
 
@@ -74,7 +73,7 @@ def test_past_the_reserve_to_compute_copies(parts):
     assert pool.in_use == 2
     assert all(torch.equal(got[k], values[k]) for k in got)
     for k in got:
-        manager.drop_compute(k)
+        manager.release(k)
     assert pool.in_use == 0
 
 
@@ -83,58 +82,62 @@ def test_a_buffer_still_viewed_at_drop_is_replaced_and_the_view_keeps_its_values
     manager.lend_to_compute(pool, reserve=1)
     saved = fetch(manager, "a").view(-1)[:100]  # as autograd would save a weight for backward
     want = values["a"][:100].clone()
-    manager.drop_compute("a")
+    manager.release("a")
     assert pool.replaced == 1 and pool.in_use == 0
     for k in ("b", "c", "d", "a"):  # every buffer of the pool is read into again
         fetch(manager, k)
-        manager.drop_compute(k)
+        manager.release(k)
     assert torch.equal(saved, want)  # its memory was never lent again
 
 
-def test_write_held_keeps_the_new_values_in_a_staging_buffer_and_on_nvme(parts):
+def test_a_held_write_keeps_the_new_values_in_a_staging_buffer_and_on_nvme(parts):
     manager, pool, values = parts
     new = torch.randn(SIZES["c"])  # fp32, converted as it is copied
-    manager.write_held("c", new)
+    manager.write("c", new, AfterWrite.HOLD, torch.bfloat16)
     manager.flush({"c"})
-    assert manager.state("c") is State.HOST_CLEAN and pool.in_use == 1 and manager.read_done("c")
+    assert manager.state("c") is State.HOST_CLEAN and pool.in_use == 1 and manager.ready("c")
     assert torch.equal(manager.to_compute("c"), new.to(torch.bfloat16))  # no read: the held copy
-    manager.drop_compute("c")
+    manager.release("c")
     assert pool.in_use == 0
     assert torch.equal(fetch(manager, "c"), new.to(torch.bfloat16))  # and the swap file has them
-    manager.drop_compute("c")
+    manager.release("c")
 
 
-def test_write_held_refuses_a_partition_not_at_rest_or_too_large_for_a_buffer(parts, tmp_path):
+def test_a_held_write_refuses_a_partition_not_at_rest(parts):
     manager, pool, values = parts
-    manager.start_read("a")
-    with pytest.raises(InfinityError, match="write_held needs"):
-        manager.write_held("a", torch.zeros(SIZES["a"]))
-    manager.finish_read("a")
-    manager.drop("a")
-    small = BufferPool("small", 1, 1000 * 2, "offload_param.buffer_count")
-    manager.lend_pool("b", small)  # 2000 bytes: one buffer cannot hold the extent's whole block
-    assert not manager.can_hold("b")
-    with pytest.raises(InfinityError, match="whole blocks"):
-        manager.write_held("b", torch.zeros(SIZES["b"]))
+    manager.fetch("a")  # a read in flight
+    with pytest.raises(InfinityError, match="holding new values needs"):
+        manager.write("a", torch.zeros(SIZES["a"]), AfterWrite.HOLD, torch.bfloat16)
+    manager.cancel("a")
+    assert manager.state("a") is State.ON_NVME and pool.in_use == 0
 
 
-def test_start_to_compute_does_nothing_on_cpu(parts):
+def test_a_cancelled_fetch_gives_its_buffer_back(parts):
     manager, pool, values = parts
-    manager.start_read("d")
-    assert manager.start_to_compute("d") is False
-    assert torch.equal(manager.finish_read("d"), values["d"])
-    manager.drop("d")
+    handle = manager.fetch("d")
+    while not handle.ready():
+        pass
+    manager.cancel("d")
+    assert manager.state("d") is State.ON_NVME and pool.in_use == 0
 
 
-def test_unlend_gives_a_kept_partition_a_copy_of_its_own_and_the_buffer_back(parts):
+def test_advance_does_nothing_on_cpu(parts):
+    manager, pool, values = parts
+    handle = manager.fetch("d")
+    assert manager.advance("d") is False
+    assert torch.equal(handle.wait(), values["d"])
+    manager.release("d")
+
+
+def test_keep_gives_a_kept_partition_a_copy_of_its_own_and_the_buffer_back(parts):
     manager, pool, values = parts
     manager.lend_to_compute(pool, reserve=1)
     lent = fetch(manager, "a")
     assert manager.lent("a") and pool.in_use == 1
     del lent
-    own = manager.unlend("a")
+    own = manager.keep("a")
     assert not manager.lent("a") and not shares(own, pool) and torch.equal(own, values["a"])
     assert pool.in_use == 0 and pool.replaced == 0 and manager.state("a") is State.ON_COMPUTE
-    assert manager.unlend("a") is own  # not lent: unchanged
-    manager.drop_compute("a")
+    assert manager.keep("a") is own  # not lent: unchanged
+    manager.release("a")
     assert manager.state("a") is State.ON_NVME and manager.ledger.report().compute_bytes == 0

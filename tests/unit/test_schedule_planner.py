@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 import math
 
-from infinity.schedule import Budgets, Cursor, Phase, Trace, Use, fetches_from, persistent_set, plan_after, \
-    releases_after
-from infinity.schedule.planner import make_room, next_use_distance
+from infinity.schedule import Budgets, Cursor, Phase, Trace, Use, fetches_from, make_room, next_use_distance, \
+    persistent_set, releases_after
 from infinity.schedule.trace import CursorState
 
 F, B = Phase.FORWARD, Phase.BACKWARD
@@ -22,22 +21,15 @@ def budgets(**kw) -> Budgets:
 
 
 def test_prefetch_fills_the_bucket_in_order_of_use():
-    assert fetches_from(TRACE, -1, NONE, budgets(prefetch_elements=61), NONE) == (0, 9, 1, 2)
-    assert fetches_from(TRACE, -1, NONE, budgets(prefetch_elements=60), NONE) == (0, 9, 1)  # 2 would pass it
-    assert fetches_from(TRACE, 0, frozenset({0, 9}), budgets(prefetch_elements=50), NONE) == (1, 2)
+    assert fetches_from(TRACE, -1, NONE, budgets(prefetch_elements=61)) == (0, 9, 1, 2)
+    assert fetches_from(TRACE, -1, NONE, budgets(prefetch_elements=60)) == (0, 9, 1)  # 2 would pass it
+    assert fetches_from(TRACE, 0, frozenset({0, 9}), budgets(prefetch_elements=50)) == (1, 2)
 
 
 def test_prefetch_stops_at_max_live_counting_what_is_held():
-    assert fetches_from(TRACE, 0, frozenset({0}), budgets(max_live_elements=35), NONE) == (1,)  # 10+20; +30 passes
-    assert fetches_from(TRACE, 0, frozenset({0, 1}), budgets(max_live_elements=35), NONE) == ()
-    assert fetches_from(TRACE, 0, frozenset({0}), budgets(max_live_elements=60), NONE) == (1, 2)
-
-
-def test_persistent_partitions_are_neither_fetched_nor_released_nor_counted():
-    persistent = frozenset({9})
-    assert 9 not in fetches_from(TRACE, -1, NONE, budgets(), persistent)
-    assert releases_after(TRACE, 7, frozenset({0, 9}), budgets(), persistent) == (0,)
-    assert fetches_from(TRACE, 0, frozenset({0, 9}), budgets(max_live_elements=30), persistent) == (1,)
+    assert fetches_from(TRACE, 0, frozenset({0}), budgets(max_live_elements=35)) == (1,)  # 10+20; +30 passes
+    assert fetches_from(TRACE, 0, frozenset({0, 1}), budgets(max_live_elements=35)) == ()
+    assert fetches_from(TRACE, 0, frozenset({0}), budgets(max_live_elements=60)) == (1, 2)
 
 
 def test_persistence_threshold_and_model_total():
@@ -51,27 +43,19 @@ def test_reuse_distance_counts_the_elements_in_between():
     assert next_use_distance(TRACE, 3, 3) == 0  # forward of 3, then straight to its backward
     assert next_use_distance(TRACE, 2, 2) == 80  # forward 3 (40) and backward 3 (40) in between
     assert next_use_distance(TRACE, 7, 0) == math.inf
-    assert releases_after(TRACE, 2, frozenset({2}), budgets(max_reuse_distance=80), NONE) == (2,)
-    assert releases_after(TRACE, 2, frozenset({2}), budgets(max_reuse_distance=81), NONE) == ()
-    assert releases_after(TRACE, 3, frozenset({3}), budgets(max_reuse_distance=0), NONE) == (3,)
+    assert releases_after(TRACE, 2, frozenset({2}), budgets(max_reuse_distance=80)) == (2,)
+    assert releases_after(TRACE, 2, frozenset({2}), budgets(max_reuse_distance=81)) == ()
+    assert releases_after(TRACE, 3, frozenset({3}), budgets(max_reuse_distance=0)) == (3,)
 
 
-def test_everything_not_persistent_goes_at_the_end_of_the_step():
-    plan = plan_after(TRACE, 7, frozenset({0, 1, 9}), NONE, budgets(), frozenset({9}))
-    assert plan.release == (0, 1) and plan.fetch == ()
-
-
-def test_plan_after_fetches_into_the_room_its_releases_leave():
-    # after forward of 1 with a tight live budget: 0 and 1 are reused too far away, so they go, and 2 and 3 come
-    plan = plan_after(TRACE, 1, frozenset({0, 1}), NONE, budgets(max_live_elements=70, max_reuse_distance=10),
-                      NONE)
-    assert plan.release == (0, 1) and plan.fetch == (2, 3)
+def test_everything_goes_at_the_end_of_the_step():
+    assert releases_after(TRACE, 7, frozenset({0, 1, 9}), budgets()) == (0, 1, 9)
 
 
 def test_make_room_evicts_farthest_next_use_first_and_spares_the_needed():
     held = frozenset({0, 1, 2})
-    assert make_room(TRACE, 2, held, 40, budgets(max_live_elements=70), NONE, frozenset({2})) == (0, 1)
-    assert make_room(TRACE, 2, held, 10, budgets(max_live_elements=70), NONE) == ()
+    assert make_room(TRACE, 2, held, 40, budgets(max_live_elements=70), frozenset({2})) == (0, 1)
+    assert make_room(TRACE, 2, held, 10, budgets(max_live_elements=70)) == ()
 
 
 def run_step(cursor: Cursor, uses) -> list[int | None]:
