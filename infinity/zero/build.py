@@ -26,7 +26,7 @@ from infinity.zero.settings import EngineSettings, budgets_of, dtype_of
 from infinity.zero.gather import ShardedHome, piece_of
 from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
-from infinity.zero.shard import Shard, shard_of
+from infinity.shard import Shard, shard_of
 from infinity.zero.step_report import StepReporter
 
 

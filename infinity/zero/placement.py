@@ -11,7 +11,7 @@ from infinity.memory.nvme_store import NvmeStore
 from infinity.swap.optimizer import BUFFERS_PER_GROUP
 from infinity.swap.params import Tier
 from infinity.zero.settings import EngineSettings
-from infinity.zero.shard import Shard
+from infinity.shard import Shard
 
 
 def open_manager(settings: EngineSettings, path: str, device: torch.device,
