@@ -4,21 +4,22 @@ The Engine (engine.py) is the facade over a Run: its training phases and the Dee
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from infinity.errors import UsageError
+from infinity.errors import CheckpointError, UsageError
 from infinity.io.handle import IoStats
 from infinity.memory.host_buffer import PinPolicy
 from infinity.memory.manager import MemoryManager
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import MemoryReport
-from infinity.swap.layout import plan_groups
+from infinity.swap.layout import Slice, plan_groups
 from infinity.swap.optimizer import HostOptimizer, NvmeOptimizer
 from infinity.schedule import persistent_set
-from infinity.swap.params import ComputeHome, HostHome, NvmeHome, ParamHome, Tier
+from infinity.swap.params import AfterWrite, ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import Coordinator
 from infinity.zero.init import placed
 from infinity.zero.placement import check_placement, open_manager
@@ -27,7 +28,7 @@ from infinity.zero.gather import ShardedHome, piece_of
 from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
 from infinity.shard import Shard, shard_of
-from infinity.zero.step_report import StepReporter
+from infinity.zero.step_report import StepReport, StepReporter, Wait
 
 
 class Run:
@@ -45,6 +46,8 @@ class Run:
         self.params = [p for _, p in named]
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self._managers: dict[str, MemoryManager] = {}
+        self._param_names = {id(p): n for n, p in model.named_parameters()}  # to catch later changes
+        self._hold: frozenset[int] = frozenset()  # parameters whose new values the optimizer step holds
         self.shapes = [_shape_of(p) for p in self.params]
         self.budgets = budgets_of(settings)  # the stage-3 schedule's: persistence here, the rest in the coordinator
         built_under_init = {i for i, p in enumerate(self.params) if placed(p) is not None}
@@ -78,6 +81,98 @@ class Run:
         moved = self.io_stats()
         self.reporter.start(moved.bytes_read, moved.bytes_written)
 
+    @property
+    def managers(self) -> list[MemoryManager]:
+        """The run's memory managers, one per nvme_path (none when nothing is on NVMe)."""
+        return list(self._managers.values())
+
+    @property
+    def param_pool(self) -> BufferPool | None:
+        """The staging buffers of parameters on NVMe (None when none are)."""
+        return getattr(self, "_param_pool", None)
+
+    @property
+    def slices(self) -> dict[int, Slice]:
+        """Each trained parameter's slice of its optimizer sub-group, by parameter index."""
+        return self._slice
+
+    # ---- the optimizer step ----------------------------------------------------------
+    def step_optimizer(self, lr: float, loss_scale: float) -> bool:
+        """The optimizer step at a window's end (the caller latches its failures); True on an fp16 overflow
+        (the step skipped).  The step's parameter writes are all on NVMe when it returns."""
+        overflow = self.gradients.agree()
+        self._hold = frozenset() if overflow else frozenset(self.coordinator.first_reads(self._holdable()))
+        if not overflow:
+            self.optimizer.step(lr, self.gradients.coef(loss_scale, self.settings.gradient_clipping),
+                                self._write_param, self._flush_params)
+        else:
+            self.optimizer.discard_grads()
+        with self.reporter.clock.waiting(Wait.OPTIMIZER_IO):
+            self._flush_params(None)
+        return overflow
+
+    def _write_param(self, s: Any, values: torch.Tensor) -> set[str]:
+        after = AfterWrite.HOLD if s.index in self._hold else AfterWrite.DROP
+        return self.homes[s.index].write(s.index, values, after)
+
+    def finish_step(self, global_steps: int, started: float, waited: float) -> StepReport:
+        """The step's report (started: its perf_counter start; waited: the optimizer's io_wait_s then)."""
+        self.reporter.clock.optimizer_s += time.perf_counter() - started
+        self.reporter.clock.add_wait(Wait.OPTIMIZER_IO, self.optimizer.io_wait_s - waited)
+        moved = self.io_stats()
+        return self.reporter.finish(global_steps, moved.bytes_read, moved.bytes_written,
+                                    self.coordinator.cursor.invalidations)
+
+    def after_step(self) -> None:
+        """The next step's first reads start (the held ones that arrived count as read)."""
+        held = tuple(i for i in sorted(self._hold) if self.homes[i].read_ready(i))
+        self._hold = frozenset()
+        self.coordinator.read_ahead_of_next_step(held)
+        for m in self._managers.values():
+            m.store.warn_if_deleted()
+
+    def optimizer_steps(self) -> dict[str, float]:
+        """The optimizer's step counter of each parameter's sub-group, by parameter name."""
+        steps = self.optimizer.steps
+        return {s.name: float(steps[s.group]) for g in self.groups for s in g.slices}
+
+    def load_optimizer_steps(self, saved: dict[str, float], where: str) -> None:
+        for g in self.groups:
+            values = {saved[s.name] for s in g.slices}
+            if len(values) != 1:
+                raise CheckpointError(where, f"sub-group {g.index}'s parameters were saved at different optimizer "
+                                      f"steps {sorted(values)}", "load with the sub_group_size the run was saved with")
+            self.optimizer.steps[g.index].fill_(values.pop())
+
+    # ---- health and the end ----------------------------------------------------------
+    def fail(self, err: BaseException) -> None:
+        for m in self._managers.values():
+            m.fail(err)
+
+    def check_usable(self) -> None:
+        """A UsageError when the model's Parameter objects changed since the run was built; the managers'
+        latched failures."""
+        for m in self._managers.values():
+            m.check_healthy()
+        now = {id(p): n for n, p in self.module.named_parameters()}
+        if now.keys() != self._param_names.keys():
+            added = [n for i, n in now.items() if i not in self._param_names]
+            gone = [n for i, n in self._param_names.items() if i not in now]
+            changes = {"replaced": [n for n in added if n in gone], "added": [n for n in added if n not in gone],
+                       "removed": [n for n in gone if n not in added]}
+            what = "; ".join(f"{how} after infinity.initialize: {', '.join(names)}"
+                             for how, names in changes.items() if names)
+            raise UsageError(f"the model's parameters changed ({what}); the engine trains the Parameter objects it "
+                             f"was given: build the whole model first, then call initialize, and assign no new "
+                             f"Parameters after")
+
+    def close(self) -> None:
+        """Removes the hooks and this run's swap files."""
+        self.coordinator.remove()
+        for m in self._managers.values():
+            m.close()
+        self._managers.clear()
+
 
     def io_stats(self) -> IoStats:
         """Bytes and requests the engine's async-IO handles have moved since initialize (all NVMe paths)."""
@@ -86,7 +181,7 @@ class Run:
 
     def memory_report(self) -> MemoryReport:
         reports = [m.ledger.report() for m in self._managers.values()]
-        pools = sum(p.buffer_count * p.buffer_bytes for p in self._pools())
+        pools = sum(p.buffer_count * p.buffer_bytes for p in self.pools())
         fields = [sum(getattr(r, f) for r in reports) for f in
                   ("compute_bytes", "host_bytes", "nvme_bytes", "peak_compute_bytes", "peak_host_bytes",
                    "peak_nvme_bytes")]
@@ -164,7 +259,7 @@ class Run:
             for name, b in self.module.named_buffers():
                 self.ranks.broadcast(b.data, f"initial values of buffer {name!r}")
 
-    def _gather(self, i: int) -> None:
+    def fetch_and_release(self, i: int) -> None:
         """Fetches and releases parameter i, keeping nothing: a rank's part in another rank's _read_values of
         it (with several ranks each fetch is an all-gather that every rank enters, in the same order)."""
         self.homes[i].fetch(i)
@@ -239,7 +334,7 @@ class Run:
     def _pin(self) -> PinPolicy:
         return PinPolicy.AUTO if self.settings.pin_memory else PinPolicy.PAGEABLE
 
-    def _pools(self) -> list[BufferPool]:
+    def pools(self) -> list[BufferPool]:
         return [p for p in (getattr(self, "_param_pool", None), getattr(self, "_optimizer_pool", None)) if p]
 
 

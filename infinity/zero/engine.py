@@ -1,5 +1,9 @@
 """The engine `infinity.initialize` returns: forward, backward and step with parameters and optimizer
-states on the tiers the settings name.  Shaped like DeepSpeed's engine so users switch by an import."""
+states on the tiers the settings name.  Shaped like DeepSpeed's engine so users switch by an import.
+
+A facade: zero/build.py wires the run's parts, zero/state.py holds the TrainingState and its legal moves,
+zero/hooks.py takes the gradients; the engine moves the state along and implements the checkpoint
+protocol (infinity/checkpoint/protocol.py) that save, load and save_16bit_model talk to."""
 from __future__ import annotations
 
 import contextlib
@@ -14,48 +18,65 @@ import torch
 from torch import nn
 
 from infinity import metrics
+from infinity.checkpoint.load import load
+from infinity.checkpoint.model_file import save_16bit_model
+from infinity.checkpoint.save import save
 from infinity.config import Config
-from infinity.errors import EngineFailed, UsageError
-from infinity.io.handle import IoStats
+from infinity.errors import UsageError
+from infinity.io.handle import IoHandle, IoStats
 from infinity.memory.report import MemoryReport
 from infinity.memory.stream import Part
-from infinity.swap.params import AfterWrite
+from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.build import Run
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING
+from infinity.zero.hooks import GradientHook
 from infinity.zero.loss_scale import LossScaler
-from infinity.timeline import NO_TIMELINE, Timeline, Track
-from infinity.zero.settings import EngineSettings, Precision
-from infinity.zero.step_report import StepReport, Wait
+from infinity.zero.settings import EngineSettings, ModelSave, Precision, dtype_of
+from infinity.zero.state import Counters, Phase, TrainingState
+from infinity.zero.step_report import StepReport
 
 log = logging.getLogger("infinity.zero")
+GATHER_KEY = "zero_optimization.stage3_gather_16bit_weights_on_model_save"
 
 
 class Engine:
-    def __init__(self, model: nn.Module, settings: EngineSettings):
-        self.global_steps = self.micro_steps = 0
+    def __init__(self, model: nn.Module, settings: EngineSettings, config: Config | None = None,
+                 exporter: Any = None):
+        """config: the Config settings came from (initialize passes it); exporter: the metrics exporter
+        initialize started, which close() stops."""
+        self.config, self.exporter = config, exporter
+        self.counters, self.phase = Counters(), Phase()
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
-        self._pending_backward = False  # a backward since the last step
-        self._forward_open = False  # a forward that builds a graph ran, and its backward has not
-        self._param_names = {id(p): n for n, p in model.named_parameters()}  # to catch later changes
-        self._failure: BaseException | None = None  # a step or backward stopped midway
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
-        self.run = run = Run(model, settings, self._on_grad)
-        self.ranks, self.world, self.rank, self.module, self.settings = run.ranks, run.world, run.rank, model, run.settings
-        self.names, self.params, self.device, self.shapes, self.shards = run.names, run.params, run.device, run.shapes, run.shards
-        self.budgets, self.persistent, self.groups, self.optimizer = run.budgets, run.persistent, run.groups, run.optimizer
-        self.reporter, self.gradients, self.homes, self.offloaded = run.reporter, run.gradients, run.homes, run.offloaded
-        self.coordinator, self._managers = run.coordinator, run._managers
-        self._param_pool, self._slice = getattr(run, "_param_pool", None), run._slice
-        self._gather, self._read_values = run._gather, run._read_values
-        self._hold: frozenset[int] = frozenset()  # parameters whose new values the optimizer step holds
+        self.run = run = Run(model, settings, lambda i, p: self._hook(i, p))
+        self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
+        self.module, self.settings, self.ranks, self.world, self.rank = model, run.settings, run.ranks, run.world, run.rank
+        self.names, self.params, self.shapes, self.shards, self.device = run.names, run.params, run.shapes, run.shards, run.device
+        self.groups, self.optimizer, self.homes, self.offloaded = run.groups, run.optimizer, run.homes, run.offloaded
+        self.coordinator, self.gradients, self.reporter = run.coordinator, run.gradients, run.reporter
         self.lr = self._lr()
-        self.config: Config | None = None  # set by infinity.initialize
-        self.exporter: Any = None  # the metrics exporter infinity.initialize started; close() stops it
+
+    @property
+    def global_steps(self) -> int:
+        return self.counters.global_steps
+
+    @global_steps.setter
+    def global_steps(self, value: int) -> None:
+        self.counters.global_steps = value
+
+    @property
+    def micro_steps(self) -> int:
+        return self.counters.micro_steps
+
+    @micro_steps.setter
+    def micro_steps(self, value: int) -> None:
+        self.counters.micro_steps = value
 
     # ---- the DeepSpeed-shaped API -----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._check_usable()
-        self._forward_open = self._forward_open or torch.is_grad_enabled()
+        if torch.is_grad_enabled():
+            self.phase.to(TrainingState.FORWARD)
         with self.timeline.span("forward", Track.COMPUTE):
             return self.module(*args, **kwargs)
 
@@ -65,57 +86,53 @@ class Engine:
         """Backward of loss (scaled for fp16, divided by gradient_accumulation_steps)."""
         self._check_usable()
         gas = self.settings.gradient_accumulation_steps
-        self._boundary = (self.micro_steps + 1) % gas == 0
         scaled = loss.float() / gas
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale
-        with warnings.catch_warnings(), self._failing_on_error(self._boundary):
+        before = self.phase.state
+        self.phase.to(TrainingState.BACKWARD)
+        with warnings.catch_warnings(), self.latching_failure(self.is_gradient_accumulation_boundary()):
             warnings.filterwarnings("ignore", message=EXPECTED_HOOK_WARNING, category=UserWarning)
-            with self.timeline.span("backward", Track.COMPUTE):
-                scaled.backward()
-                self.coordinator.release_all()
+            try:
+                with self.timeline.span("backward", Track.COMPUTE):
+                    scaled.backward()
+                    self.coordinator.release_all()
+            except BaseException:
+                if self.phase.state is TrainingState.BACKWARD:
+                    self.phase.to(before)  # no gradient reached the optimizer: as if it had not run
+                raise
         self.micro_steps += 1
-        self._forward_open = False
-        self._pending_backward = True
+        self.phase.backwards += 1
+        self.phase.to(TrainingState.ACCUMULATING)
         return loss
 
     def step(self) -> None:
         """The optimizer step, at the end of each gradient-accumulation window."""
         self._check_usable()
-        if not self._pending_backward:
+        if not self.phase.backwards:
             raise UsageError("step() was called without a backward() since the last step; call "
                              "engine.backward(loss) first")
-        self._pending_backward = False
-        if not self._boundary:
+        after = TrainingState.FORWARD if self.phase.forward_open else TrainingState.IDLE
+        self.phase.to(TrainingState.STEPPING)
+        self.phase.backwards = 0
+        if self.micro_steps % self.settings.gradient_accumulation_steps:  # inside the window
             self.coordinator.read_ahead_of_next_step()
+            self.phase.to(after if after is TrainingState.FORWARD else TrainingState.ACCUMULATING)
             return
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
-        with self._failing_on_error(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
-            overflow = self.gradients.agree()
-            self._hold = frozenset() if overflow else frozenset(self.coordinator.first_reads(self.run._holdable()))
+        with self.latching_failure(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
+            overflow = self.run.step_optimizer(self.lr, self.scaler.scale if self.scaler is not None else 1.0)
             if not overflow:
-                self.optimizer.step(self.lr, self._grad_coef(), self._write_param, self.run._flush_params)
                 self.global_steps += 1
-            else:
-                self.optimizer.discard_grads()
-            with self.reporter.clock.waiting(Wait.OPTIMIZER_IO):
-                self.run._flush_params(None)  # the step's parameter writes are all on NVMe when it returns
-        self.reporter.clock.optimizer_s += time.perf_counter() - started
-        self.reporter.clock.add_wait(Wait.OPTIMIZER_IO, self.optimizer.io_wait_s - waited)
-        moved = self.io_stats()
-        report = self.reporter.finish(self.global_steps, moved.bytes_read, moved.bytes_written,
-                                      self.coordinator.cursor.invalidations)
+        report = self.run.finish_step(self.global_steps, started, waited)
         metrics.record_step(report)
         self.timeline.mark(f"step {self.global_steps}", **report.to_dict())
-        held = tuple(i for i in sorted(self._hold) if self.homes[i].read_ready(i))
-        self._hold = frozenset()
-        self.coordinator.read_ahead_of_next_step(held)
-        for m in self._managers.values():
-            m.store.warn_if_deleted()
+        self.run.after_step()
         if self.scaler is not None:
             self.scaler.update(overflow)
         self.gradients.reset()
         self.lr = self._lr()
+        self.phase.to(after)
 
     def train(self, mode: bool = True) -> "Engine":
         self.module.train(mode)
@@ -143,15 +160,14 @@ class Engine:
     def trace_to(self, timeline: Timeline) -> None:
         """Records compute, wait, optimizer and I/O spans on timeline from now on (infinity-train --trace)."""
         self.timeline = self.coordinator.timeline = self.optimizer.timeline = timeline
-        for m in self._managers.values():
+        for m in self.run.managers:
             m.handle.timeline = timeline
 
     def parameter_values(self) -> dict[str, torch.Tensor]:
         """Every parameter's current values by name, as fp32 copies in host memory (read one at a time
-        from wherever they live; reads the coordinator started ahead are given up first and restarted
-        after, so the copies never compete with them for staging buffers)."""
-        with self._settled("parameter_values()"):
-            return {name: self._read_values(i).clone() for i, name in enumerate(self.names)}
+        from wherever they live, inside settled())."""
+        with self.settled("parameter_values()"):
+            return {name: self.read_parameter(i, torch.float32).clone() for i, name in enumerate(self.names)}
 
     def save_16bit_model(self, save_dir: str | os.PathLike[str], save_filename: str = "pytorch_model.safetensors",
                          exclude_frozen_parameters: bool = False) -> bool:
@@ -159,8 +175,11 @@ class Engine:
         as one safetensors file (infinity.checkpoint.model_file); False, with a warning, when
         stage3_gather_16bit_weights_on_model_save is off, as DeepSpeed does.  With several ranks every
         rank must call it (parameters are gathered); rank 0 writes."""
-        from infinity.checkpoint.model_file import save_16bit_model
-
+        path = Path(save_dir) / save_filename
+        if self.settings.model_save is ModelSave.SKIP:
+            log.warning("save_16bit_model: nothing written to %s because %s is false (the weights are partitioned "
+                        "and are not gathered, as DeepSpeed does); set it to true to write the model", path, GATHER_KEY)
+            return False
         return save_16bit_model(self, Path(save_dir), save_filename, exclude_frozen_parameters)
 
     def save_checkpoint(self, save_dir: str, tag: str | None = None,
@@ -168,40 +187,25 @@ class Engine:
         """Writes this rank's folder save_dir/tag/rank_<r> (tag: global_step<N>) durably, streaming NVMe-resident
         state through the async-IO engine, then `latest` once every rank has (infinity/checkpoint/save.py).
         client_state must load with torch.load(weights_only=True).  Call it after step()."""
-        from infinity.checkpoint.save import save
-
         self._between_steps("save_checkpoint")
-        with self._settled("save_checkpoint()"):
+        with self.settled("save_checkpoint()"):
             save(self, save_dir, tag, client_state)
         return True
 
     def load_checkpoint(self, load_dir: str, tag: str | None = None) -> tuple[str, Any]:
         """Restores everything save_checkpoint wrote for this rank (tag None: the one `latest` names), after
         checking sizes, checksums, the world size and the model; returns (the tag's folder, client_state)."""
-        from infinity.checkpoint.load import load
-
         self._between_steps("load_checkpoint")
-        with self._settled("load_checkpoint()"):
+        with self.settled("load_checkpoint()"):
             loaded = load(self, load_dir, tag)
         self.lr = self._lr()
         return loaded
-
-    def _between_steps(self, what: str) -> None:
-        self._check_usable()
-        if self._forward_open or self._pending_backward or self.coordinator.gathered() or \
-                self.micro_steps % self.settings.gradient_accumulation_steps:
-            raise UsageError(f"{what}() was called with a step half done (a forward, backward or gradient "
-                             f"accumulation window not finished by step()); call it after engine.step()")
-
-    def _param_part(self, i: int) -> Part:
-        """Where this rank's part of parameter i (engine.shards[i]) rests between uses: what checkpoints save
-        and load.  [Note: one place]  With a world of one rank the part is the whole parameter."""
-        return self.homes[i].part(i)
 
     def zero_grad(self) -> None:
         """Gradients leave the compute tier as they are made; nothing to clear."""
 
     def io_stats(self) -> IoStats:
+        """Bytes and requests the engine's async-IO handles have moved since initialize (all NVMe paths)."""
         return self.run.io_stats()
 
     def memory_report(self) -> MemoryReport:
@@ -211,37 +215,50 @@ class Engine:
         """Removes hooks and this run's swap files, and stops the metrics exporter initialize started."""
         exporter, self.exporter = self.exporter, None
         try:
-            self.coordinator.remove()
-            for m in self._managers.values():
-                m.close()
-            self._managers.clear()
+            self.run.close()
         finally:
             if exporter is not None:
                 exporter.stop()
 
-    # ---- gradients --------------------------------------------------------------
-    def _on_grad(self, i: int, p: torch.Tensor) -> None:
-        if self._boundary and p.grad is not None:  # accumulating: torch keeps adding into p.grad
-            self.gradients.take(i, p)
+    # ---- the checkpoint protocol (infinity/checkpoint/protocol.py) ---------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_of(self.settings.precision)
 
-    def _grad_coef(self) -> float:
-        return self.gradients.coef(self.scaler.scale if self.scaler is not None else 1.0,
-                                   self.settings.gradient_clipping)
+    @property
+    def loss_scaler(self) -> LossScaler | None:
+        return self.scaler
 
-    def _write_param(self, s: Any, values: torch.Tensor) -> set[str]:
-        after = AfterWrite.HOLD if s.index in self._hold else AfterWrite.DROP
-        return self.homes[s.index].write(s.index, values, after)
+    def param_part(self, i: int) -> Part:
+        """[Note: one place]  Where this rank's part of parameter i (engine.shards[i]) rests between uses:
+        what checkpoints save and load.  With a world of one rank the part is the whole parameter."""
+        return self.homes[i].part(i)
 
-    def _lr(self) -> float:
-        schedule = self.settings.schedule
-        return schedule.lr(self.global_steps) if schedule else self.settings.adam.lr
+    def optimizer_part(self, i: int, state: str) -> Part:
+        return self.optimizer.state_part(self.run.slices[i], state)
+
+    def optimizer_steps(self) -> dict[str, float]:
+        return self.run.optimizer_steps()
+
+    def load_optimizer_steps(self, steps: dict[str, float], where: str) -> None:
+        self.run.load_optimizer_steps(steps, where)
+
+    def read_parameter(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.run._read_values(i, dtype=dtype)
+
+    def join_gather(self, i: int) -> None:
+        self.run.fetch_and_release(i)
+
+    def io_handle(self) -> IoHandle | None:
+        managers = self.run.managers
+        return managers[0].handle if managers else None
 
     @contextlib.contextmanager
-    def _settled(self, caller: str) -> Iterator[None]:
+    def settled(self, caller: str) -> Iterator[None]:
         """Reads the coordinator started ahead are given up for the block and restarted after, so that
         fetching parameters one at a time never competes with them for staging buffers."""
         self._check_usable()
-        if self._forward_open or self.coordinator.gathered():
+        if self.phase.forward_open or self.coordinator.gathered():
             raise UsageError(f"{caller} was called between a forward and its backward (the step's parameters "
                              "are gathered or being read); call it after backward() or step()")
         self.coordinator.settle()
@@ -250,34 +267,33 @@ class Engine:
         finally:
             self.coordinator.read_ahead_of_next_step()
 
-
-    def _check_usable(self) -> None:
-        if self._failure is not None:
-            raise EngineFailed.of(self._failure)
-        for m in self._managers.values():
-            m.check_healthy()
-        now = {id(p): n for n, p in self.module.named_parameters()}
-        if now.keys() != self._param_names.keys():
-            added = [n for i, n in now.items() if i not in self._param_names]
-            gone = [n for i, n in self._param_names.items() if i not in now]
-            changes = {"replaced": [n for n in added if n in gone], "added": [n for n in added if n not in gone],
-                       "removed": [n for n in gone if n not in added]}
-            what = "; ".join(f"{how} after infinity.initialize: {', '.join(names)}"
-                             for how, names in changes.items() if names)
-            raise UsageError(f"the model's parameters changed ({what}); the engine trains the Parameter objects it "
-                             f"was given: build the whole model first, then call initialize, and assign no new "
-                             f"Parameters after")
-
     @contextlib.contextmanager
-    def _failing_on_error(self, half_done: bool) -> Iterator[None]:
+    def latching_failure(self, half_done: bool = True) -> Iterator[None]:
         """An error that stops a step, or a backward sending gradients, midway leaves the optimizer's state
         half updated: the run is latched failed (every later call raises EngineFailed naming it)."""
         try:
             yield
         except BaseException as err:
             if half_done:
-                self._failure = self._failure or err
-                for m in self._managers.values():
-                    m.fail(err)
+                self._fail(err)
             raise
 
+    # ---- inside ----------------------------------------------------------------------
+    def _fail(self, err: BaseException) -> None:
+        self.phase.fail(err)
+        self.run.fail(err)
+
+    def _check_usable(self) -> None:
+        self.phase.check()
+        self.run.check_usable()
+
+    def _between_steps(self, what: str) -> None:
+        self._check_usable()
+        if self.phase.state is not TrainingState.IDLE or self.phase.backwards or self.coordinator.gathered() or \
+                self.micro_steps % self.settings.gradient_accumulation_steps:
+            raise UsageError(f"{what}() was called with a step half done (a forward, backward or gradient "
+                             f"accumulation window not finished by step()); call it after engine.step()")
+
+    def _lr(self) -> float:
+        schedule = self.settings.schedule
+        return schedule.lr(self.global_steps) if schedule else self.settings.adam.lr
