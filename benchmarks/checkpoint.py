@@ -105,7 +105,10 @@ class Raw:
     reads), and copied between the two in both directions."""
 
     def __init__(self, engine: Engine, swap: Path, ckpt: Path, nbytes: int, chunk: int):
-        self.handle = next(iter(engine._managers.values())).handle
+        handle = engine.io_handle()
+        if handle is None:
+            raise SystemExit("the benchmark's config puts nothing on NVMe: the engine has no async-IO handle")
+        self.handle = handle
         self.folders, self.nbytes = {"swap": swap, "ckpt": ckpt}, nbytes
         self.buffer = HostBuffer(min(chunk, -(-nbytes // 4096) * 4096))
         self.buffer.tensor.fill_(7)

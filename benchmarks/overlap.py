@@ -98,7 +98,10 @@ class IoOnly:
     """The step's bytes through the overlap engine's own handle: one write, then one read, O_DIRECT."""
 
     def __init__(self, engine: Engine, folder: Path, nbytes: int):
-        self.handle = next(iter(engine._managers.values())).handle
+        handle = engine.io_handle()
+        if handle is None:
+            raise SystemExit("the benchmark's config puts nothing on NVMe: the engine has no async-IO handle")
+        self.handle = handle
         self.path = folder / "io-only.bin"
         self.buffer = HostBuffer(-(-nbytes // 4096) * 4096)
         self.handle.pwrite(self.buffer.tensor, self.path, 0)

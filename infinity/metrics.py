@@ -240,7 +240,7 @@ def record_step(report: Any) -> None:
     if not ACTIVE:
         return
     c = TALLY.counters
-    phases = {"compute": report.compute_s, "read_wait": report.read_wait_s, "write_wait": report.write_wait_s,
+    phases = {"compute": report.other_s, "read_wait": report.read_wait_s, "write_wait": report.write_wait_s,
               "optimizer": report.optimizer_s}
     stalls = {"read": report.read_wait_s, "write": report.write_wait_s, "optimizer_io": report.optimizer_io_wait_s}
     outcomes = {"hit": report.prefetch_hits, "late": report.prefetch_late, "miss": report.prefetch_misses}

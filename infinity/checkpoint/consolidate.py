@@ -23,7 +23,7 @@ from infinity.checkpoint.format import (LATEST, MANIFEST, MODEL_FILE, OPTIMIZER_
 from infinity.checkpoint.state_dict_file import StateDictFormat, write_state_dict
 from infinity.checkpoint.tensor_file import TensorSpec
 from infinity.errors import CheckpointError
-from infinity.zero.shard import shard_of
+from infinity.shard import shard_of
 
 log = logging.getLogger("infinity.checkpoint")
 RANK_PREFIX = "rank_"

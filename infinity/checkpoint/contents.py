@@ -1,10 +1,9 @@
 """What a checkpoint holds of an engine: the tensors of model.safetensors and optimizer.safetensors,
-each with the place its values live (engine._param_part, the optimizer's state_part), and the
+each with the place its values live (engine.param_part and engine.optimizer_part: checkpoint/protocol.py), and the
 manifest's entries for them.  Save and load build the same lists, so they agree by construction."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,11 +11,8 @@ from infinity.checkpoint.format import (SAFETENSORS_DTYPES, BufferEntry, Optimiz
                                         element_size, optimizer_tensor, stored_numel)
 from infinity.errors import CheckpointError
 from infinity.memory.stream import HostPart
+from infinity.checkpoint.protocol import Checkpointable
 from infinity.checkpoint.tensors import StoredTensor
-from infinity.zero.settings import dtype_of
-
-if TYPE_CHECKING:
-    from infinity.zero.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -32,11 +28,11 @@ class Contents:
         return max(sum(s.nbytes for s in self.model), sum(s.nbytes for s in self.optimizer))
 
 
-def contents_of(engine: "Engine") -> Contents:
-    dtype = dtype_of(engine.settings.precision)
+def contents_of(engine: Checkpointable) -> Contents:
+    dtype = engine.dtype
     aliases = aliases_of(engine)
     params = tuple(ParamEntry.of(shard, dtype, aliases.get(shard.name, ())) for shard in engine.shards)
-    model = [StoredTensor(p.name, dtype, p.stored, engine._param_part(i)) for i, p in enumerate(params)]
+    model = [StoredTensor(p.name, dtype, p.stored, engine.param_part(i)) for i, p in enumerate(params)]
     buffers = []
     for name, tensor in extra_tensors(engine):
         if tensor.dtype not in SAFETENSORS_DTYPES:
@@ -47,12 +43,12 @@ def contents_of(engine: "Engine") -> Contents:
         buffers.append(entry)
         model.append(StoredTensor(name, tensor.dtype, entry.stored, HostPart(tensor)))
     optimizer = [StoredTensor(optimizer_tensor(state, p.name), torch.float32, stored_numel(p.real, 4),
-                            engine.optimizer.state_part(engine._slice[i], state.value))
+                            engine.optimizer_part(i, state.value))
                  for state in OptimizerState for i, p in enumerate(params)]
     return Contents(params, tuple(buffers), tuple(model), tuple(optimizer))
 
 
-def aliases_of(engine: "Engine") -> dict[str, tuple[str, ...]]:
+def aliases_of(engine: Checkpointable) -> dict[str, tuple[str, ...]]:
     """The other state_dict keys of each tied trained parameter (named_parameters lists it once, under its
     first name; state_dict lists it under every one), so that a consolidated file has them all."""
     first = {id(p): name for name, p in zip(engine.names, engine.params)}
@@ -64,7 +60,7 @@ def aliases_of(engine: "Engine") -> dict[str, tuple[str, ...]]:
     return {name: tuple(keys) for name, keys in found.items()}
 
 
-def extra_tensors(engine: "Engine") -> list[tuple[str, torch.Tensor]]:
+def extra_tensors(engine: Checkpointable) -> list[tuple[str, torch.Tensor]]:
     """Persistent buffers and frozen parameters (state_dict entries that are not trained parameters)."""
     trained = {id(p) for p in engine.params}
     return [(name, t) for name, t in engine.module.state_dict(keep_vars=True).items() if id(t) not in trained]

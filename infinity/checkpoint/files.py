@@ -58,11 +58,11 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 def saving_dir(final: Path) -> Path:
-    """Where a save writes final's files before swap_in puts them at final (hidden: no reader looks)."""
+    """Where a save writes final's files before exchange_in puts them at final (hidden: no reader looks)."""
     return final.with_name(f".{final.name}{SAVING}")
 
 
-def swap_in(new: Path, final: Path) -> None:
+def exchange_in(new: Path, final: Path) -> None:
     """Puts the complete folder new at final, durably; a folder already at final (an earlier save of the
     same tag) is replaced and removed.
 

@@ -24,7 +24,7 @@ of element size e stores `stored_numel(real, e)` elements: real rounded up so th
 multiple of ALIGNMENT (4096); readers ignore the padding.  The safetensors header is padded with
 spaces so that the data starts ALIGNMENT bytes into the file, hence every tensor starts on an
 ALIGNMENT boundary of the file (O_DIRECT transfers, straight from and to swap files).  The manifest
-gives each tensor's real shape: a trainable parameter's part is `Shard` (infinity/zero/shard.py):
+gives each tensor's real shape: a trainable parameter's part is `Shard` (infinity/shard.py):
 flat elements [start, start + length) of the parameter, of which `real` are the parameter's; the
 rank's first `real` stored elements are those.  A replicated parameter is held whole by every rank.
 A buffer's first numel elements, reshaped to its shape, are the buffer.
@@ -64,7 +64,7 @@ import torch
 
 from infinity.errors import CheckpointError
 from infinity.io.align import DEFAULT_ALIGNMENT, round_up
-from infinity.zero.shard import Shard
+from infinity.shard import Shard
 
 FORMAT = "infinity-checkpoint"
 VERSION = 1

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
+from typing import Any
 
 from infinity.checkpoint import state, tensors
 from infinity.checkpoint.contents import Contents, contents_of
@@ -21,18 +20,15 @@ from infinity.checkpoint.format import (CLIENT_STATE_FILE, CONSOLIDATE_HINT, MOD
                                         STATE_FILE, Manifest, RankFiles, rank_dir, resolve_tag, tag_dir)
 from infinity.checkpoint.files import saving_dir
 from infinity.checkpoint.save import Streaming, io_handle
+from infinity.checkpoint.protocol import Checkpointable, RankGroup
 from infinity.errors import CheckpointError
-from infinity.zero.ranks import Ranks
-
-if TYPE_CHECKING:
-    from infinity.zero.engine import Engine
 
 log = logging.getLogger("infinity.checkpoint")
 
 SHOWN = 8  # differences listed in a model mismatch
 
 
-def load(engine: "Engine", load_dir: str | Path, tag: str | None,
+def load(engine: Checkpointable, load_dir: str | Path, tag: str | None,
          streaming: Streaming = Streaming()) -> tuple[str, Any]:
     """(the checkpoint's tag folder, its client_state) after restoring everything this rank saved."""
     ckpt_dir = Path(load_dir)
@@ -49,7 +45,7 @@ def load(engine: "Engine", load_dir: str | Path, tag: str | None,
     check_model(manifest, contents, folder)
     files.verify([STATE_FILE, RNG_FILE, CLIENT_STATE_FILE])  # sizes of all, checksums of the small ones
     client, saved, rng = files.client_state(), files.state(), files.rng()
-    with engine._failing_on_error(True), io_handle(engine, ckpt_dir) as handle:
+    with engine.latching_failure(), io_handle(engine, ckpt_dir) as handle:
         staging = tensors.staging_buffers(contents.largest, streaming.chunk_bytes, streaming.count)
         tensors.read(folder / OPTIMIZER_FILE, manifest.file(OPTIMIZER_FILE),
                      {s.name: s for s in contents.optimizer}, handle, staging, manifest.checksum)
@@ -76,7 +72,7 @@ def open_folder(ckpt_dir: Path, tag: str, folder: Path, world: int, rank: int) -
     return files
 
 
-def agree_on_save(ranks: Ranks, save_id: int, folder: Path) -> None:
+def agree_on_save(ranks: RankGroup, save_id: int, folder: Path) -> None:
     """With several ranks: every rank's folder must come from one save (the same save_id); -1 says this
     rank cannot load.  One collective that every rank enters, so no rank is left waiting in a later one."""
     low, high = ranks.low_high(save_id, "the checkpoint's save id")

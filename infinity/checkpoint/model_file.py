@@ -12,38 +12,31 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
 from infinity.checkpoint.state_dict_file import StateDictFormat, write_state_dict
 from infinity.checkpoint.tensor_file import TensorSpec
+from infinity.checkpoint.protocol import Checkpointable
 from infinity.errors import UsageError
-from infinity.zero.settings import ModelSave, dtype_of
-
-if TYPE_CHECKING:
-    from infinity.zero.engine import Engine
 
 log = logging.getLogger("infinity.checkpoint")
-GATHER_KEY = "zero_optimization.stage3_gather_16bit_weights_on_model_save"
 
 
-def save_16bit_model(engine: "Engine", save_dir: Path, save_filename: str, exclude_frozen: bool) -> bool:
-    """See Engine.save_16bit_model; True when the file was written (on rank 0) or gathered (other ranks)."""
+def save_16bit_model(engine: Checkpointable, save_dir: Path, save_filename: str, exclude_frozen: bool) -> bool:
+    """See Engine.save_16bit_model (which returns False itself when the config says not to gather); True
+    when the file was written (on rank 0) or gathered (other ranks)."""
     path = save_dir / save_filename
-    if engine.settings.model_save is ModelSave.SKIP:
-        log.warning("save_16bit_model: nothing written to %s because %s is false (the weights are partitioned "
-                    "and are not gathered, as DeepSpeed does); set it to true to write the model", path, GATHER_KEY)
-        return False
     if not save_filename or Path(save_filename).name != save_filename:
         raise UsageError(f"save_16bit_model: save_filename {save_filename!r} must be a plain file name (the folder "
                          "goes in save_dir)")
     entries = _entries(engine, exclude_frozen)
-    with engine._settled("save_16bit_model()"):
+    with engine.settled("save_16bit_model()"):
         if engine.rank != 0:
             for _, index in entries:  # the others' part of every gather, in rank 0's order
                 if index is not None:
-                    engine._gather(index)
+                    engine.join_gather(index)
             return True
         save_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.closing(_tensors(engine, entries)) as tensors:  # a failed write stops the fetching
@@ -52,10 +45,10 @@ def save_16bit_model(engine: "Engine", save_dir: Path, save_filename: str, exclu
     return True
 
 
-def _entries(engine: "Engine", exclude_frozen: bool) -> list[tuple[TensorSpec, int | None]]:
+def _entries(engine: Checkpointable, exclude_frozen: bool) -> list[tuple[TensorSpec, int | None]]:
     """(what the file holds, the trainable parameter's index or None) for each state-dict key, in order."""
     index_of = {id(p): i for i, p in enumerate(engine.params)}
-    dtype = dtype_of(engine.settings.precision)
+    dtype = engine.dtype
     out: list[tuple[TensorSpec, int | None]] = []
     for key, tensor in engine.module.state_dict(keep_vars=True).items():
         index = index_of.get(id(tensor))
@@ -66,10 +59,10 @@ def _entries(engine: "Engine", exclude_frozen: bool) -> list[tuple[TensorSpec, i
     return out
 
 
-def _tensors(engine: "Engine", entries: list[tuple[TensorSpec, int | None]]) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(engine: Checkpointable, entries: list[tuple[TensorSpec, int | None]]) -> Iterator[tuple[str, torch.Tensor]]:
     module_state = engine.module.state_dict(keep_vars=True)
     for spec, index in entries:
         if index is None:
             yield spec.name, module_state[spec.name].detach()
             continue
-        yield spec.name, engine._read_values(index, dtype=spec.dtype)  # one host copy at a time
+        yield spec.name, engine.read_parameter(index, spec.dtype)  # one host copy at a time

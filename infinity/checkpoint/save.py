@@ -10,7 +10,7 @@
    files (or host tensors) through the async-IO engine in chunks;
 4. manifest.json, listing every file's size and checksum, the same way; the folder is fsynced;
 5. every rank waits for every other (Ranks.barrier, with several ranks); each puts its
-   folder in place as TAG/rank_<r> (files.swap_in: an earlier save of the same tag is exchanged
+   folder in place as TAG/rank_<r> (files.exchange_in: an earlier save of the same tag is exchanged
    atomically and removed); all wait again, rank 0 replaces `latest`, and all wait a last time so no
    rank returns before `latest` names the new tag.
 So a folder named rank_<r> is always one complete save.  A process killed anywhere before 5 leaves
@@ -28,7 +28,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -38,12 +38,8 @@ from infinity.checkpoint.format import (CLIENT_STATE_FILE, MANIFEST, MODEL_FILE,
                                         STATE_FILE, Manifest, check_tag, dtype_name, rank_dir)
 from infinity.config.training import TagValidation
 from infinity.errors import CheckpointError
+from infinity.checkpoint.protocol import Checkpointable, RankGroup
 from infinity.io import DirectPolicy, IoHandle, open_handle
-from infinity.zero.ranks import Ranks
-from infinity.zero.settings import dtype_of
-
-if TYPE_CHECKING:
-    from infinity.zero.engine import Engine
 
 log = logging.getLogger("infinity.checkpoint")
 
@@ -62,7 +58,7 @@ class Streaming:
     count: int = 8
 
 
-def save(engine: "Engine", save_dir: str | Path, tag: str | None, client_state: Any,
+def save(engine: Checkpointable, save_dir: str | Path, tag: str | None, client_state: Any,
          streaming: Streaming = Streaming()) -> Path:
     """Writes this rank's folder of the checkpoint and, once every rank has, `latest`; returns the folder."""
     tag = check_tag(tag if tag is not None else f"global_step{engine.global_steps}")
@@ -82,7 +78,7 @@ def save(engine: "Engine", save_dir: str | Path, tag: str | None, client_state: 
         shutil.rmtree(folder, ignore_errors=True)  # a save that failed (a full disk, say) leaves nothing behind
         raise
     engine.ranks.barrier("checkpoint save: every rank's files written")
-    files.swap_in(folder, final)
+    files.exchange_in(folder, final)
     engine.ranks.barrier("checkpoint save: every rank's folder in place")
     if engine.rank == 0:
         files.write_latest(ckpt_dir, tag)
@@ -91,7 +87,7 @@ def save(engine: "Engine", save_dir: str | Path, tag: str | None, client_state: 
     return final
 
 
-def write_files(engine: "Engine", folder: Path, tag: str, save_id: int, client: bytes, ckpt_dir: Path,
+def write_files(engine: Checkpointable, folder: Path, tag: str, save_id: int, client: bytes, ckpt_dir: Path,
                 streaming: Streaming) -> None:
     """Every file of this rank's save of tag into folder, the manifest last (ckpt_dir: for the async-IO
     handle when nothing of the run is on NVMe)."""
@@ -104,7 +100,7 @@ def write_files(engine: "Engine", folder: Path, tag: str, save_id: int, client: 
         written.append(tensors.write(folder, OPTIMIZER_FILE, contents.optimizer, handle, staging))
         written.append(tensors.write(folder, MODEL_FILE, contents.model, handle, staging))
     manifest = Manifest(tag=tag, world=engine.world, rank=engine.rank,
-                        precision=dtype_name(dtype_of(engine.settings.precision)), global_steps=engine.global_steps,
+                        precision=dtype_name(engine.dtype), global_steps=engine.global_steps,
                         params=contents.params, buffers=contents.buffers, files=tuple(written),
                         config=engine.config.to_dict() if engine.config is not None else None,
                         settings=state.settings_json(engine.settings), save_id=save_id)
@@ -122,7 +118,7 @@ def json_bytes(data: Any) -> bytes:
     return json.dumps(data, indent=1).encode()
 
 
-def validate_tag(tag: str, policy: TagValidation, ranks: Ranks) -> None:
+def validate_tag(tag: str, policy: TagValidation, ranks: RankGroup) -> None:
     """checkpoint.tag_validation: with several ranks, every rank must save under the same tag (compared
     by a hash of it); Warn logs a disagreement, Fail raises, Ignore does not compare."""
     if policy is TagValidation.IGNORE:
@@ -136,19 +132,19 @@ def validate_tag(tag: str, policy: TagValidation, ranks: Ranks) -> None:
         log.warning("%s; checkpoint.tag_validation is Warn", message)
 
 
-def shared_save_id(ranks: Ranks) -> int:
+def shared_save_id(ranks: RankGroup) -> int:
     """A random id of this save, rank 0's on every rank (the largest of it and the others' zeros)."""
     mine = secrets.randbits(62) + 1
     return ranks.low_high(mine if ranks.rank == 0 else 0, "the checkpoint's save id")[1]
 
 
 @contextlib.contextmanager
-def io_handle(engine: "Engine", folder: Path) -> Iterator[IoHandle]:
+def io_handle(engine: Checkpointable, folder: Path) -> Iterator[IoHandle]:
     """The run's own async-IO handle (its first memory manager's), or with nothing on NVMe, one opened
     for this checkpoint and closed after."""
-    managers = list(engine._managers.values())
-    if managers:
-        yield managers[0].handle
+    own = engine.io_handle()
+    if own is not None:
+        yield own
         return
     handle = open_handle(engine.settings.aio, nvme_path=folder, direct=DirectPolicy.AUTO)
     try:

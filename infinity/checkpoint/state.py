@@ -8,32 +8,26 @@ import enum
 import io
 import json
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from infinity.checkpoint.protocol import Checkpointable
 from infinity.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from infinity.zero.engine import Engine
 
-
-def engine_state(engine: "Engine") -> dict[str, Any]:
-    """state.json's content."""
-    steps = engine.optimizer.steps
-    scaler = engine.scaler
+def engine_state(engine: Checkpointable) -> dict[str, Any]:
+    """state.json's content (its keys, and the loss scaler's, are the format's: format.py)."""
+    scaler = engine.loss_scaler
     _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
     version, internal, gauss = random.getstate()
     return {
-        "global_steps": engine.global_steps,
-        "micro_steps": engine.micro_steps,
+        **engine.counters.state_dict(),  # global_steps, micro_steps
         "lr": engine.lr,
         # The optimizer's step counter of each parameter's sub-group (all equal unless a run changed them).
-        "optimizer_step": {s.name: float(steps[s.group]) for g in engine.groups for s in g.slices},
-        "loss_scaler": None if scaler is None else {"scale": scaler.scale, "good_steps": scaler._good_steps,
-                                                    "hysteresis": scaler._hysteresis,
-                                                    "skipped_steps": scaler.skipped_steps},
+        "optimizer_step": engine.optimizer_steps(),
+        "loss_scaler": None if scaler is None else scaler.state_dict(),  # scale, good_steps, hysteresis, skipped_steps
         "python_random": [version, list(internal), gauss],
         "numpy_random": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
@@ -49,20 +43,13 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def restore(engine: "Engine", state: dict[str, Any], rng: dict[str, torch.Tensor], where: str) -> None:
+def restore(engine: Checkpointable, state: dict[str, Any], rng: dict[str, torch.Tensor], where: str) -> None:
     """Puts state.json's and rng.safetensors' values back into the engine and the random generators."""
-    engine.global_steps, engine.micro_steps = int(state["global_steps"]), int(state["micro_steps"])
-    saved = state["optimizer_step"]
-    for g in engine.groups:
-        values = {saved[s.name] for s in g.slices}
-        if len(values) != 1:
-            raise CheckpointError(where, f"sub-group {g.index}'s parameters were saved at different optimizer "
-                                  f"steps {sorted(values)}", "load with the sub_group_size the run was saved with")
-        engine.optimizer.steps[g.index].fill_(values.pop())
-    if engine.scaler is not None and state["loss_scaler"] is not None:
-        s = state["loss_scaler"]
-        engine.scaler.scale, engine.scaler._good_steps = float(s["scale"]), int(s["good_steps"])
-        engine.scaler._hysteresis, engine.scaler.skipped_steps = int(s["hysteresis"]), int(s["skipped_steps"])
+    engine.counters.load_state_dict(state)
+    engine.load_optimizer_steps(state["optimizer_step"], where)
+    scaler = engine.loss_scaler
+    if scaler is not None and state["loss_scaler"] is not None:
+        scaler.load_state_dict(state["loss_scaler"])
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy_random"]

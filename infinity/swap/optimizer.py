@@ -27,6 +27,7 @@ from torch.optim.adam import adam
 from infinity.errors import CapacityError
 from infinity.memory.manager import MemoryManager
 from infinity.memory.pool import BufferPool
+from infinity.config.zero import ADAM_SWAPPED_STATES
 from infinity.memory.stream import HostPart, SwapPart
 from infinity.swap.layout import FP32, Group, Slice, padded
 from infinity.timeline import NO_TIMELINE, Track
@@ -35,7 +36,7 @@ log = logging.getLogger("infinity.swap")
 
 STATES = ("master", "exp_avg", "exp_avg_sq")
 KINDS = STATES + ("grad",)
-BUFFERS_PER_GROUP = len(KINDS)
+BUFFERS_PER_GROUP = ADAM_SWAPPED_STATES  # one buffer for each of KINDS (the number is config/zero.py's)
 
 # Called with a slice and its updated fp32 master values (padded to 4096 bytes); returns the keys of
 # write_part transfers that read from those values, to be flushed before the buffer is reused.
@@ -97,7 +98,7 @@ class NvmeOptimizer:
                 manager.add(key(g.index, kind), g.numel, torch.float32, region=kind, pool=pool)
         if pool.buffer_count < BUFFERS_PER_GROUP:
             raise CapacityError("optimizer buffer pool", BUFFERS_PER_GROUP, pool.buffer_count,
-                                "set offload_optimizer.buffer_count to at least 4 (8 or more to pipeline)")
+                                f"set offload_optimizer.buffer_count to at least {BUFFERS_PER_GROUP} (twice that or more to pipeline)")
 
     def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
         """Writes the initial fp32 master weights.  Moments and gradients start as the zeros of new files."""

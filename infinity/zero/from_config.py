@@ -8,7 +8,7 @@ from infinity.errors import ConfigError, Problem
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
 from infinity.zero.loss_scale import LossScaleSettings
-from infinity.zero.schedule import Decay, LrSchedule, Warmup
+from infinity.zero.lr_schedule import Decay, LrSchedule, Warmup
 from infinity.zero.settings import EngineSettings, ModelSave
 
 TIERS = {OffloadDevice.NONE: Tier.COMPUTE, OffloadDevice.CPU: Tier.HOST, OffloadDevice.NVME: Tier.NVME}

@@ -21,7 +21,7 @@ import torch
 from infinity.memory.stream import Part
 from infinity.swap.params import AfterWrite, ParamHome
 from infinity.zero.ranks import Pending, Ranks
-from infinity.zero.shard import Shard
+from infinity.shard import Shard
 
 
 def piece_of(values: torch.Tensor, shard: Shard) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from infinity.zero.ranks import Ranks
-from infinity.zero.shard import Shard
+from infinity.shard import Shard
 from infinity.zero.step_report import StepClock, Wait
 
 NORM_CHUNK = 1 << 20  # elements

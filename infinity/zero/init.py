@@ -48,7 +48,7 @@ from infinity.zero.placement import open_manager
 from infinity.zero.ranks import Ranks, init_distributed
 from infinity.zero.settings import EngineSettings, dtype_of
 from infinity.zero.gather import piece_of
-from infinity.zero.shard import shard_of
+from infinity.shard import shard_of
 
 log = logging.getLogger("infinity.zero")
 

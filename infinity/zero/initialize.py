@@ -58,12 +58,11 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     rank = ranks.rank if ranks.several else rank
     exporter = from_config(loaded.prometheus, rank=rank)  # first: the engine's own set-up writes are counted
     try:
-        engine = Engine(model, settings_from_config(loaded, rank=rank))
+        engine = Engine(model, settings_from_config(loaded, rank=rank), config=loaded, exporter=exporter)
     except BaseException:
         if exporter is not None:
             exporter.stop()
         raise
-    engine.config, engine.exporter = loaded, exporter
     loader = None
     if training_data is not None:
         loader = torch.utils.data.DataLoader(training_data, batch_size=int(loaded.train_micro_batch_size_per_gpu),
@@ -122,6 +121,14 @@ class LrSchedulerView:
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_batch_iteration": self.last_batch_iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The schedule has no state of its own: it follows engine.global_steps, which engine.load_checkpoint
+        restores.  A state at the engine's position is accepted; another is a UsageError."""
+        if int(state["last_batch_iteration"]) != self.last_batch_iteration:
+            raise UsageError(f"lr_scheduler.load_state_dict: last_batch_iteration {state['last_batch_iteration']} "
+                             f"differs from the engine's {self.last_batch_iteration}; the schedule follows the "
+                             "engine's optimizer steps: restore them with engine.load_checkpoint")
 
 
 def _load(config: ConfigSource | Config | None, config_params: ConfigSource | None, args: Any,

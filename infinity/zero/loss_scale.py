@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("infinity.zero")
 
@@ -27,6 +28,15 @@ class LossScaler:
     @property
     def dynamic(self) -> bool:
         return self.settings.static_scale <= 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint's state.json holds of the scaler (these keys, in this order: the format's)."""
+        return {"scale": self.scale, "good_steps": self._good_steps, "hysteresis": self._hysteresis,
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale, self._good_steps = float(state["scale"]), int(state["good_steps"])
+        self._hysteresis, self.skipped_steps = int(state["hysteresis"]), int(state["skipped_steps"])
 
     def update(self, overflow: bool) -> None:
         """After a step: halves the scale on overflow (after hysteresis), doubles it after a clean window."""

@@ -13,7 +13,7 @@ from infinity.schedule import Budgets
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
 from infinity.zero.loss_scale import LossScaleSettings
-from infinity.zero.schedule import LrSchedule
+from infinity.zero.lr_schedule import LrSchedule
 
 
 DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}

@@ -2,8 +2,8 @@
 
 `engine.step_report()` returns the last optimizer step's StepReport.  The StepClock collects it while
 the step runs: the coordinator adds read waits and prefetch outcomes, the engine adds write waits and
-the optimizer's figures.  compute_s is what is left of the step once every wait and the optimizer are
-taken out: the time the compute tier was busy (or at least not waiting on infinity).
+the optimizer's figures.  other_s is a remainder, not a measurement: what is left of the step once every
+wait and the optimizer are taken out (compute, hooks, Python: the time not spent waiting on infinity).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class Outcome(enum.Enum):
 class StepReport:
     step: int
     step_s: float
-    compute_s: float
+    other_s: float  # step_s less the waits and optimizer_s (was compute_s)
     read_wait_s: float
     write_wait_s: float
     optimizer_s: float
@@ -87,7 +87,7 @@ class StepReport:
 
     def line(self) -> str:
         who = f"rank {self.rank} " if self.rank else ""
-        return (f"{who}step {self.step}: {self.step_s:.3f} s = compute {self.compute_s:.3f} + read wait "
+        return (f"{who}step {self.step}: {self.step_s:.3f} s = compute {self.other_s:.3f} + read wait "
                 f"{self.read_wait_s:.3f} + write wait {self.write_wait_s:.3f} + optimizer {self.optimizer_s:.3f} "
                 f"(of which I/O wait {self.optimizer_io_wait_s:.3f}); stall {100 * self.stall_ratio:.1f}%; "
                 f"read {self.bytes_read / 1e9:.3f} GB, written {self.bytes_written / 1e9:.3f} GB; prefetch "
@@ -133,7 +133,7 @@ class StepClock:
         step_s = time.perf_counter() - self.start
         # The optimizer's I/O waits are part of optimizer_s; compute is what remains of the step.
         busy = self.waits[Wait.READ] + self.waits[Wait.WRITE] + self.optimizer_s
-        return StepReport(step=step, step_s=step_s, compute_s=max(step_s - busy, 0.0),
+        return StepReport(step=step, step_s=step_s, other_s=max(step_s - busy, 0.0),
                           read_wait_s=self.waits[Wait.READ], write_wait_s=self.waits[Wait.WRITE],
                           optimizer_s=self.optimizer_s, optimizer_io_wait_s=self.waits[Wait.OPTIMIZER_IO],
                           bytes_read=bytes_read, bytes_written=bytes_written,

@@ -146,7 +146,7 @@ def test_staging_buffers_are_pinned_under_cuda(tmp_path, batches):
     engine = Engine(fresh_model().cuda(), settings(tmp_path, Tier.NVME, Tier.NVME))
     try:
         train(engine, batches[:1])
-        pools = engine._pools()
+        pools = engine.run.pools()
         assert len(pools) == 2  # parameters and optimizer states
         for pool in pools:
             assert all(b.pinned and b.tensor.is_pinned() for b in pool._all), pool.name

@@ -1,4 +1,4 @@
-"""A checkpoint of `world` ranks made from a world-1 one, per the shard layout (infinity/zero/shard.py),
+"""A checkpoint of `world` ranks made from a world-1 one, per the shard layout (infinity/shard.py),
 with the checkpoint's own writer (infinity/checkpoint/tensors.py, files.py): what a run of `world`
 processes would have saved, for consolidation tests that need no torch.distributed."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from infinity.checkpoint.format import (CLIENT_STATE_FILE, MANIFEST, MODEL_FILE,
                                         dtype_of_name, file_checksum, optimizer_tensor, rank_dir, stored_numel)
 from infinity.io import DirectPolicy, open_handle
 from infinity.memory.stream import HostPart
-from infinity.zero.shard import shard_of
+from infinity.shard import shard_of
 
 COPIED = (RNG_FILE, STATE_FILE, CLIENT_STATE_FILE)
 

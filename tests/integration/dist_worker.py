@@ -107,7 +107,7 @@ def main() -> None:
     torch.save({"losses": losses, "reports": reports, "weights": weights, "rank": rank, "world": world,
                 "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.shards],
                 "gathered_ahead": sum({id(h): getattr(h, "gathered_ahead", 0) for h in engine.homes}.values()),
-                "param_swap_bytes": sum(m.store._ends.get("param", 0) for m in engine._managers.values())},
+                "param_swap_bytes": sum(m.store._ends.get("param", 0) for m in engine.run.managers)},
                f"{out}.rank{rank}.pt")
     engine.close()
     torch.distributed.destroy_process_group()

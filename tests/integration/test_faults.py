@@ -37,7 +37,7 @@ def settings(nvme_path, backend: Backend = Backend.AUTO, **extra) -> EngineSetti
 
 
 def swap_file(engine: Engine, region: str) -> str:
-    (manager,) = engine._managers.values()
+    (manager,) = engine.run.managers
     return str(manager.store.folder / f"{region}.swp")
 
 
@@ -163,7 +163,8 @@ def test_deleted_swap_files_keep_training_exactly(tmp_path, batches, what, caplo
     nvme = tmp_path / "nvme"
     nvme.mkdir()
     engine = Engine(fresh_model(), settings(nvme))
-    folder = engine._managers[str(nvme)].store.folder
+    (manager,) = engine.run.managers
+    folder = manager.store.folder
     try:
         losses = train(engine, batches[:2])
         shutil.rmtree(nvme if what == "nvme_path" else folder)

@@ -80,7 +80,7 @@ class Moved:
     def __init__(self, engine: Engine):
         self.bytes: dict[tuple[str, str], int] = defaultdict(int)  # (route, region) -> bytes
         self.requests: dict[str, int] = defaultdict(int)
-        for m in engine._managers.values():
+        for m in engine.run.managers:
             for op in ("read", "write"):
                 setattr(m.handle, f"submit_{op}", self._submit(getattr(m.handle, f"submit_{op}"), op))
             m.to_compute = self._to_compute(m)
@@ -187,7 +187,7 @@ def test_scrape_during_training_equals_what_the_manager_moved(tmp_path, batches)
         assert mine("infinity_tier_resident_bytes", tier=tier) == getattr(report, f"{tier}_bytes")
         assert mine("infinity_tier_peak_resident_bytes", tier=tier) == getattr(report, f"peak_{tier}_bytes")
     assert mine("infinity_tier_capacity_bytes", tier="host") == report.host_pool_bytes
-    for pool in engine._pools():
+    for pool in engine.run.pools():
         assert mine("infinity_host_buffers", pool=pool.name) == pool.buffer_count
     assert value(end, "infinity_aio_info") >= 1
 
@@ -200,7 +200,7 @@ def test_failing_write_counts_its_errno(small_fs, batches, backend):  # noqa: F8
     engine = Engine(fresh_model(), settings(small_fs, backend))
     try:
         train_reporting(engine, batches[:1])
-        (manager,) = engine._managers.values()
+        (manager,) = engine.run.managers
         before, io_before = scrape(exporter.url)[0], engine.io_stats()
         loss = engine(*batches[1])
         punch_hole(str(manager.store.folder / "grad.swp"))

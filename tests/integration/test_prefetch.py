@@ -163,11 +163,11 @@ def test_step_report_adds_up_and_is_logged_every_step_with_wall_clock_breakdown(
     finally:
         engine.close()
     assert report.step == 3 and report.bytes_read > 0 and report.bytes_written > 0
-    # compute_s is the remainder; what can fail is that the measured parts overlap (a wait counted twice,
+    # other_s is the remainder; what can fail is that the measured parts overlap (a wait counted twice,
     # or inside the optimizer's time) and so pass the step's own wall clock
     measured = report.read_wait_s + report.write_wait_s + report.optimizer_s
     assert min(report.read_wait_s, report.write_wait_s) >= 0 and report.optimizer_s > 0
-    assert measured < report.step_s and report.compute_s == pytest.approx(report.step_s - measured)
+    assert measured < report.step_s and report.other_s == pytest.approx(report.step_s - measured)
     assert report.optimizer_io_wait_s <= report.optimizer_s
     assert 0 < report.peak_live_elements <= SPEC.parameters
     assert sum(r.message.startswith("step ") for r in caplog.records) == 3

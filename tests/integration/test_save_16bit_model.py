@@ -58,9 +58,9 @@ PLACES = [(Tier.NVME, Precision.BF16), (Tier.HOST, Precision.FP16), (Tier.COMPUT
 def test_the_file_holds_every_weight_in_the_compute_dtype_and_loads_strictly(tmp_path, param, precision):
     engine = trained(Engine(Tagged(), settings(tmp_path, param, precision)))
     try:
-        replaced = [p.replaced for p in engine._pools()]
+        replaced = [p.replaced for p in engine.run.pools()]
         assert engine.save_16bit_model(tmp_path / "model") is True
-        assert [p.replaced for p in engine._pools()] == replaced  # no staging buffer lost to a view of it
+        assert [p.replaced for p in engine.run.pools()] == replaced  # no staging buffer lost to a view of it
         want = engine.parameter_values()
     finally:
         engine.close()

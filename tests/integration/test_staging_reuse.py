@@ -48,7 +48,7 @@ class Tiny(nn.Module):
 def test_lent_buffers_and_held_values_give_plain_pytorchs_results(tmp_path, batches):
     want_losses, want_weights = plain_torch_run(batches)
     engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME, max_reuse_distance=0))
-    pool = engine._param_pool
+    pool = engine.run.param_pool
     lent = []
     manager = engine.homes[next(iter(engine.offloaded))].manager
     real = manager.to_compute
@@ -83,7 +83,7 @@ def test_held_first_parameters_are_not_read_again(tmp_path, batches):
     engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME, max_reuse_distance=0))
     try:
         train(engine, batches[:4])
-        held = engine.coordinator.first_reads(engine._holdable())
+        held = engine.coordinator.first_reads(engine.run._holdable())
         read_before = engine.io_stats().bytes_read
         train(engine, batches[4:5])
         report = engine.step_report()
@@ -103,7 +103,7 @@ def test_a_lent_buffer_viewed_by_autograd_at_release_is_replaced_and_results_sta
     try:
         losses = train(engine, batches[:6])
         weights = final_weights(engine)
-        replaced = engine._param_pool.replaced
+        replaced = engine.run.param_pool.replaced
     finally:
         engine.close()
     assert replaced > 0  # matmul's saved weight still viewed the lent buffer when forward released it
@@ -120,7 +120,7 @@ def test_parameters_kept_from_forward_to_backward_hold_no_staging_buffer(tmp_pat
         loss = engine(x, y)
         kept = engine.coordinator.residence.kept()
         assert kept and not any(engine.homes[i].manager.lent(engine.homes[i].key(i)) for i in kept)
-        assert engine._param_pool.in_use == len(engine.coordinator.residence.reading())  # only reads ahead hold buffers
+        assert engine.run.param_pool.in_use == len(engine.coordinator.residence.reading())  # only reads ahead hold buffers
         engine.backward(loss)
         engine.step()
     finally:

@@ -1,4 +1,4 @@
-"""checkpoint/files.swap_in: a complete rank folder put in place over an earlier save of the same tag,
+"""checkpoint/files.exchange_in: a complete rank folder put in place over an earlier save of the same tag,
 by an atomic exchange where the file system has one, by two renames where it has not."""
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ def test_the_new_folder_replaces_an_earlier_save_and_nothing_else_is_left(tmp_pa
     (final / "optimizer.safetensors").write_text("old state")
     if not exchange:  # a file system without RENAME_EXCHANGE
         monkeypatch.setattr(files, "_exchange", lambda a, b: False)
-    files.swap_in(new, final)
+    files.exchange_in(new, final)
     assert (final / "manifest.json").read_text() == "new" and not (final / "optimizer.safetensors").exists()
     assert [p.name for p in final.parent.iterdir()] == ["rank_0"]
 
 
 def test_a_new_tag_is_renamed_into_place(tmp_path):
     new, final = folders(tmp_path)
-    files.swap_in(new, final)
+    files.exchange_in(new, final)
     assert (final / "manifest.json").read_text() == "new" and not new.exists()
 
 

@@ -7,7 +7,7 @@ import torch
 from infinity.checkpoint.format import (ALIGNMENT, BufferEntry, FileEntry, Manifest, OptimizerState, ParamEntry,
                                         check_tag, optimizer_tensor, read_latest, stored_numel)
 from infinity.errors import CheckpointError
-from infinity.zero.shard import shard_of
+from infinity.shard import shard_of
 
 
 def test_manifest_round_trips():

@@ -40,7 +40,7 @@ def samples(const: dict[str, str] | None = None) -> dict[tuple[str, tuple], floa
 
 
 def report(**overrides) -> StepReport:
-    fields = dict(step=1, step_s=2.0, compute_s=1.0, read_wait_s=0.25, write_wait_s=0.25, optimizer_s=0.5,
+    fields = dict(step=1, step_s=2.0, other_s=1.0, read_wait_s=0.25, write_wait_s=0.25, optimizer_s=0.5,
                   optimizer_io_wait_s=0.125, bytes_read=1 << 20, bytes_written=1 << 19, prefetch_hits=7,
                   prefetch_late=2, prefetch_misses=1, peak_live_elements=100, trace_invalidations=1)
     return StepReport(**{**fields, **overrides})
@@ -93,7 +93,7 @@ def test_step_report_adds_up_and_only_while_active():
     metrics.enable()
     try:
         metrics.record_step(report())
-        metrics.record_step(report(step=2, step_s=4.0, compute_s=3.0, prefetch_misses=0, trace_invalidations=0))
+        metrics.record_step(report(step=2, step_s=4.0, other_s=3.0, prefetch_misses=0, trace_invalidations=0))
     finally:
         metrics.disable()
     after = samples()

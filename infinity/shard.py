@@ -6,6 +6,9 @@ rank's piece has the same length and an all-gather of the pieces in rank order, 
 parameter.  Small parameters the persistence policy keeps resident are replicated: every rank holds
 all n elements and averages their gradients with an all-reduce instead.  One process is world 1:
 start 0, length n.
+
+[Note: a leaf]  zero partitions parameters by it and the checkpoint format records it (checkpoint/format.py);
+checkpoint sits below zero, so the rule lives below both.
 """
 from __future__ import annotations
 
