@@ -112,10 +112,11 @@ def test_write_held_refuses_a_partition_not_at_rest_or_too_large_for_a_buffer(pa
     manager.finish_read("a")
     manager.drop("a")
     small = BufferPool("small", 1, 1000 * 2, "offload_param.buffer_count")
-    manager.lend_pool("b", small)  # 2000 bytes: one buffer cannot hold the extent's whole block
-    assert not manager.can_hold("b")
+    assert small.buffer_bytes == 4096  # a pool's buffers hold whole blocks
+    manager.lend_pool("c", small)  # 4097 elements: three blocks, one buffer cannot hold them
+    assert not manager.can_hold("c")
     with pytest.raises(InfinityError, match="whole blocks"):
-        manager.write_held("b", torch.zeros(SIZES["b"]))
+        manager.write_held("c", torch.zeros(SIZES["c"]))
 
 
 def test_start_to_compute_does_nothing_on_cpu(parts):
