@@ -46,7 +46,7 @@ class BufferPool:
                                 f"set {setting} to at least 1 buffer of at least 1 element")
         self.name, self.setting, self.pin, self.size = name, setting, pin, size
         self.buffer_bytes = whole_blocks(buffer_bytes)
-        self._all = [HostBuffer(buffer_bytes, pin=pin, zero=False) for _ in range(buffer_count)]
+        self._all = [HostBuffer(self.buffer_bytes, pin=pin, zero=False) for _ in range(buffer_count)]
         self._free = list(range(buffer_count))
         self._cond = threading.Condition()
         self.peak_in_use = 0

@@ -51,8 +51,8 @@ def test_timeout_names_the_setting():
 
 
 def test_request_larger_than_a_buffer_is_refused_up_front():
-    pool = BufferPool("param", buffer_count=2, buffer_bytes=4096, setting="offload_param.buffer_size")
-    with pytest.raises(CapacityError, match="offload_param.buffer_size") as err:
+    pool = BufferPool("param", buffer_count=2, buffer_bytes=4096, setting="offload_param.buffer_count")
+    with pytest.raises(CapacityError, match="buffers of pool 'param' at least 8192 bytes") as err:
         pool.acquire(4097)
     assert err.value.needed == 4097 and err.value.available == 4096 and pool.in_use == 0
 
