@@ -41,8 +41,9 @@ class OffloadOptimizerConfig(Block):
 
     [Note: buffer_count counts buffers per sub-group in flight and must cover the tensors the
     optimizer swaps per sub-group (4 for Adam).  The pipeline keeps 1 + pipeline_read +
-    pipeline_write sub-groups in flight, so the pool holds buffer_count × pipeline_depth buffers
-    of sub_group_size elements.  DeepSpeed shares buffer_count between the stages and fails
+    pipeline_write sub-groups in flight, never more than there are, so the pool holds
+    buffer_count × min(pipeline_depth, sub-groups) buffers of the largest sub-group
+    (infinity/swap/optimizer.py's pool_buffers).  DeepSpeed shares buffer_count between the stages and fails
     mid-step ("Not enough buffers"); here the Transformers example's 4 works with both pipelines.]
     """
 
@@ -61,10 +62,6 @@ class OffloadOptimizerConfig(Block):
     def pipeline_depth(self) -> int:
         """Sub-groups in flight at once: the one being updated, plus the next read and the last written."""
         return 1 + int(self.pipeline_read) + int(self.pipeline_write)
-
-    @property
-    def pool_buffers(self) -> int:
-        return self.buffer_count * self.pipeline_depth
 
 
 @dataclass(frozen=True)

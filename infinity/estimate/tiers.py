@@ -127,8 +127,10 @@ def _infinity_need(option: Option, size: ModelSize, cluster: Cluster, config: Co
 
     [Note: what the engine's pools hold]  Gradients and updated parameters are staged through the
     two pools themselves, so there is no third staging buffer.  A parameter-pool buffer holds the
-    largest parameter (buffer_size is only its upper limit), and an optimizer-pool buffer the largest
-    sub-group, which is whole parameters: never smaller than the largest parameter."""
+    largest parameter (buffer_size is only its upper limit) in whole 4096-byte blocks, as its swap
+    extent; an optimizer-pool buffer the largest sub-group, which is whole parameters: never smaller
+    than the largest parameter.  The optimizer pool has buffer_count buffers per sub-group in flight,
+    never more sub-groups than there are (infinity/swap/optimizer.py's pool_buffers)."""
     zero = config.zero_optimization
     part = -(-size.total_params // cluster.world_size)  # a rank's partition, in elements
     largest = largest_partition(size, cluster)
@@ -140,7 +142,7 @@ def _infinity_need(option: Option, size: ModelSize, cluster: Cluster, config: Co
         parts["fp16_params"] = FP16 * part
     elif option.offload_param is NVME:
         buffer = min(zero.offload_param.buffer_size, largest)  # larger than buffer_size: a config error
-        parts["param_pool"] = zero.offload_param.buffer_count * buffer * param_bytes
+        parts["param_pool"] = zero.offload_param.buffer_count * _aligned(buffer * param_bytes)
         parts["params_in_cpu"] = min(zero.offload_param.max_in_cpu, part) * param_bytes
     depth, group = optimizer_pipeline(config, part, largest)
     if option.offload_optimizer is CPU:

@@ -43,6 +43,14 @@ class Extent:
     capacity: int
 
 
+def whole_blocks(nbytes: int) -> int:
+    """The bytes nbytes of data take in a swap file, and so in any host buffer that moves them: rounded up
+    to whole ALIGNMENT blocks.  [Note: one rule for extents and buffers]  Transfers of an extent move
+    its whole blocks (O_DIRECT, and see MemoryManager._host_bytes); a buffer sized from the data alone
+    would be a few bytes short for every size that is not a multiple of the block."""
+    return round_up(nbytes, ALIGNMENT)
+
+
 class NvmeStore:
     def __init__(self, nvme_path: str | os.PathLike[str], rank: int = 0, key: str = "nvme_path"):
         root = Path(check_nvme_path(nvme_path, key=key))
@@ -67,7 +75,7 @@ class NvmeStore:
             self._files[path] = open_file(path, Access.READ_WRITE)  # created 0600
             self._files[path].label = region  # metrics count its transfers by the kind of data it holds
             self._ends[region] = 0
-        extent = Extent(path, self._ends[region], nbytes, round_up(nbytes, ALIGNMENT))
+        extent = Extent(path, self._ends[region], nbytes, whole_blocks(nbytes))
         self._ends[region] += extent.capacity
         self._extents[key] = extent
         return extent

@@ -9,8 +9,10 @@ Sub-group i needs four buffers (master, grad, exp_avg, exp_avg_sq).  With pipeli
 i+1 start before i is updated; with pipeline_write the writes of i are left in flight while i+1
 updates.  Before reads start, writes of earlier sub-groups are completed until four buffers are free,
 so the pipeline is as deep as the pool allows (4 buffers: none, 8: reads overlap, 12: reads and writes
-overlap) and never waits on a buffer nobody will release.  The engine sizes the pool as
-offload_optimizer.buffer_count × (1 + pipeline_read + pipeline_write), as config/zero.py defines it.
+overlap) and never waits on a buffer nobody will release.  At most three sub-groups are ever in flight
+(i-1 writing, i updating, i+1 reading), and never more than there are: `pool_buffers` sizes the pool as
+offload_optimizer.buffer_count × min(1 + pipeline_read + pipeline_write, sub-groups).  Buffers beyond
+that would only ever stage gradients during backward (put_grad), which needs one.
 """
 from __future__ import annotations
 
@@ -59,6 +61,12 @@ class AdamSettings:
 class Pipeline:
     read: bool = True
     write: bool = True
+
+
+def pool_buffers(buffer_count: int, pipeline: Pipeline, groups: int) -> int:
+    """Buffers of the optimizer pool: buffer_count per sub-group in flight, with as many sub-groups in
+    flight as the pipeline keeps (1 + read + write) but never more than there are (see the note above)."""
+    return buffer_count * min(1 + int(pipeline.read) + int(pipeline.write), max(groups, 1))
 
 
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

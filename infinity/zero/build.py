@@ -22,7 +22,7 @@ from infinity.schedule import persistent_set
 from infinity.swap.params import AfterWrite, ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import Coordinator
 from infinity.zero.init import placed
-from infinity.zero.placement import check_placement, open_manager
+from infinity.zero.placement import check_placement, open_manager, optimizer_pool, param_pool
 from infinity.zero.settings import EngineSettings, budgets_of, dtype_of
 from infinity.zero.gather import ShardedHome, piece_of
 from infinity.zero.gradients import Gradients
@@ -281,11 +281,7 @@ class Run:
         self._slice = {sl.index: sl for g in self.groups for sl in g.slices}
         if s.optimizer_tier is not Tier.NVME:
             return HostOptimizer(self.groups, s.adam)
-        # buffer_count counts buffers per sub-group in flight (see config/zero.py); the pipeline holds
-        # one sub-group updating, plus the next read (pipeline_read) and the last written (pipeline_write).
-        depth = 1 + s.pipeline.read + s.pipeline.write
-        self._optimizer_pool = BufferPool("optimizer", s.optimizer_buffer_count * depth, max(g.nbytes for g in self.groups),
-                                          "zero_optimization.offload_optimizer.buffer_count", self._pin())
+        self._optimizer_pool = optimizer_pool(s, self.groups, self._pin())
         return NvmeOptimizer(self._manager(str(s.optimizer_nvme_path)), self.groups, self._optimizer_pool, s.adam,
                              s.pipeline)
 
@@ -308,9 +304,7 @@ class Run:
             device = self.device if s.param_tier is Tier.COMPUTE else torch.device("cpu")
             home: ParamHome = HostHome(shapes, dtype, self.device, pin=pin, where=device)
         elif offloaded:
-            largest = max(shape.numel() for shape in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
-            self._param_pool = BufferPool("param", s.param_buffer_count, largest,
-                                          "zero_optimization.offload_param.buffer_count", self._pin())
+            self._param_pool = param_pool(s, max(shape.numel() for shape in shapes.values()), dtype, self._pin())
             home = NvmeHome(self._manager(str(s.param_nvme_path)), self._param_pool,
                             {i: self.names[i] for i in offloaded}, shapes, dtype, adopted=self._adopted,
                             max_in_cpu=s.param_max_in_cpu)

@@ -7,8 +7,13 @@ import torch
 import infinity
 from infinity import Config
 from infinity.config import OffloadDevice
-from infinity.estimate import Cluster, ZeroInit, count_module, estimate
+from infinity.estimate import Cluster, ModelSize, ZeroInit, count_module, estimate
+from infinity.cli.train import DEFAULT_SPEC
+from infinity.config.training import Precision
 from infinity.models.gpt import Gpt, GptSpec
+from infinity.train import TrainJob, build_model, load_config
+
+from test_shapes import CONFIGS, shipped
 
 NVME = OffloadDevice.NVME
 SPEC = GptSpec(vocab=512, context=16, hidden=256, layers=2, heads=4)  # largest parameter: 4h x h = 262144
@@ -52,3 +57,37 @@ def test_sub_groups_of_whole_parameters_stay_within_the_estimate(tmp_path):
     estimated = need.host_parts["param_pool"] + need.host_parts["optimizer_pool"]
     # whole parameters fill a sub-group to at most sub_group_size, so the estimate is an upper bound, and close
     assert report.host_pool_bytes <= estimated <= 1.2 * report.host_pool_bytes
+
+
+def pools_and_estimate(model, cfg: Config, size: ModelSize | None = None) -> tuple[int, int]:
+    """(the engine's pool bytes, the estimate's pools) for model (of size, if it was built under zero.Init)
+    under cfg, the estimate's row the config's."""
+    row = next(r for r in estimate(size or count_module(model), Cluster(), cfg).rows
+               if r.chosen and r.option.zero_init is ZeroInit.ON)
+    engine, *_ = infinity.initialize(model=model, config=cfg)
+    try:
+        pools = engine.memory_report().host_pool_bytes
+    finally:
+        engine.close()
+    return pools, row.need.host_parts.get("param_pool", 0) + row.need.host_parts.get("optimizer_pool", 0)
+
+
+@pytest.mark.parametrize("name", ["nvme-local", "cpu-offload", "hf-zero3-nvme"])
+def test_every_shipped_config_gets_the_pools_the_estimate_says(tmp_path, name):
+    """As shipped (bf16; the HF config's "auto" filled): one sub-group, so the optimizer pool is buffer_count
+    buffers, not buffer_count x pipeline depth; with no NVMe, no pools on either side."""
+    torch.manual_seed(0)
+    pools, estimated = pools_and_estimate(Gpt(SPEC), shipped(name, tmp_path, Precision.BF16))
+    assert abs(pools - estimated) <= 0.1 * max(pools, 1), (pools, estimated)
+    assert (pools == 0) == (name == "cpu-offload")
+
+
+def test_the_main_jobs_pools_are_what_the_estimate_says(tmp_path):
+    """scripts/main: infinity-train's GPT with configs/nvme-local.json, built under zero.Init as it does."""
+    job = TrainJob(config=str(CONFIGS / "nvme-local.json"), spec=DEFAULT_SPEC, nvme_path=str(tmp_path))
+    config = load_config(job)
+    with torch.device("meta"):
+        size = count_module(Gpt(DEFAULT_SPEC))  # the model zero.Init builds has placeholders for parameters
+    pools, estimated = pools_and_estimate(build_model(job, config), config, size)
+    assert abs(pools - estimated) <= 0.1 * pools, (pools, estimated)
+    assert pools < 0.4e9  # 1.05 GB when the optimizer pool was 3 x buffer_count buffers of its one sub-group

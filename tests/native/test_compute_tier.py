@@ -110,6 +110,8 @@ def test_a_held_write_refuses_a_partition_not_at_rest(parts):
         manager.write("a", torch.zeros(SIZES["a"]), AfterWrite.HOLD, torch.bfloat16)
     manager.cancel("a")
     assert manager.state("a") is State.ON_NVME and pool.in_use == 0
+    small = BufferPool("small", 1, 1000 * 2, "offload_param.buffer_count")
+    assert small.buffer_bytes == 4096  # a pool's buffers hold whole blocks, as a transfer of an extent moves
 
 
 def test_a_cancelled_fetch_gives_its_buffer_back(parts):

@@ -13,6 +13,11 @@ from infinity.estimate import Cluster, ModelSize, ZeroInit, estimate
 from infinity.estimate.sizes import build_on_meta, count_module
 from infinity.estimate.tiers import Basis
 
+
+def blocks(nbytes: int) -> int:
+    """nbytes in whole 4096-byte blocks: what a pool buffer holds, as the swap extent."""
+    return -(-nbytes // 4096) * 4096
+
 NONE, CPU, NVME = OffloadDevice.NONE, OffloadDevice.CPU, OffloadDevice.NVME
 SIZE = ModelSize(2_783_000_000, 65_000_000)
 
@@ -75,7 +80,7 @@ def test_nvme_rows_count_infinitys_buffers_and_swap_files():
     both = rows[(NVME, NVME, ZeroInit.ON)]
     assert both.chosen and both.need.basis is Basis.INFINITY
     parts = both.need.host_parts
-    assert parts["param_pool"] == 5 * 65_000_000 * 2  # a buffer holds the largest parameter (here: layer)
+    assert parts["param_pool"] == 5 * blocks(65_000_000 * 2)  # a buffer holds the largest parameter (here: layer)
     assert parts["params_in_cpu"] == 1_000_000_000 * 2
     assert parts["optimizer_pool"] == 4 * 3 * 100_000_000 * 4
     assert set(parts) == {"param_pool", "params_in_cpu", "optimizer_pool"}  # gradients stage through the pools
@@ -103,7 +108,7 @@ def test_pools_are_sized_as_the_engine_sizes_them():
     size = ModelSize(3_000_000_000, 60_000_000, largest_param=50_000_000)
     bf16 = Config.load({"bf16": {"enabled": True}, **nvme_config(sub_group_size=10_000_000)})
     parts = rows_by_option(estimate(size, Cluster(), bf16))[(NVME, NVME, ZeroInit.ON)].need.host_parts
-    assert parts["param_pool"] == 5 * 50_000_000 * 2  # the largest parameter, not buffer_size (1e8)
+    assert parts["param_pool"] == 5 * blocks(50_000_000 * 2)  # the largest parameter, not buffer_size (1e8)
     # a sub-group holds whole parameters: the 50M one makes its buffers 50M elements, not 10M
     assert parts["optimizer_pool"] == 4 * 3 * 50_000_000 * 4
 
@@ -113,14 +118,14 @@ def test_fp32_training_keeps_4_byte_parameters_in_the_pool_and_on_nvme():
     rows = {p: rows_by_option(estimate(size, Cluster(), Config.load({**precision, **nvme_config()}), step_seconds=1))
             for p, precision in (("fp32", {}), ("bf16", {"bf16": {"enabled": True}}))}
     fp32, bf16 = (rows[p][(NVME, NVME, ZeroInit.ON)] for p in ("fp32", "bf16"))
-    assert fp32.need.host_parts["param_pool"] == 2 * bf16.need.host_parts["param_pool"] == 5 * 20_000_000 * 4
+    assert fp32.need.host_parts["param_pool"] == 2 * bf16.need.host_parts["param_pool"] == 5 * blocks(20_000_000 * 4)
     assert abs(fp32.need.nvme_per_node - bf16.need.nvme_per_node - 2 * 1_000_000_000) < 4096  # alignment
     assert fp32.traffic.read_per_node - bf16.traffic.read_per_node == 2 * 2 * 1_000_000_000
 
 
 def test_without_a_config_parameters_are_counted_in_mixed_precision():
     row = rows_by_option(estimate(SIZE, Cluster()))[(NVME, NVME, ZeroInit.ON)]
-    assert row.need.host_parts["param_pool"] == 5 * 65_000_000 * 2
+    assert row.need.host_parts["param_pool"] == 5 * blocks(65_000_000 * 2)
 
 
 def test_json_output(capsys):

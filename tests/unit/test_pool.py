@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from infinity.errors import CapacityError
-from infinity.memory.pool import BufferPool, PoolTimeout
+from infinity.memory.pool import BufferPool, BufferSize, PoolTimeout
 
 
 def test_never_more_out_than_the_pool_holds():
@@ -51,8 +51,8 @@ def test_timeout_names_the_setting():
 
 
 def test_request_larger_than_a_buffer_is_refused_up_front():
-    pool = BufferPool("param", buffer_count=2, buffer_bytes=4096, setting="offload_param.buffer_size")
-    with pytest.raises(CapacityError, match="offload_param.buffer_size") as err:
+    pool = BufferPool("param", buffer_count=2, buffer_bytes=4096, setting="offload_param.buffer_count")
+    with pytest.raises(CapacityError, match="buffers of pool 'param' at least 8192 bytes") as err:
         pool.acquire(4097)
     assert err.value.needed == 4097 and err.value.available == 4096 and pool.in_use == 0
 
@@ -63,3 +63,19 @@ def test_double_release_is_caught():
     pool.release(slot)
     with pytest.raises(ValueError, match="double release"):
         pool.release(slot)
+
+
+def test_buffers_hold_whole_blocks_as_swap_extents_do():
+    pool = BufferPool("param", buffer_count=2, buffer_bytes=256_000, setting="offload_param.buffer_count")
+    assert pool.buffer_bytes == 258_048  # 1000 x 128 bf16 elements: their extent's 63 blocks
+    _, buf = pool.acquire(258_048)
+    assert buf.nbytes == 258_048
+
+
+def test_a_buffer_too_small_names_the_size_key_and_the_value_in_elements():
+    pool = BufferPool("param", buffer_count=2, buffer_bytes=4096, setting="zero_optimization.offload_param.buffer_count",
+                      size=BufferSize("zero_optimization.offload_param.buffer_size", 2))
+    with pytest.raises(CapacityError) as err:
+        pool.acquire(4097)
+    assert "set zero_optimization.offload_param.buffer_size to at least 4096 elements" in str(err.value)
+    assert err.value.needed == 4097 and err.value.available == 4096
