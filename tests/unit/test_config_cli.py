@@ -6,7 +6,7 @@ from pathlib import Path
 
 from infinity.cli import config as cli
 
-REFERENCE = str(Path(__file__).resolve().parents[2] / "configs" / "hf-zero3-nvme.json")
+REFERENCE = str(Path(__file__).resolve().parents[2] / "infinity" / "config" / "shipped" / "hf-zero3-nvme.json")
 ARGS = ["--learning-rate", "3e-5", "--adam-beta1", "0.9", "--adam-beta2", "0.999", "--adam-epsilon", "1e-8",
         "--weight-decay", "0", "--max-grad-norm", "1", "--per-device-train-batch-size", "4",
         "--gradient-accumulation-steps", "1", "--world-size", "1", "--hidden-size", "1024",
