@@ -1,6 +1,6 @@
 """What metrics cost a training step (issue 6): step time with metrics on ÷ off, on infinity-train's model.
 
-One engine trains infinity-train's default GPT (21M parameters, configs/nvme-local.json: bf16, parameters and
+One engine trains infinity-train's default GPT (21M parameters, the shipped nvme-local config: bf16, parameters and
 optimizer states on NVMe, micro-batch 8, sequence 128).  After a few warm-up steps, each round runs a short
 block of steps in every mode, the order rotated and reversed from round to round (off-on, on-off, ...), so
 the disk's minute-to-minute swings fall on every mode alike; a round's ratio is a mode's median step time
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     modes = args.modes.split(",")
     if modes[0] != "off" or not set(modes) <= {"off", "count", "on"} or len(set(modes)) != len(modes):
         raise SystemExit("--modes: off first, then count and/or on (e.g. off,on or off,count,on)")
-    job = TrainJob(config=str(DEFAULT_CONFIG), spec=DEFAULT_SPEC, nvme_path=args.nvme_path, seed=0)
+    job = TrainJob(config=DEFAULT_CONFIG, spec=DEFAULT_SPEC, nvme_path=args.nvme_path, seed=0)
     config = load_config(job)
     model = build_model(job, config)
     engine, *_ = initialize(model=model, config=config)
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary["off"] = {"median_step_s": statistics.median(s for b in rounds for s in b["off"]["step_s"])}
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "command": " ".join(["python", "-m", "benchmarks.metrics_overhead", *sys.argv[1:]]),
-            "model": {"spec": vars(DEFAULT_SPEC), "config": DEFAULT_CONFIG.name,
+            "model": {"spec": vars(DEFAULT_SPEC), "config": DEFAULT_CONFIG,
                       "micro_batch": int(config.train_micro_batch_size_per_gpu)},
             "settings": vars(args), "scrapes": scrapes, "summary": summary, "rounds": rounds}
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from benchmarks.metrics_overhead import machine
 from infinity.cli.train import DEFAULT_CONFIG
+from infinity.config import shipped
 from infinity.memory import HostBuffer
 from infinity.models.gpt import GptSpec, synthetic_batches
 from infinity.timeline import Timeline
@@ -56,7 +57,7 @@ SPEC = GptSpec(vocab=8192, context=128, hidden=512, layers=4, heads=8)  # infini
 
 def config_for(mode: str, folder: Path, optimizer: str, batch: int, sub_group_size: float,
                threads: int | None = None) -> dict[str, Any]:
-    cfg = copy.deepcopy(json.loads(DEFAULT_CONFIG.read_text()))
+    cfg = copy.deepcopy(json.loads(shipped.read_text(DEFAULT_CONFIG)))
     if threads is not None:
         cfg["aio"]["intra_op_parallelism"] = threads
     zo = cfg["zero_optimization"]
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rounds)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "command": " ".join(["python", "-m", "benchmarks.overlap", *sys.argv[1:]]),
-              "model": {"spec": vars(SPEC), "config": DEFAULT_CONFIG.name, "micro_batch": args.batch},
+              "model": {"spec": vars(SPEC), "config": DEFAULT_CONFIG, "micro_batch": args.batch},
               "settings": vars(args), "summary": summary, "profile": profile, "rounds": rounds}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

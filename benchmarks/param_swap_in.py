@@ -46,7 +46,7 @@ from infinity.zero import Init
 from infinity.zero.init import placed
 from infinity.zero.from_config import settings_from_config
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "nvme-local.json"
+CONFIG = Path(__file__).resolve().parent.parent / "infinity" / "config" / "shipped" / "nvme-local.json"
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Run:
 
 
 def config_for(nvme_path: str, buffer_count: int | None, persistence_threshold: int | None = None) -> Config:
-    """configs/nvme-local.json with nvme_path, and optionally buffer_count and the persistence threshold."""
+    """The shipped nvme-local config with nvme_path, and optionally buffer_count and the persistence threshold."""
     raw = copy.deepcopy(json.loads(CONFIG.read_text()))
     zero = raw["zero_optimization"]
     for block in ("offload_param", "offload_optimizer"):

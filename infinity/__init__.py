@@ -11,6 +11,7 @@ from infinity.errors import (
     AioError,
     AlignmentError,
     CapacityError,
+    CheckpointError,
     ConfigError,
     EngineFailed,
     InfinityError,
@@ -20,13 +21,15 @@ from infinity.errors import (
     ShortTransferError,
     UsageError,
 )
+from infinity.exporter import ExporterError, MetricsPortInUse
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "Config", "ConfigError", "EngineFailed",
-    "InfinityError", "NativeUnavailable", "NvmePathError", "ShortTransferError", "TrainingArgs", "UsageError",
-    "RankFailed", "__version__", "init_distributed", "initialize", "zero",
+    "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "CheckpointError", "Config", "ConfigError",
+    "EngineFailed", "ExporterError", "InfinityError", "MetricsPortInUse", "NativeUnavailable", "NvmePathError",
+    "ShortTransferError", "TrainingArgs", "UsageError", "RankFailed", "__version__", "init_distributed",
+    "initialize", "zero",
 ]
 
 

@@ -6,6 +6,7 @@ model is built under infinity.zero.Init when parameters go to NVMe, so it never 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass, field, replace
@@ -159,6 +160,39 @@ def load_config(job: TrainJob) -> Config:
     return Config.load(job.config, overrides=overrides)
 
 
+NVME_FOLDER_MODE = 0o700
+
+
+def make_nvme_folders(config: Config) -> list[str]:
+    """Creates each offload block's nvme_path (device nvme) that is missing, when its parent is an existing
+    writable folder: the one folder the job was told to use, mode 0700, never a chain of parents.  The
+    paths created; a folder it cannot create is left to the engine, whose NvmePathError says how.
+
+    [Note: only the main job does this] infinity-train is told a folder by --nvme_path or its config and a
+    user expects it made, as `mkdir` would; the library (initialize, zero.Init) refuses a missing folder
+    instead, since a mistyped path there would otherwise put swap files somewhere nobody looks.
+    """
+    created = []
+    zero = config.zero_optimization
+    for key, block in (("offload_param", zero.offload_param), ("offload_optimizer", zero.offload_optimizer)):
+        path = block.nvme_path
+        if block.device is not OffloadDevice.NVME or not path or os.path.lexists(path):
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            continue
+        try:
+            os.mkdir(path, NVME_FOLDER_MODE)
+        except FileExistsError:  # another rank of this job made it first
+            continue
+        except OSError as err:
+            log.warning("could not create %s for zero_optimization.%s.nvme_path: %s", path, key, err.strerror)
+            continue
+        created.append(path)
+        log.warning("created the folder %s (mode 0700) for zero_optimization.%s.nvme_path", path, key)
+    return created
+
+
 def build_model(job: TrainJob, config: Config) -> nn.Module:
     """The GPT, built under zero.Init when parameters are offloaded to NVMe (with several ranks each rank
     writes only its pieces, of rank 0's values).
@@ -177,6 +211,7 @@ def build_model(job: TrainJob, config: Config) -> nn.Module:
 
 def run(job: TrainJob) -> Iterator[StepStats]:
     config = load_config(job)
+    make_nvme_folders(config)
     # Metrics start before the build, so zero.Init's writes are counted; initialize shares this server.
     ranks = init_distributed()  # under torchrun (infinity-train --nproc N): the process group first
     exporter = from_config(config.prometheus, rank=ranks.rank,

@@ -1,7 +1,7 @@
 """`infinity-train`: train a GPT with parameters and optimizer states where a DeepSpeed-style config puts them.
 
-    infinity-train                                   # configs/nvme-local.json: both on NVMe under ./swap
-    infinity-train --config configs/cpu-offload.json --steps 50 --hidden 1024 --layers 8
+    infinity-train                                   # config nvme-local: both on NVMe under ./swap
+    infinity-train --config cpu-offload --steps 50 --hidden 1024 --layers 8
     infinity-train --nvme_path /local_nvme --batch 8 --seq 256 --json run.json
     infinity-train --nproc 2                         # two data-parallel ranks (torchrun), ZeRO-3 across them
 """
@@ -18,19 +18,22 @@ from pathlib import Path
 from typing import Sequence
 
 from infinity.bench.progress import Cadence, ProgressBar
+from infinity.config import shipped
 from infinity.errors import InfinityError
 from infinity.models.gpt import GptSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "nvme-local.json"
+DEFAULT_CONFIG = "nvme-local"  # shipped with the package: infinity/config/shipped/nvme-local.json
 DEFAULT_SPEC = GptSpec(vocab=8192, context=128, hidden=512, layers=4, heads=8)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infinity-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="DeepSpeed-style JSON (default: %(default)s)")
-    p.add_argument("--nvme_path", "--nvme-path", help="folder for swap files; overrides both offload blocks")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="DeepSpeed-style JSON: a file, or the name of a shipped "
+                   f"config ({', '.join(shipped.names())}; default: %(default)s)")
+    p.add_argument("--nvme_path", "--nvme-path", help="folder for swap files; overrides both offload blocks. A "
+                   "missing folder is created (mode 0700) when its parent exists and is writable")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps (default %(default)s)")
     p.add_argument("--batch", type=int, help="micro-batch size (default: the config's "
                    "train_micro_batch_size_per_gpu)")

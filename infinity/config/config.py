@@ -1,4 +1,4 @@
-"""The one frozen config object: `Config.load(path | JSON string | dict, overrides=, args=)`."""
+"""The one frozen config object: `Config.load(path | shipped name | JSON string | dict, overrides=, args=)`."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Union
 
-from infinity.config import auto, rules
+from infinity.config import auto, rules, shipped
 from infinity.config._schema import Auto, Block, Kind, Reader, Source, auto_paths, mark_defaults, parse_block, spec
 from infinity.config._values import Problems
 from infinity.config.aio import THREAD_ALIASES, AioConfig, parse_aio
@@ -165,18 +165,22 @@ def _hoist_nested_aio(data: dict[str, Any], problems: Problems) -> dict[str, Any
 
 
 def read_source(source: ConfigSource) -> tuple[dict[str, Any], str]:
-    """The JSON object of a dict, a JSON string or a file, and a label naming where it came from."""
+    """The JSON object of a dict, a JSON string, a file or a shipped config's name (a path that exists
+    wins), and a label naming where it came from."""
     if isinstance(source, Mapping):
         return copy.deepcopy(dict(source)), "dict"
     if isinstance(source, str) and source.lstrip().startswith("{"):
         text, label = source, "JSON string"
+    elif (bundled := shipped.find(source)) is not None:
+        text, label = bundled.read_text(encoding="utf-8"), f"{os.fspath(source)} (shipped: {bundled})"
     else:
         label = str(source)
         try:
             text = Path(source).read_text()
         except OSError as err:
             raise ConfigError([Problem(label, f"cannot be read: {err.strerror or err}",
-                                       "check the path of the config file")], source=label) from err
+                                       "check the path of the config file, or name a shipped config: "
+                                       + ", ".join(shipped.names()))], source=label) from err
     return _parse_json(text, label), label
 
 

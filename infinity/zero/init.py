@@ -1,8 +1,8 @@
 """`infinity.zero.Init`: build a model with its parameters sent to NVMe one module at a time.
 
-    with infinity.zero.Init(config="configs/nvme-local.json"):
+    with infinity.zero.Init(config="nvme-local"):
         model = MyModel()          # never whole in host memory
-    engine, *_ = infinity.initialize(model=model, config="configs/nvme-local.json")
+    engine, *_ = infinity.initialize(model=model, config="nvme-local")
 
 [Note: when a parameter leaves]  Inside the context every nn.Module subclass's __init__ is wrapped.
 When a module's constructor returns, the parameters of its *children* are written to swap files and

@@ -2,7 +2,7 @@
 
     engine, optimizer, _, lr_scheduler = infinity.initialize(model=model,
                                                              model_parameters=model.parameters(),
-                                                             config="configs/nvme-local.json")
+                                                             config="nvme-local")
     loss = engine(batch); engine.backward(loss); engine.step()
 
 The optimizer and the learning-rate schedule are the config's (`optimizer`, `scheduler`); the engine

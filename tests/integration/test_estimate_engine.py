@@ -83,7 +83,7 @@ def test_every_shipped_config_gets_the_pools_the_estimate_says(tmp_path, name):
 
 
 def test_the_main_jobs_pools_are_what_the_estimate_says(tmp_path):
-    """scripts/main: infinity-train's GPT with configs/nvme-local.json, built under zero.Init as it does."""
+    """scripts/main: infinity-train's GPT with the shipped nvme-local config, built under zero.Init as it does."""
     job = TrainJob(config=str(CONFIGS / "nvme-local.json"), spec=DEFAULT_SPEC, nvme_path=str(tmp_path))
     config = load_config(job)
     with torch.device("meta"):

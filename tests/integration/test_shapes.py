@@ -1,4 +1,4 @@
-"""Every parameter shape trains with each shipped config (configs/*.json) and gives plain PyTorch's results.
+"""Every parameter shape trains with each shipped config (infinity/config/shipped/*.json) and gives plain PyTorch's results.
 
 Shapes whose byte size is not a multiple of 4096 (GPT-2's vocabulary, primes, single elements) take
 a swap extent of whole blocks; the pools' buffers must hold those whole blocks.  Each shipped config
@@ -32,7 +32,7 @@ from infinity.zero.placement import param_pool
 from test_training import assert_same_weights, final_weights, settings
 from training_reference import ADAM, plain_torch_run, train
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "infinity" / "config" / "shipped"  # package data
 GPT2_VOCAB = GptSpec(vocab=50257, context=8, hidden=768, layers=1, heads=12)  # 50257 x 768: not whole blocks
 SHIPPED = ["nvme-local", "cpu-offload", "hf-zero3-nvme", "none"]  # none: cpu-offload with both devices none
 
@@ -78,7 +78,7 @@ MODELS = {"gpt2-vocab": (gpt2_vocab, gpt_batches, 2), "primes": (primes, prime_b
 
 
 def shipped(name: str, path: Path, precision: Precision = Precision.FP32, offload: bool = True) -> Config:
-    """configs/<name>.json with its "auto" values filled, changed only as the module docstring says (and
+    """infinity/config/shipped/<name>.json with its "auto" values filled, changed only as the module docstring says (and
     without offload, both devices none); "none" is cpu-offload.json without offload."""
     offload = offload and name != "none"
     data = json.loads((CONFIGS / f"{('cpu-offload' if name == 'none' else name)}.json").read_text())

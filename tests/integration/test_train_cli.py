@@ -51,8 +51,12 @@ def test_trains_on_nvme_and_records_every_step(tmp_path, capsys):
     assert not any((swap / "infinity-swap" / "rank-0").iterdir())  # swap files removed at the end
 
 
-def test_default_config_is_the_nvme_example():
-    assert DEFAULT_CONFIG.name == "nvme-local.json" and DEFAULT_CONFIG.is_file()
+def test_default_config_is_the_shipped_nvme_example(tmp_path, monkeypatch):
+    from infinity.config import Config, OffloadDevice
+    monkeypatch.chdir(tmp_path)  # a shipped name reads from the package, from any folder
+    assert DEFAULT_CONFIG == "nvme-local"
+    zero = Config.load(DEFAULT_CONFIG).zero_optimization
+    assert zero.offload_param.device is OffloadDevice.NVME and zero.offload_param.nvme_path == "swap"
 
 
 def test_trace_holds_the_last_two_steps_of_compute_io_and_optimizer(tmp_path):
@@ -93,11 +97,25 @@ def test_bad_flags_exit_2_with_the_flag_named(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_missing_nvme_path_names_it_and_the_fix(tmp_path, capsys):
-    missing = tmp_path / "nope"
+def test_missing_nvme_path_under_a_missing_parent_names_it_and_the_fix(tmp_path, capsys):
+    missing = tmp_path / "nope" / "swap"  # only the last folder is ever created, never a chain
     assert main(["--nvme_path", str(missing), *SMALL]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "mkdir -p" in err
+    assert not (tmp_path / "nope").exists()
+
+
+def test_missing_nvme_path_is_created_mode_0700_under_an_existing_parent(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--nvme_path", "swap", *SMALL, "--steps", "1"]) == 0  # relative, as the README writes it
+    assert (tmp_path / "swap").is_dir() and (tmp_path / "swap").stat().st_mode & 0o777 == 0o700
+    assert "created the folder swap (mode 0700)" in caplog.text
+
+
+def test_config_by_shipped_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "cpu-offload", *SMALL, "--steps", "1"]) == 0
+    assert not (tmp_path / "swap").exists()  # nothing on NVMe: no folder made
 
 
 def test_nproc_2_trains_two_data_parallel_ranks_under_torchrun(tmp_path):

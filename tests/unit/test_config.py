@@ -12,7 +12,8 @@ from infinity.config import AUTO, Backend, OffloadDevice, Precision, Source, Tra
 from infinity.config.auto import Unfilled
 
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = ROOT / "configs" / "hf-zero3-nvme.json"
+SHIPPED_DIR = ROOT / "infinity" / "config" / "shipped"  # package data (infinity.config.shipped)
+REFERENCE = SHIPPED_DIR / "hf-zero3-nvme.json"
 ARGS = TrainingArgs(learning_rate=3e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.01,
                     max_grad_norm=1.0, per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=2,
                     hidden_size=4096, precision=Precision.FP16, warmup_steps=100)
@@ -59,7 +60,7 @@ def test_load_in_one_call_with_args():
     assert Config.load(REFERENCE, args=ARGS) == Config.load(REFERENCE).resolve(ARGS)
 
 
-SHIPPED = sorted((ROOT / "configs").glob("*.json"))  # every file there is a config (the dashboard is in dashboards/)
+SHIPPED = sorted(SHIPPED_DIR.glob("*.json"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

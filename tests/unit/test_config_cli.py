@@ -7,7 +7,7 @@ from pathlib import Path
 
 from infinity.cli import config as cli
 
-REFERENCE = str(Path(__file__).resolve().parents[2] / "configs" / "hf-zero3-nvme.json")
+REFERENCE = str(Path(__file__).resolve().parents[2] / "infinity" / "config" / "shipped" / "hf-zero3-nvme.json")
 ARGS = ["--learning-rate", "3e-5", "--adam-beta1", "0.9", "--adam-beta2", "0.999", "--adam-epsilon", "1e-8",
         "--weight-decay", "0", "--max-grad-norm", "1", "--per-device-train-batch-size", "4",
         "--gradient-accumulation-steps", "1", "--world-size", "1", "--hidden-size", "1024",
@@ -77,8 +77,8 @@ def test_rechecking_the_printed_json_names_no_key_without_effect(capsys, tmp_pat
     assert [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()] == []
 
 
-def test_every_file_in_configs_passes_check(capsys):
-    # `infinity-config check configs/*.json` as the README shows it: only configs live there.
+def test_every_shipped_config_passes_check(capsys):
+    # every file in infinity/config/shipped/ is a config (the Grafana dashboard lives in dashboards/)
     paths = sorted((Path(REFERENCE).parent).glob("*.json"))
     assert len(paths) >= 3
     for path in paths:
