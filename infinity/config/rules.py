@@ -111,6 +111,7 @@ INERT: dict[str, str] = {
     **{f"{ZERO}.{k}": _COMMUNICATION for k in ("overlap_comm", "contiguous_gradients", "reduce_scatter",
                                                "allgather_partitions", "reduce_bucket_size", "allgather_bucket_size")},
     "optimizer.params.torch_adam": "infinity's optimizer swapper runs its own Adam update",
+    "fp16.auto_cast": "inputs reach the model as given: cast floating-point inputs to torch.float16 yourself",
     f"{ZERO}.log_trace_cache_warnings": "infinity always warns once when a step leaves the recorded module order",
     f"{ZERO}.offload_optimizer.fast_init": "infinity has one initialisation path for optimizer states on NVMe",
     "checkpoint.load_universal": _CHECKPOINT,

@@ -230,11 +230,15 @@ def test_keys_of_optional_blocks_written_at_their_default_are_not_named_as_witho
     with caplog.at_level(logging.WARNING, logger="infinity.config"):
         Config.load({"optimizer": {"type": "AdamW", "params": {"torch_adam": False, "lr": 1e-3}}})
         assert Config.load({"optimizer": {"params": {"torch_adam": False}}}).no_effect() == []
+        assert Config.load({"fp16": {"enabled": True, "auto_cast": False}}).no_effect() == []
     assert [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()] == []
     with caplog.at_level(logging.WARNING, logger="infinity.config"):
         config = Config.load({"optimizer": {"params": {"torch_adam": True}}})
     assert [key for key, _ in config.no_effect()] == ["optimizer.params.torch_adam"]
     assert any("torch_adam" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="infinity.config"):
+        config = Config.load({"fp16": {"enabled": True, "auto_cast": True}})
+    assert [key for key, _ in config.no_effect()] == ["fp16.auto_cast"]  # accepted, not implemented: said so
 
 
 def test_json_mistakes_are_config_errors(tmp_path):
