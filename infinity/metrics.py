@@ -90,6 +90,8 @@ METRICS = {m.name: m for m in (
     Metric("infinity_host_buffers", "gauge", "Staging buffers of each pool, free or used", ("pool", "state", "pinned")),
     Metric("infinity_prefetch_total", "counter", "Partitions a module needed, by how prefetch had fetched them",
            ("outcome",)),
+    Metric("infinity_gathered_ahead_total", "counter", "All-gathers of a parameter started ahead of its use, "
+           "while the module before it computes (data-parallel ranks > 1)"),
     Metric("infinity_stall_seconds_total", "counter", "Seconds steps waited on I/O, by what waited", ("phase",)),
     Metric("infinity_trace_invalidations_total", "counter", "Times the recorded module trace no longer matched"),
     Metric("infinity_steps_total", "counter", "Optimizer steps recorded"),
@@ -108,7 +110,7 @@ DECLARED: tuple[tuple[str, tuple[str, ...]], ...] = (
     *[("infinity_prefetch_total", (o,)) for o in PREFETCH_OUTCOMES],
     *[("infinity_stall_seconds_total", (p,)) for p in STALL_PHASES],
     *[("infinity_step_phase_seconds_total", (p,)) for p in STEP_PHASES],
-    ("infinity_steps_total", ()), ("infinity_trace_invalidations_total", ()),
+    ("infinity_steps_total", ()), ("infinity_trace_invalidations_total", ()), ("infinity_gathered_ahead_total", ()),
 )
 RESERVED_LABELS = frozenset({"rank"} | {label for m in METRICS.values() for label in m.labels} | {"le"})
 
@@ -254,6 +256,7 @@ def record_step(report: Any) -> None:
         for outcome, n in outcomes.items():
             c[("infinity_prefetch_total", (outcome,))] += n
         c[("infinity_trace_invalidations_total", ())] += report.trace_invalidations
+        c[("infinity_gathered_ahead_total", ())] += report.gathered_ahead
         TALLY.gauges[("infinity_step_stall_ratio", ())] = report.stall_ratio
 
 

@@ -65,14 +65,7 @@ class ParamHome(ABC):
 
     def advance(self, index: int) -> None:
         """A read ahead that has completed goes one step further now, where the home's policies say so (on
-        CUDA the copy to the device; with several ranks the all-gather is begun by `gather_ahead`)."""
-
-    def gathers_ahead(self) -> bool:
-        """Whether gather_ahead does anything (homes holding a rank's shard: infinity/zero/gather.py)."""
-        return False
-
-    def gather_ahead(self, index: int) -> None:
-        """Brings the whole parameter ahead of its use, where that takes more than a read (an all-gather)."""
+        CUDA the copy to the device)."""
 
     def keep(self, index: int, param: torch.nn.Parameter) -> None:
         """param stays gathered beyond its use: where its compute copy is a staging buffer, param gets a

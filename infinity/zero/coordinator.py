@@ -33,6 +33,7 @@ from infinity.schedule import (Budgets, Cursor, Phase, fetches_from, make_room, 
                                preempt_for_read_ahead, releases_after)
 from infinity.swap.params import ParamHome
 from infinity.timeline import NO_TIMELINE, Timeline, Track
+from infinity.zero.gather import ShardedHome
 from infinity.zero.linear import zero_linear_forward
 from infinity.zero.step_report import Outcome, StepClock, Wait
 
@@ -68,6 +69,7 @@ class Coordinator:
         self.timeline = timeline
         self.cursor = Cursor()
         self._index = {id(p): i for i, p in enumerate(params)}
+        self._gatherers = {i: h for i, h in enumerate(homes) if isinstance(h, ShardedHome)}  # ranks > 1
         self.residence = Residence(len(params), offloaded)  # users, kept, read ahead (infinity/memory/residency.py)
         self._position: int | None = None
         self._empty = [torch.empty(0, dtype=p.dtype, device=p.device) for p in params]
@@ -210,9 +212,12 @@ class Coordinator:
         if trace is None or position + 1 >= len(trace):
             return
         for i in trace.uses[position + 1].partitions:
-            if self.residence.state(i) is Residency.READ_AHEAD and self.homes[i].gathers_ahead():
+            gatherer = self._gatherers.get(i)
+            if gatherer is not None and self.residence.state(i) is Residency.READ_AHEAD:
                 with self.clock.waiting(Wait.READ), self.timeline.span("gather ahead", Track.WAIT, param=i):
-                    self.homes[i].gather_ahead(i)
+                    started = gatherer.gather_ahead(i)
+                if started:
+                    self.clock.gather_started_ahead()
 
     def _preempt(self, i: int, position: int) -> bool:
         """No buffer is free for i's read ahead: the read ahead used farthest after i, if any, gives its buffer

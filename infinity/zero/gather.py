@@ -38,7 +38,6 @@ class ShardedHome(ParamHome):
         self.inner, self.shards, self.ranks = inner, shards, ranks
         self.dtype, self.device = dtype, device
         self._ahead: dict[int, tuple[torch.Tensor, torch.Tensor, Pending]] = {}  # all-gathers started, not yet used
-        self.gathered_ahead = 0  # all-gathers started ahead so far (the tests read it)
 
     def put(self, index: int, values: torch.Tensor) -> None:
         """The whole parameter's initial values; the inner home keeps this rank's piece."""
@@ -59,16 +58,14 @@ class ShardedHome(ParamHome):
             self.inner.release(index)  # the piece's staging buffer goes back as soon as the whole is built
         return whole[: shard.numel].view(shard.shape)
 
-    def gathers_ahead(self) -> bool:
-        return True
-
-    def gather_ahead(self, index: int) -> None:
+    def gather_ahead(self, index: int) -> bool:
         """Completes the read of index's piece and starts its all-gather, to run while the module before
         its use computes; fetch(index) waits for it.  A collective: every rank calls it at the same point
-        ([Note: gathering ahead] in coordinator.py)."""
-        if index not in self._ahead:
-            self._start_gather(index)
-            self.gathered_ahead += 1
+        ([Note: gathering ahead] in coordinator.py).  False: one was started already."""
+        if index in self._ahead:
+            return False
+        self._start_gather(index)
+        return True
 
     def _start_gather(self, index: int) -> None:
         """Reads index's piece (waiting for a read started ahead) and starts the all-gather of every rank's."""

@@ -49,6 +49,7 @@ class StepReport:
     prefetch_misses: int
     peak_live_elements: int
     trace_invalidations: int
+    gathered_ahead: int = 0  # all-gathers of the next module's parameters started ahead of their use (ranks > 1)
     rank: int = 0  # the data-parallel rank whose step this is (each rank reports its own bytes and waits)
 
     @property
@@ -106,6 +107,7 @@ class StepClock:
         self.start = time.perf_counter()
         self.waits = {w: 0.0 for w in Wait}
         self.outcomes = {o: 0 for o in Outcome}
+        self.gathered_ahead = 0
         self.optimizer_s = 0.0
         self.peak_live = self.live
 
@@ -124,6 +126,10 @@ class StepClock:
     def count(self, outcome: Outcome, n: int = 1) -> None:
         self.outcomes[outcome] += n
 
+    def gather_started_ahead(self) -> None:
+        """One all-gather began ahead of its parameter's use ([Note: gathering ahead] in coordinator.py)."""
+        self.gathered_ahead += 1
+
     def live_changed(self, delta: int) -> None:
         """Elements of offloaded parameters resident on the compute tier went up or down by delta."""
         self.live += delta
@@ -139,7 +145,7 @@ class StepClock:
                           bytes_read=bytes_read, bytes_written=bytes_written,
                           prefetch_hits=self.outcomes[Outcome.HIT], prefetch_late=self.outcomes[Outcome.LATE],
                           prefetch_misses=self.outcomes[Outcome.MISS], peak_live_elements=self.peak_live,
-                          trace_invalidations=invalidations)
+                          trace_invalidations=invalidations, gathered_ahead=self.gathered_ahead)
 
 
 class StepReporter:
