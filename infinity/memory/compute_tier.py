@@ -189,5 +189,5 @@ class ComputeTier:
         self.ledger.add("host", e.extent.nbytes)
         if e.slot.buffer.views_outside():  # type: ignore[union-attr]
             log.debug("partition %r: a tensor outside still views its lent buffer; the pool gets a new one",
-                      e.partition.key)
+                      e.record.key)
             e.slot.pool.replace(e.slot.index)  # type: ignore[union-attr]

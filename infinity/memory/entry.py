@@ -1,4 +1,4 @@
-"""What the memory manager keeps for each partition: its record (state table), its extent, the host buffer
+"""What the memory manager keeps for each partition: its record (record.py), its extent, the host buffer
 it holds, the transfer in flight, its compute copy and the policies that apply to it."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from infinity.io.handle import IoFuture
 from infinity.memory.compute_tier import Arriving
 from infinity.memory.host_buffer import HostBuffer
 from infinity.memory.nvme_store import Extent
-from infinity.memory.partition import Partition
+from infinity.memory.record import Record
 from infinity.memory.policy import CacheBudget, ComputeCopy
 from infinity.memory.pool import BufferPool
 
@@ -26,7 +26,7 @@ class Slot:
 
 @dataclass
 class Entry:
-    partition: Partition
+    record: Record
     extent: Extent
     dtype: torch.dtype
     pool: BufferPool

@@ -1,5 +1,5 @@
 """The tiered memory manager: the only code that moves bytes between NVMe, host buffers and the compute tier,
-and the only code that changes a partition's state (infinity/memory/partition.py).
+and the only code that changes a partition's transfer state (its record: infinity/memory/record.py).
 
 A partition's bytes live in an NVMe extent.  To use them, the manager borrows a host buffer from the
 partition's pool, reads the extent into it (READING -> HOST_CLEAN), and either hands out a typed view
@@ -42,7 +42,7 @@ from infinity.memory.compute_tier import ComputeTier
 from infinity.memory.entry import Entry, Slot
 from infinity.memory.host_buffer import HostBuffer
 from infinity.memory.nvme_store import ALIGNMENT, NvmeStore
-from infinity.memory.partition import Partition, State
+from infinity.memory.record import Record, State
 from infinity.memory.policy import AfterWrite, CacheBudget, ComputeCopy, CopyAhead, HostCache
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
@@ -71,13 +71,13 @@ class MemoryManager:
         self.compute = ComputeTier(device, self.ledger)
 
     # ---- registration ------------------------------------------------------
-    def add(self, key: str, numel: int, dtype: torch.dtype, region: str, pool: BufferPool) -> Partition:
+    def add(self, key: str, numel: int, dtype: torch.dtype, region: str, pool: BufferPool) -> Record:
         size = torch.empty(0, dtype=dtype).element_size()
         extent = self.store.allocate(key, numel * size, region)
-        partition = Partition(key, numel, size)
-        self._entries[key] = Entry(partition, extent, dtype, pool, kind=metrics.kind_of_region(region) or "other")
+        record = Record(key, numel, size)
+        self._entries[key] = Entry(record, extent, dtype, pool, kind=metrics.kind_of_region(region) or "other")
         self.ledger.add("nvme", extent.nbytes)
-        return partition
+        return record
 
     def use_pool(self, key: str, pool: BufferPool) -> None:
         """From now on key's host copies come from pool (zero.Init wrote it through a staging pool)."""
@@ -87,7 +87,11 @@ class MemoryManager:
         e.pool = pool
 
     def state(self, key: str) -> State:
-        return self._entry(key).partition.state
+        return self._entry(key).record.state  # type: ignore[return-value]  # the manager's records have one
+
+    def record(self, key: str) -> Record:
+        """key's record: its transfer state (the manager moves it) and its residency (residency.py's verbs)."""
+        return self._entry(key).record
 
     # ---- NVMe -> host -> compute -------------------------------------------
     def start_read(self, key: str, timeout: float | None = None) -> None:
@@ -95,16 +99,16 @@ class MemoryManager:
         self.check_healthy()
         self.flush({key})  # the engine does not order requests: a read must not overtake a write
         e = self._entry(key)
-        e.partition.move_to(State.READING)
+        e.record.move_to(State.READING)
         e.slot = self._borrow(e, timeout)
         e.future = self._submit(True, self._host_bytes(e), e, 0)
 
     def ready(self, key: str) -> bool:
         """The host copy is there, or its read has completed (finish_read will not wait)."""
         e = self._entry(key)
-        if e.partition.state is State.READING:
+        if e.record.state is State.READING:
             return e.future is not None and e.future.done()
-        return e.partition.state in (State.HOST_CLEAN, State.HOST_DIRTY, State.ON_COMPUTE)
+        return e.record.state in (State.HOST_CLEAN, State.HOST_DIRTY, State.ON_COMPUTE)
 
     def finish_read(self, key: str) -> torch.Tensor:
         """Waits for the read; returns the host copy as a tensor of the partition's dtype."""
@@ -115,8 +119,8 @@ class MemoryManager:
     def host_view(self, key: str) -> torch.Tensor:
         e = self._entry(key)
         if e.slot is None:
-            raise InfinityError(f"partition {key!r} has no host copy (state {e.partition.state.value})")
-        return e.slot.buffer.view(e.dtype, e.partition.numel)
+            raise InfinityError(f"partition {key!r} has no host copy (state {e.record.state.value})")
+        return e.slot.buffer.view(e.dtype, e.record.numel)
 
     # ---- parameters: the verbs that decide from the state -------------------------
     def cache_host_copies(self, keys: Iterable[str], policy: HostCache) -> None:
@@ -133,10 +137,10 @@ class MemoryManager:
     def fetch(self, key: str) -> Fetch:
         """Starts moving key towards the compute tier: a read, unless its host copy is there or on its way."""
         e = self._entry(key)
-        if e.partition.state is State.ON_NVME:
+        if e.record.state is State.ON_NVME:
             if not e.fetched:  # [Note: max_in_cpu] in policy.py: decided at the first read
                 e.fetched = True
-                e.kept = e.cache is not None and e.cache.take(e.partition.numel)
+                e.kept = e.cache is not None and e.cache.take(e.record.numel)
             self.start_read(key)
         return Fetch(self, key)
 
@@ -153,9 +157,9 @@ class MemoryManager:
     def cancel(self, key: str) -> None:
         """A fetch nobody will use: its read completes and its buffer goes back (a kept copy stays)."""
         e = self._entry(key)
-        if e.partition.state is State.READING:
+        if e.record.state is State.READING:
             self.finish_read(key)
-        if e.partition.state is State.HOST_CLEAN and not e.kept:
+        if e.record.state is State.HOST_CLEAN and not e.kept:
             self.drop(key)
 
     def advance(self, key: str) -> bool:
@@ -165,9 +169,9 @@ class MemoryManager:
         e = self._entry(key)
         if self.compute.copy_ahead is CopyAhead.NONE or e.arriving is not None or not self.ready(key):
             return False
-        if e.partition.state is State.READING:
+        if e.record.state is State.READING:
             self._settle(e, State.HOST_CLEAN, State.ON_NVME, "read")
-        if e.partition.state is not State.HOST_CLEAN:
+        if e.record.state is not State.HOST_CLEAN:
             return False
         return self.compute.start(e, self.host_view(key))
 
@@ -185,14 +189,14 @@ class MemoryManager:
         """New values into e's host copy (HOST_DIRTY), written from there (WRITING); `flush` completes the
         write (HOST_CLEAN).  A kept partition uses its own buffer; another one, which must be on NVMe,
         borrows one from its pool and holds it, like a completed read, until `drop` or a use."""
-        key = e.partition.key
+        key = e.record.key
         self.check_healthy()
         self.flush({key})
-        if e.partition.state not in ((State.ON_NVME, State.HOST_CLEAN) if e.kept else (State.ON_NVME,)):
-            raise InfinityError(f"partition {key!r} is {e.partition.state.value}; holding new values needs a kept "
+        if e.record.state not in ((State.ON_NVME, State.HOST_CLEAN) if e.kept else (State.ON_NVME,)):
+            raise InfinityError(f"partition {key!r} is {e.record.state.value}; holding new values needs a kept "
                                 f"partition at rest or one on NVMe")
-        self.stage(key, values.reshape(-1)[: e.partition.numel])
-        e.partition.move_to(State.WRITING)
+        self.stage(key, values.reshape(-1)[: e.record.numel])
+        e.record.move_to(State.WRITING)
         e.future = self._submit(False, e.slot.buffer.tensor[: e.extent.capacity], e, 0)  # type: ignore[union-attr]
         self._writes.add(e, e.future, None)
 
@@ -207,7 +211,7 @@ class MemoryManager:
         self.check_healthy()
         e = self._entry(key)
         lent = self.compute.place(e, self.host_view(key)) is ComputeCopy.LENT
-        e.partition.move_to(State.ON_COMPUTE)
+        e.record.move_to(State.ON_COMPUTE)
         if lent:
             self.ledger.add("host", -e.extent.nbytes)  # the buffer's bytes count as the compute tier's now
         elif not e.kept:
@@ -234,10 +238,10 @@ class MemoryManager:
         buffer goes back to its pool (or, if tensors outside still view it, is replaced there)."""
         e = self._entry(key)
         if self.compute.drop(e):
-            e.partition.move_to(State.ON_NVME)
+            e.record.move_to(State.ON_NVME)
             self._give_back(e)
             return
-        e.partition.move_to(State.HOST_CLEAN if e.slot is not None else State.ON_NVME)
+        e.record.move_to(State.HOST_CLEAN if e.slot is not None else State.ON_NVME)
 
     # ---- host -> NVMe ------------------------------------------------------
     def stage(self, key: str, values: torch.Tensor | None = None, timeout: float | None = None) -> torch.Tensor:
@@ -246,7 +250,7 @@ class MemoryManager:
         self.compute.forget_arriving(e)
         if values is not None and e.slot is None:
             e.slot = self._borrow(e, timeout)
-        e.partition.move_to(State.HOST_DIRTY)
+        e.record.move_to(State.HOST_DIRTY)
         view = self.host_view(key)
         if values is not None:
             view.copy_(values.reshape(-1))
@@ -255,7 +259,7 @@ class MemoryManager:
     def start_write(self, key: str) -> None:
         self.check_healthy()
         e = self._entry(key)
-        e.partition.move_to(State.WRITING)
+        e.record.move_to(State.WRITING)
         e.future = self._submit(False, self._host_bytes(e), e, 0)
 
     def finish_write(self, key: str) -> None:
@@ -264,7 +268,7 @@ class MemoryManager:
     def drop(self, key: str) -> None:
         """Gives back the host buffer of a clean partition (no write: NVMe already holds it)."""
         e = self._entry(key)
-        e.partition.move_to(State.ON_NVME)
+        e.record.move_to(State.ON_NVME)
         self.compute.forget_arriving(e)
         self._give_back(e)
 
@@ -288,8 +292,8 @@ class MemoryManager:
         stored = dtype or values.dtype
         self.check_healthy()
         e = self._entry(key)
-        if e.partition.state is not State.ON_NVME:
-            raise InfinityError(f"partition {key!r} is {e.partition.state.value}; write_part needs it on NVMe")
+        if e.record.state is not State.ON_NVME:
+            raise InfinityError(f"partition {key!r} is {e.record.state.value}; write_part needs it on NVMe")
         nbytes = values.numel() * torch.empty(0, dtype=stored).element_size()
         length = min(round_up(nbytes, ALIGNMENT), e.extent.capacity - byte_offset)
         if nbytes > length or byte_offset % ALIGNMENT:
@@ -347,8 +351,8 @@ class MemoryManager:
                 continue
             key, byte_offset, nbytes = piece.key, piece.byte_offset, piece.nbytes
             e = self._entry(key)
-            if e.partition.state not in (State.ON_NVME, State.HOST_CLEAN):
-                raise InfinityError(f"partition {key!r} is {e.partition.state.value}; copies to or from a file "
+            if e.record.state not in (State.ON_NVME, State.HOST_CLEAN):
+                raise InfinityError(f"partition {key!r} is {e.record.state.value}; copies to or from a file "
                                     f"need it at rest (on NVMe or a clean host copy)")
             if byte_offset % ALIGNMENT or byte_offset < 0 or byte_offset + nbytes > e.extent.capacity:
                 raise InfinityError(f"bytes [{byte_offset}, {byte_offset + nbytes}) are not an aligned range of "
@@ -424,22 +428,22 @@ class MemoryManager:
         a kept copy's write of a 768-byte bias beside its 48 KiB weight).  write_part pads to whole blocks for
         this reason, and a kept copy, whose buffer is its extent's capacity, does the same."""
         if e.slot is None:
-            raise InfinityError(f"partition {e.partition.key!r} has no host buffer to transfer")
+            raise InfinityError(f"partition {e.record.key!r} has no host buffer to transfer")
         return e.slot.buffer.tensor[: e.extent.capacity if e.slot.pool is None else e.extent.nbytes]
 
     def _settle(self, e: Entry, ok: State, failed: State, what: str) -> None:
         future, e.future = e.future, None
         if future is None:
-            raise InfinityError(f"partition {e.partition.key!r}: no {what} in flight")
+            raise InfinityError(f"partition {e.record.key!r}: no {what} in flight")
         try:
             future.wait()
         except InfinityError as err:
             self.fail(err)
-            e.partition.move_to(failed)
+            e.record.move_to(failed)
             if failed is State.ON_NVME:
                 self._give_back(e)
             raise
-        e.partition.move_to(ok)
+        e.record.move_to(ok)
 
 
 class Fetch:

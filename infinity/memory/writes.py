@@ -8,7 +8,7 @@ from typing import Callable
 from infinity.errors import InfinityError
 from infinity.io.handle import IoFuture
 from infinity.memory.entry import Entry, Slot
-from infinity.memory.partition import State
+from infinity.memory.record import State
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
 
@@ -28,7 +28,7 @@ class PendingWrites:
     def flush(self, keys: set[str] | None = None) -> None:
         """Waits for the writes (of keys, or all), giving back their buffers."""
         with self._lock:
-            chosen = [p for p in self._pending if keys is None or p[0].partition.key in keys]
+            chosen = [p for p in self._pending if keys is None or p[0].record.key in keys]
         self.complete(chosen)
 
     def borrow(self, pool: BufferPool, nbytes: int) -> Slot:
@@ -65,7 +65,7 @@ class PendingWrites:
                 first_error = first_error or err
             if e.future is future:  # a held copy's write: its host copy is clean again, or still dirty
                 e.future = None
-                e.partition.move_to(State.HOST_CLEAN if ok else State.HOST_DIRTY)
+                e.record.move_to(State.HOST_CLEAN if ok else State.HOST_DIRTY)
             if slot is not None:
                 slot.pool.release(slot.index)  # type: ignore[union-attr]
                 self.ledger.add("host", -slot.buffer.nbytes)

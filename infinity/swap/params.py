@@ -16,6 +16,7 @@ import torch
 from infinity.memory.manager import MemoryManager
 from infinity.memory.policy import AfterWrite, HostCache
 from infinity.memory.pool import BufferPool
+from infinity.memory.record import Record
 from infinity.memory.stream import HostPart, Part, SwapPart
 
 __all__ = ["AfterWrite", "ComputeHome", "HostHome", "NvmeHome", "ParamHome", "Tier"]
@@ -51,6 +52,11 @@ class ParamHome(ABC):
     def part(self, index: int) -> Part:
         """Where the values rest between uses (for checkpoints): a tensor, or a partition of a swap file."""
 
+    @abstractmethod
+    def record(self, index: int) -> Record:
+        """The parameter's record (infinity/memory/record.py), whose residency the coordinator moves: the
+        memory manager's own for a partition in a swap file, one with no transfer state otherwise."""
+
     def read_ahead(self, index: int) -> bool:
         """Starts moving the values towards the compute tier, if a staging buffer is free; a later fetch
         finishes it.  False: no buffer is free (nothing started)."""
@@ -77,6 +83,10 @@ class ComputeHome(ParamHome):
 
     def __init__(self, params: list[torch.nn.Parameter]):
         self._params = params
+        self._records = [Record.resident_only(f"parameter {i}") for i in range(len(params))]
+
+    def record(self, index: int) -> Record:
+        return self._records[index]
 
     def fetch(self, index: int) -> torch.Tensor:
         return self._params[index].data
@@ -100,7 +110,11 @@ class HostHome(ParamHome):
     def __init__(self, shapes: dict[int, torch.Size], dtype: torch.dtype, device: torch.device, pin: bool,
                  where: torch.device = torch.device("cpu")):
         self._host = {i: torch.empty(shape, dtype=dtype, pin_memory=pin, device=where) for i, shape in shapes.items()}
+        self._records = {i: Record.resident_only(f"parameter {i}") for i in shapes}
         self._device = device
+
+    def record(self, index: int) -> Record:
+        return self._records[index]
 
     def put(self, index: int, values: torch.Tensor) -> None:
         self._host[index].copy_(values.reshape(self._host[index].shape))
@@ -152,6 +166,9 @@ class NvmeHome(ParamHome):
 
     def part(self, index: int) -> Part:
         return SwapPart(self.manager, self._keys[index])
+
+    def record(self, index: int) -> Record:
+        return self.manager.record(self._keys[index])
 
     def read_ahead(self, index: int) -> bool:
         if self.pool.in_use >= self.pool.buffer_count:

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from infinity.errors import ConfigError, Problem
-from infinity.memory.residency import Residence, Residency
+from infinity.memory.record import Residency
+from infinity.memory.residency import Residence
 from infinity.schedule import (Budgets, Cursor, Phase, fetches_from, make_room, preempt_for_miss,
                                preempt_for_read_ahead, releases_after)
 from infinity.swap.params import ParamHome
@@ -70,7 +71,8 @@ class Coordinator:
         self.cursor = Cursor()
         self._index = {id(p): i for i, p in enumerate(params)}
         self._gatherers = {i: h for i, h in enumerate(homes) if isinstance(h, ShardedHome)}  # ranks > 1
-        self.residence = Residence(len(params), offloaded)  # users, kept, read ahead (infinity/memory/residency.py)
+        # users, kept, read ahead: on each parameter's record, the manager's own for one in a swap file
+        self.residence = Residence([home.record(i) for i, home in enumerate(homes)], offloaded)
         self._position: int | None = None
         self._empty = [torch.empty(0, dtype=p.dtype, device=p.device) for p in params]
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []

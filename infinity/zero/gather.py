@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from infinity.memory.record import Record
 from infinity.memory.stream import Part
 from infinity.swap.params import AfterWrite, ParamHome
 from infinity.zero.ranks import Pending, Ranks
@@ -46,6 +47,10 @@ class ShardedHome(ParamHome):
     def part(self, index: int) -> Part:
         """This rank's piece where it rests (the inner home holds exactly the piece)."""
         return self.inner.part(index)
+
+    def record(self, index: int) -> Record:
+        """The record of this rank's piece ([Note: the two halves move apart] in infinity/memory/record.py)."""
+        return self.inner.record(index)
 
     def fetch(self, index: int) -> torch.Tensor:
         shard = self.shards[index]

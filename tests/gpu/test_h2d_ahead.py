@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from infinity.memory.manager import MemoryManager
-from infinity.memory.partition import State
+from infinity.memory.record import State
 from infinity.memory.policy import AfterWrite, HostCache
 from infinity.memory.pool import BufferPool
 

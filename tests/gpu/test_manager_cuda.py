@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from infinity.memory.manager import MemoryManager
-from infinity.memory.partition import State
+from infinity.memory.record import State
 
 pytestmark = pytest.mark.gpu
 

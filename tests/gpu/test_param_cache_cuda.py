@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infinity.memory.partition import State
+from infinity.memory.record import State
 from infinity.swap.params import NvmeHome, Tier
 from infinity.zero import Engine, EngineSettings, Precision
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from infinity.memory.partition import State
+from infinity.memory.record import State
 from infinity.swap.params import NvmeHome, Tier
 from infinity.zero import Engine, EngineSettings, Precision
 

@@ -11,7 +11,7 @@ from infinity.errors import InfinityError
 from infinity.io import DirectPolicy, open_handle
 from infinity.memory.manager import MemoryManager
 from infinity.memory.nvme_store import NvmeStore
-from infinity.memory.partition import State
+from infinity.memory.record import State
 from infinity.memory.policy import AfterWrite
 from infinity.memory.pool import BufferPool
 

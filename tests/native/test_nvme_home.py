@@ -11,7 +11,7 @@ from infinity.config.aio import AioConfig
 from infinity.io import DirectPolicy, open_handle
 from infinity.memory.manager import MemoryManager
 from infinity.memory.nvme_store import NvmeStore
-from infinity.memory.partition import State
+from infinity.memory.record import State
 from infinity.memory.pool import BufferPool
 from infinity.swap.params import NvmeHome
 
@@ -109,6 +109,31 @@ def test_read_ahead_refuses_when_the_pool_is_out_and_cancel_gives_the_buffer_bac
             torch.testing.assert_close(home.fetch(i), values[i], rtol=0, atol=0)
             home.release(i)
         assert pool.in_use == 0
+    finally:
+        home.manager.close()
+        handle._handle.close()
+
+
+def test_the_coordinators_residency_moves_the_managers_own_record(tmp_path):
+    """One record per partition: residency (users, read ahead) and transfer state on the same object."""
+    from infinity.memory.record import Residency
+    from infinity.memory.residency import Residence
+
+    home, handle, pool, values = make_home(tmp_path)
+    try:
+        record = home.record(0)
+        assert record is home.manager.record(home.key(0))
+        residence = Residence([home.record(i) for i in values], offloaded=values)
+        assert home.read_ahead(0)
+        residence.read_ahead(0)
+        assert record.residency is Residency.READ_AHEAD and record.state is State.READING
+        torch.testing.assert_close(home.fetch(0), values[0], rtol=0, atol=0)
+        residence.use(0)
+        assert record.residency is Residency.IN_USE and record.users == 1 and record.state is State.ON_COMPUTE
+        residence.leave(0)
+        residence.rest(0)
+        home.release(0)
+        assert record.residency is Residency.AT_REST and record.state is State.ON_NVME and pool.in_use == 0
     finally:
         home.manager.close()
         handle._handle.close()
