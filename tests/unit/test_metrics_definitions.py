@@ -93,7 +93,8 @@ def test_step_report_adds_up_and_only_while_active():
     metrics.enable()
     try:
         metrics.record_step(report())
-        metrics.record_step(report(step=2, step_s=4.0, other_s=3.0, prefetch_misses=0, trace_invalidations=0))
+        metrics.record_step(report(step=2, step_s=4.0, other_s=3.0, prefetch_misses=0, trace_invalidations=0,
+                                   gathered_ahead=5))
     finally:
         metrics.disable()
     after = samples()
@@ -111,6 +112,7 @@ def test_step_report_adds_up_and_only_while_active():
     assert grew("infinity_stall_seconds_total", phase="optimizer_io") == 0.25
     assert grew("infinity_prefetch_total", outcome="hit") == 14 and grew("infinity_prefetch_total", outcome="miss") == 1
     assert grew("infinity_trace_invalidations_total") == 1
+    assert grew("infinity_gathered_ahead_total") == 5
     assert after[("infinity_step_stall_ratio", ())] == report(step_s=4.0).stall_ratio  # the last step's
 
 
