@@ -105,8 +105,8 @@ def main() -> None:
     if os.environ.get("SAVE_16BIT_DIR"):
         engine.save_16bit_model(os.environ["SAVE_16BIT_DIR"])  # every rank gathers; rank 0 writes
     torch.save({"losses": losses, "reports": reports, "weights": weights, "rank": rank, "world": world,
-                "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.shards],
-                "gathered_ahead": sum({id(h): getattr(h, "gathered_ahead", 0) for h in engine.homes}.values()),
+                "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.run.shards],
+                "gathered_ahead": sum({id(h): getattr(h, "gathered_ahead", 0) for h in engine.run.homes}.values()),
                 "param_swap_bytes": sum(m.store._ends.get("param", 0) for m in engine.run.managers)},
                f"{out}.rank{rank}.pt")
     engine.close()
