@@ -105,7 +105,7 @@ class Raw:
     reads), and copied between the two in both directions."""
 
     def __init__(self, engine: Engine, swap: Path, ckpt: Path, nbytes: int, chunk: int):
-        handle = engine.io_handle()
+        handle = engine.run.io_handle()
         if handle is None:
             raise SystemExit("the benchmark's config puts nothing on NVMe: the engine has no async-IO handle")
         self.handle = handle
@@ -349,11 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "git": git_state(), "argv": sys.argv, "spec": spec.__dict__,
-            "parameters": sum(s.numel() for s in engine.shapes), "build_and_step_s": built,
+            "parameters": sum(s.numel() for s in engine.run.shapes), "build_and_step_s": built,
             "first_save_rss_growth": first.growth, "rounds": rows,
             "summary": summarize(rows)}
         if args.consolidate:
-            largest = max(s.numel() for s in engine.shapes) * 4  # fp32, as consolidated
+            largest = max(s.numel() for s in engine.run.shapes) * 4  # fp32, as consolidated
             result["consolidate"] = consolidation_rss(ckpt, f"round{args.rounds - 1}",
                                                       ckpt / "consolidated.safetensors", largest)
     finally:

@@ -99,7 +99,7 @@ class IoOnly:
     """The step's bytes through the overlap engine's own handle: one write, then one read, O_DIRECT."""
 
     def __init__(self, engine: Engine, folder: Path, nbytes: int):
-        handle = engine.io_handle()
+        handle = engine.run.io_handle()
         if handle is None:
             raise SystemExit("the benchmark's config puts nothing on NVMe: the engine has no async-IO handle")
         self.handle = handle

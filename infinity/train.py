@@ -233,7 +233,7 @@ def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module) -> It
     window = engine.gradient_accumulation_steps()
     spec = _data_spec(job, model)
     # Data parallelism: every rank draws the same global batches and trains on its own part of each.
-    world, rank = engine.world, engine.rank
+    world, rank = engine.run.world, engine.run.rank
     batches = [(x[rank * micro:(rank + 1) * micro], y[rank * micro:(rank + 1) * micro]) for x, y in
                synthetic_batches(spec, batch=micro * world, steps=job.steps * window, seed=job.seed + 1)]
     engine.train()
@@ -257,10 +257,10 @@ def _step(engine: Engine, job: TrainJob, window: list, step: int, tokens: int) -
         engine.step()
         losses.append(loss.detach().float())
     mean = torch.stack(losses).mean()
-    if engine.world > 1:
-        engine.ranks.all_reduce_mean(mean, "the step's loss")  # the global batch's loss
+    if engine.run.world > 1:
+        engine.run.ranks.all_reduce_mean(mean, "the step's loss")  # the global batch's loss
     after, report = engine.io_stats(), engine.step_report()
-    _, peak_rss = engine.ranks.low_high(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS")
+    _, peak_rss = engine.run.ranks.low_high(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS")
     return StepStats(step=step + 1, loss=float(mean), step_s=time.perf_counter() - start,
                      tokens=len(window) * tokens, bytes_read=after.bytes_read - before.bytes_read,
                      bytes_written=after.bytes_written - before.bytes_written, lr=engine.get_lr()[0],

@@ -1,7 +1,8 @@
-"""What checkpoints need of a training engine: the seam the engine (infinity/zero/engine.py) implements.
+"""What checkpoints need of a training engine: the seam the engine implements through its view
+(infinity/zero/checkpoint_view.py, `engine.checkpointable`).
 
 [Note: checkpoint sits below zero]  Save, load and save_16bit_model talk only to this protocol, never to
-infinity.zero: the engine passes itself, and these names are its public surface for checkpoints.  The
+infinity.zero: the engine passes its view, and these names are its public surface for checkpoints.  The
 on-disk format does not depend on it (format.py)."""
 from __future__ import annotations
 

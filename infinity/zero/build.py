@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from infinity.errors import CheckpointError, UsageError
-from infinity.io.handle import IoStats
+from infinity.io.handle import IoHandle, IoStats
 from infinity.memory.host_buffer import PinPolicy
 from infinity.memory.manager import MemoryManager
 from infinity.memory.pool import BufferPool
@@ -28,6 +28,7 @@ from infinity.zero.gather import ShardedHome, piece_of
 from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
 from infinity.shard import Shard, shard_of
+from infinity.timeline import Timeline
 from infinity.zero.step_report import StepReport, StepReporter, Wait
 
 
@@ -95,6 +96,17 @@ class Run:
     def slices(self) -> dict[int, Slice]:
         """Each trained parameter's slice of its optimizer sub-group, by parameter index."""
         return self._slice
+
+    def io_handle(self) -> IoHandle | None:
+        """The run's own async-IO handle (its first manager's), or None when nothing is on NVMe."""
+        managers = self.managers
+        return managers[0].handle if managers else None
+
+    def trace_to(self, timeline: Timeline) -> None:
+        """The coordinator, the optimizer and every async-IO handle record their spans on timeline."""
+        self.coordinator.timeline = self.optimizer.timeline = timeline
+        for m in self._managers.values():
+            m.handle.timeline = timeline
 
     # ---- the optimizer step ----------------------------------------------------------
     def step_optimizer(self, lr: float, loss_scale: float) -> bool:
@@ -173,7 +185,6 @@ class Run:
             m.close()
         self._managers.clear()
 
-
     def io_stats(self) -> IoStats:
         """Bytes and requests the engine's async-IO handles have moved since initialize (all NVMe paths)."""
         stats = [m.handle.stats for m in self._managers.values()]
@@ -242,7 +253,7 @@ class Run:
         i = s.index
         if i in self._adopted:
             home = self.homes[i]
-            return self._read_values(i, home.inner if isinstance(home, ShardedHome) else home)
+            return self.read_values(i, home.inner if isinstance(home, ShardedHome) else home)
         values = self.params[i].detach().float()
         return piece_of(values, self.shards[i]) if self.world > 1 else values
 
@@ -260,12 +271,12 @@ class Run:
                 self.ranks.broadcast(b.data, f"initial values of buffer {name!r}")
 
     def fetch_and_release(self, i: int) -> None:
-        """Fetches and releases parameter i, keeping nothing: a rank's part in another rank's _read_values of
+        """Fetches and releases parameter i, keeping nothing: a rank's part in another rank's read_values of
         it (with several ranks each fetch is an all-gather that every rank enters, in the same order)."""
         self.homes[i].fetch(i)
         self.homes[i].release(i)
 
-    def _read_values(self, i: int, home: ParamHome | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def read_values(self, i: int, home: ParamHome | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Parameter i whole and shaped from its home (or the home given), in dtype in host memory, as a copy.
 
         [Note: a copy, so no view outlives the release]  On a CPU compute tier the fetched values may be a

@@ -2,8 +2,9 @@
 states on the tiers the settings name.  Shaped like DeepSpeed's engine so users switch by an import.
 
 A facade: zero/build.py wires the run's parts, zero/state.py holds the TrainingState and its legal moves,
-zero/hooks.py takes the gradients; the engine moves the state along and implements the checkpoint
-protocol (infinity/checkpoint/protocol.py) that save, load and save_16bit_model talk to."""
+zero/hooks.py takes the gradients; the engine moves the state along.  Save, load and save_16bit_model
+are given the engine's CheckpointView (zero/checkpoint_view.py), which implements their protocol
+(infinity/checkpoint/protocol.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -23,15 +24,15 @@ from infinity.checkpoint.model_file import save_16bit_model
 from infinity.checkpoint.save import save
 from infinity.config import Config
 from infinity.errors import UsageError
-from infinity.io.handle import IoHandle, IoStats
+from infinity.io.handle import IoStats
 from infinity.memory.report import MemoryReport
-from infinity.memory.stream import Part
 from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.build import Run
+from infinity.zero.checkpoint_view import CheckpointView
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING
 from infinity.zero.hooks import GradientHook
 from infinity.zero.loss_scale import LossScaler
-from infinity.zero.settings import EngineSettings, ModelSave, Precision, dtype_of
+from infinity.zero.settings import EngineSettings, ModelSave, Precision
 from infinity.zero.state import Counters, Phase, TrainingState
 from infinity.zero.step_report import StepReport
 
@@ -50,27 +51,19 @@ class Engine:
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.run = run = Run(model, settings, lambda i, p: self._hook(i, p))
         self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
-        self.module, self.settings, self.ranks, self.world, self.rank = model, run.settings, run.ranks, run.world, run.rank
-        self.names, self.params, self.shapes, self.shards, self.device = run.names, run.params, run.shapes, run.shards, run.device
-        self.groups, self.optimizer, self.homes, self.offloaded = run.groups, run.optimizer, run.homes, run.offloaded
-        self.coordinator, self.gradients, self.reporter = run.coordinator, run.gradients, run.reporter
+        # The run's other parts are engine.run's (names, shards, homes, coordinator, ranks, ...); checkpoints
+        # see the engine through self.checkpointable, the protocol's view (zero/checkpoint_view.py).
+        self.module, self.settings, self.optimizer = model, run.settings, run.optimizer
+        self.checkpointable = CheckpointView(self)
         self.lr = self._lr()
 
     @property
     def global_steps(self) -> int:
         return self.counters.global_steps
 
-    @global_steps.setter
-    def global_steps(self, value: int) -> None:
-        self.counters.global_steps = value
-
     @property
     def micro_steps(self) -> int:
         return self.counters.micro_steps
-
-    @micro_steps.setter
-    def micro_steps(self, value: int) -> None:
-        self.counters.micro_steps = value
 
     # ---- the DeepSpeed-shaped API -----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -96,12 +89,12 @@ class Engine:
             try:
                 with self.timeline.span("backward", Track.COMPUTE):
                     scaled.backward()
-                    self.coordinator.release_all()
+                    self.run.coordinator.release_all()
             except BaseException:
                 if self.phase.state is TrainingState.BACKWARD:
                     self.phase.to(before)  # no gradient reached the optimizer: as if it had not run
                 raise
-        self.micro_steps += 1
+        self.counters.micro_steps += 1
         self.phase.backwards += 1
         self.phase.to(TrainingState.ACCUMULATING)
         return loss
@@ -116,21 +109,21 @@ class Engine:
         self.phase.to(TrainingState.STEPPING)
         self.phase.backwards = 0
         if self.micro_steps % self.settings.gradient_accumulation_steps:  # inside the window
-            self.coordinator.read_ahead_of_next_step()
+            self.run.coordinator.read_ahead_of_next_step()
             self.phase.to(after if after is TrainingState.FORWARD else TrainingState.ACCUMULATING)
             return
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
         with self.latching_failure(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
             overflow = self.run.step_optimizer(self.lr, self.scaler.scale if self.scaler is not None else 1.0)
             if not overflow:
-                self.global_steps += 1
+                self.counters.global_steps += 1
         report = self.run.finish_step(self.global_steps, started, waited)
         metrics.record_step(report)
         self.timeline.mark(f"step {self.global_steps}", **report.to_dict())
         self.run.after_step()
         if self.scaler is not None:
             self.scaler.update(overflow)
-        self.gradients.reset()
+        self.run.gradients.reset()
         self.lr = self._lr()
         self.phase.to(after)
 
@@ -155,19 +148,19 @@ class Engine:
 
     def step_report(self) -> StepReport | None:
         """The last optimizer step's breakdown (None before the first step)."""
-        return self.reporter.last
+        return self.run.reporter.last
 
     def trace_to(self, timeline: Timeline) -> None:
         """Records compute, wait, optimizer and I/O spans on timeline from now on (infinity-train --trace)."""
-        self.timeline = self.coordinator.timeline = self.optimizer.timeline = timeline
-        for m in self.run.managers:
-            m.handle.timeline = timeline
+        self.timeline = timeline
+        self.run.trace_to(timeline)
 
     def parameter_values(self) -> dict[str, torch.Tensor]:
         """Every parameter's current values by name, as fp32 copies in host memory (read one at a time
         from wherever they live, inside settled())."""
         with self.settled("parameter_values()"):
-            return {name: self.read_parameter(i, torch.float32).clone() for i, name in enumerate(self.names)}
+            return {name: self.run.read_values(i, dtype=torch.float32).clone()
+                    for i, name in enumerate(self.run.names)}
 
     def save_16bit_model(self, save_dir: str | os.PathLike[str], save_filename: str = "pytorch_model.safetensors",
                          exclude_frozen_parameters: bool = False) -> bool:
@@ -180,7 +173,7 @@ class Engine:
             log.warning("save_16bit_model: nothing written to %s because %s is false (the weights are partitioned "
                         "and are not gathered, as DeepSpeed does); set it to true to write the model", path, GATHER_KEY)
             return False
-        return save_16bit_model(self, Path(save_dir), save_filename, exclude_frozen_parameters)
+        return save_16bit_model(self.checkpointable, Path(save_dir), save_filename, exclude_frozen_parameters)
 
     def save_checkpoint(self, save_dir: str, tag: str | None = None,
                         client_state: dict[str, Any] | None = None) -> bool:
@@ -189,7 +182,7 @@ class Engine:
         client_state must load with torch.load(weights_only=True).  Call it after step()."""
         self._between_steps("save_checkpoint")
         with self.settled("save_checkpoint()"):
-            save(self, save_dir, tag, client_state)
+            save(self.checkpointable, save_dir, tag, client_state)
         return True
 
     def load_checkpoint(self, load_dir: str, tag: str | None = None) -> tuple[str, Any]:
@@ -197,7 +190,7 @@ class Engine:
         checking sizes, checksums, the world size and the model; returns (the tag's folder, client_state)."""
         self._between_steps("load_checkpoint")
         with self.settled("load_checkpoint()"):
-            loaded = load(self, load_dir, tag)
+            loaded = load(self.checkpointable, load_dir, tag)
         self.lr = self._lr()
         return loaded
 
@@ -220,52 +213,20 @@ class Engine:
             if exporter is not None:
                 exporter.stop()
 
-    # ---- the checkpoint protocol (infinity/checkpoint/protocol.py) ---------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return dtype_of(self.settings.precision)
-
-    @property
-    def loss_scaler(self) -> LossScaler | None:
-        return self.scaler
-
-    def param_part(self, i: int) -> Part:
-        """[Note: one place]  Where this rank's part of parameter i (engine.shards[i]) rests between uses:
-        what checkpoints save and load.  With a world of one rank the part is the whole parameter."""
-        return self.homes[i].part(i)
-
-    def optimizer_part(self, i: int, state: str) -> Part:
-        return self.optimizer.state_part(self.run.slices[i], state)
-
-    def optimizer_steps(self) -> dict[str, float]:
-        return self.run.optimizer_steps()
-
-    def load_optimizer_steps(self, steps: dict[str, float], where: str) -> None:
-        self.run.load_optimizer_steps(steps, where)
-
-    def read_parameter(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.run._read_values(i, dtype=dtype)
-
-    def join_gather(self, i: int) -> None:
-        self.run.fetch_and_release(i)
-
-    def io_handle(self) -> IoHandle | None:
-        managers = self.run.managers
-        return managers[0].handle if managers else None
-
+    # ---- phases the checkpoint view (zero/checkpoint_view.py) shares -----------------------
     @contextlib.contextmanager
     def settled(self, caller: str) -> Iterator[None]:
         """Reads the coordinator started ahead are given up for the block and restarted after, so that
         fetching parameters one at a time never competes with them for staging buffers."""
         self._check_usable()
-        if self.phase.forward_open or self.coordinator.gathered():
+        if self.phase.forward_open or self.run.coordinator.gathered():
             raise UsageError(f"{caller} was called between a forward and its backward (the step's parameters "
                              "are gathered or being read); call it after backward() or step()")
-        self.coordinator.settle()
+        self.run.coordinator.settle()
         try:
             yield
         finally:
-            self.coordinator.read_ahead_of_next_step()
+            self.run.coordinator.read_ahead_of_next_step()
 
     @contextlib.contextmanager
     def latching_failure(self, half_done: bool = True) -> Iterator[None]:
@@ -289,7 +250,7 @@ class Engine:
 
     def _between_steps(self, what: str) -> None:
         self._check_usable()
-        if self.phase.state is not TrainingState.IDLE or self.phase.backwards or self.coordinator.gathered() or \
+        if self.phase.state is not TrainingState.IDLE or self.phase.backwards or self.run.coordinator.gathered() or \
                 self.micro_steps % self.settings.gradient_accumulation_steps:
             raise UsageError(f"{what}() was called with a step half done (a forward, backward or gradient "
                              f"accumulation window not finished by step()); call it after engine.step()")

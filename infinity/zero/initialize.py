@@ -80,7 +80,7 @@ class OptimizerView:
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         adam = self._engine.settings.adam
-        return [{"params": self._engine.params, "lr": self._engine.lr, "betas": adam.betas, "eps": adam.eps,
+        return [{"params": self._engine.run.params, "lr": self._engine.lr, "betas": adam.betas, "eps": adam.eps,
                  "weight_decay": adam.weight_decay}]
 
     @property

@@ -26,7 +26,7 @@ def run(tmp_path: Path, max_in_cpu: int, precision: Precision):
         param_tier=Tier.NVME, optimizer_tier=Tier.NVME, param_nvme_path=str(tmp_path / "param"),
         optimizer_nvme_path=str(tmp_path / "opt"), adam=ADAM, gradient_clipping=1.0, sub_group_size=20_000,
         param_max_in_cpu=max_in_cpu, precision=precision))
-    (home,) = {id(h): h for h in engine.homes if isinstance(h, NvmeHome)}.values()
+    (home,) = {id(h): h for h in engine.run.homes if isinstance(h, NvmeHome)}.values()
     losses, reads = [], []
     try:
         for x, y in make_batches()[:8]:
@@ -40,10 +40,10 @@ def run(tmp_path: Path, max_in_cpu: int, precision: Precision):
             assert home.manager.state(home.key(i)) is State.HOST_CLEAN
             assert home.manager.host_view(home.key(i)).is_pinned()
         weights = {}
-        engine.coordinator.settle()  # reads started ahead give their staging buffers back
-        for i, name in enumerate(engine.names):
-            weights[name] = engine.homes[i].fetch(i).detach().float().cpu()
-            engine.homes[i].release(i)
+        engine.run.coordinator.settle()  # reads started ahead give their staging buffers back
+        for i, name in enumerate(engine.run.names):
+            weights[name] = engine.run.homes[i].fetch(i).detach().float().cpu()
+            engine.run.homes[i].release(i)
         kept = len(home.kept)
     finally:
         engine.close()

@@ -83,13 +83,13 @@ def settings(tmp_path, param: Tier, optimizer: Tier, **extra) -> EngineSettings:
 
 
 def final_weights(engine: Engine) -> dict[str, torch.Tensor]:
-    engine.coordinator.settle()  # reads started ahead give their staging buffers back
+    engine.run.coordinator.settle()  # reads started ahead give their staging buffers back
     out = {}
-    for i, name in enumerate(engine.names):
-        values = engine.homes[i].fetch(i)
+    for i, name in enumerate(engine.run.names):
+        values = engine.run.homes[i].fetch(i)
         assert values.device.type == "cuda", name
         out[name] = values.detach().float().cpu()
-        engine.homes[i].release(i)
+        engine.run.homes[i].release(i)
     return out
 
 
@@ -111,7 +111,7 @@ def test_fp32_matches_plain_pytorch_on_cuda(tmp_path, batches, reference, param,
     want_losses, want_weights = reference
     engine = Engine(fresh_model().cuda(), settings(tmp_path, param, optimizer))
     try:
-        assert engine.device.type == "cuda"
+        assert engine.run.device.type == "cuda"
         losses = train(engine, batches)
         weights = final_weights(engine)
     finally:
@@ -132,7 +132,7 @@ def test_half_precision_trains_on_cuda(tmp_path, batches, precision):
                                                    adam=AdamSettings(lr=3e-3)))
     try:
         losses = train(engine, batches)
-        assert all(p.dtype == dtype_of(precision) and p.device.type == "cuda" for p in engine.params)
+        assert all(p.dtype == dtype_of(precision) and p.device.type == "cuda" for p in engine.run.params)
         weights = final_weights(engine)
     finally:
         engine.close()
@@ -160,8 +160,8 @@ def test_host_copies_of_parameters_are_pinned_under_cuda(tmp_path, batches):
     engine = Engine(fresh_model().cuda(), settings(tmp_path, Tier.HOST, Tier.HOST))
     try:
         train(engine, batches[:1])
-        assert engine.offloaded
-        for i in engine.offloaded:
-            assert engine.homes[i]._host[i].is_pinned(), engine.names[i]
+        assert engine.run.offloaded
+        for i in engine.run.offloaded:
+            assert engine.run.homes[i]._host[i].is_pinned(), engine.run.names[i]
     finally:
         engine.close()

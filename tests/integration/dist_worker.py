@@ -105,7 +105,7 @@ def main() -> None:
     if os.environ.get("SAVE_16BIT_DIR"):
         engine.save_16bit_model(os.environ["SAVE_16BIT_DIR"])  # every rank gathers; rank 0 writes
     torch.save({"losses": losses, "reports": reports, "weights": weights, "rank": rank, "world": world,
-                "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.shards],
+                "shards": [(s.name, s.numel, s.start, s.length, s.replicated) for s in engine.run.shards],
                 "gathered_ahead": sum(r["gathered_ahead"] for r in reports),
                 "param_swap_bytes": sum(m.store._ends.get("param", 0) for m in engine.run.managers)},
                f"{out}.rank{rank}.pt")

@@ -345,7 +345,7 @@ def test_loading_into_a_live_engine_refreshes_kept_host_copies(tmp_path, batches
     engine = saved_at_step_5(tmp_path, tmp_path / "ckpt", batches, param_max_in_cpu=10 ** 9)
     try:
         train(engine, batches[SAVE_AT:SAVE_AT + 2])
-        assert engine.homes[0].kept  # host copies are in use
+        assert engine.run.homes[0].kept  # host copies are in use
         engine.load_checkpoint(str(tmp_path / "ckpt"))
         assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
     finally:

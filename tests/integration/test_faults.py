@@ -92,7 +92,7 @@ def test_disk_full_mid_step_is_a_typed_error_and_latches(small_fs, batches, back
     engine = Engine(fresh_model(), settings(small_fs, backend, param_max_in_cpu=max_in_cpu))
     try:
         train(engine, batches[:1])
-        assert (engine.homes[0].kept == engine.offloaded) == bool(max_in_cpu)  # type: ignore[attr-defined]
+        assert (engine.run.homes[0].kept == engine.run.offloaded) == bool(max_in_cpu)  # type: ignore[attr-defined]
         path = swap_file(engine, region)
         x, y = batches[1]
         loss = engine(x, y)
@@ -145,7 +145,7 @@ def test_error_inside_a_step_latches(tmp_path, batches, monkeypatch):
 
     engine = Engine(fresh_model(), settings(tmp_path))
     try:
-        assert len(engine.groups) > 2
+        assert len(engine.run.groups) > 2
         monkeypatch.setattr(optimizer_module, "adamw_update", update)
         with pytest.raises(RuntimeError, match="injected"):
             train(engine, batches[:1])

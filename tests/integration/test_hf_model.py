@@ -40,7 +40,7 @@ def test_gpt2_on_nvme_matches_plain_pytorch(tmp_path):
         opt.zero_grad()
     engine, *_ = infinity.initialize(model=tiny_gpt2(), config=config(tmp_path))
     try:
-        assert engine.offloaded  # its weights really live on NVMe
+        assert engine.run.offloaded  # its weights really live on NVMe
         got = []
         for x, y in batches:
             loss = loss_of(engine, x, y)

@@ -136,7 +136,7 @@ def test_zero_init_leaves_parameters_under_the_persistence_threshold_resident(tm
     assert all(p.numel() == 0 for n, p in model.named_parameters() if n not in small)
     engine, *_ = infinity.initialize(model=model, config=cfg)
     try:
-        assert {engine.names[i] for i in engine.offloaded} == {n for n, _ in model.named_parameters()} - small
+        assert {engine.run.names[i] for i in engine.run.offloaded} == {n for n, _ in model.named_parameters()} - small
         losses = train(engine, batches)
         weights = final_weights(engine)
     finally:

@@ -34,7 +34,7 @@ def make_engine(tmp_path, max_in_cpu: int, optimizer: Tier = Tier.NVME, **extra)
 
 
 def param_home(engine: Engine) -> NvmeHome:
-    (home,) = {id(h): h for h in engine.homes if isinstance(h, NvmeHome)}.values()
+    (home,) = {id(h): h for h in engine.run.homes if isinstance(h, NvmeHome)}.values()
     return home
 
 
@@ -69,13 +69,13 @@ def assert_host_copies_equal_swap_file(engine: Engine) -> int:
         host = home.manager.host_view(key).view(torch.uint8).numpy().tobytes()
         extent = home.manager.store.extent(key)
         with open(extent.path, "rb") as f:
-            assert os.pread(f.fileno(), extent.nbytes, extent.offset) == host, engine.names[i]
+            assert os.pread(f.fileno(), extent.nbytes, extent.offset) == host, engine.run.names[i]
         total += extent.nbytes
     return total
 
 
 def param_bytes(engine: Engine, indices) -> int:
-    return sum(engine.shapes[i].numel() * FP32 for i in indices)
+    return sum(engine.run.shapes[i].numel() * FP32 for i in indices)
 
 
 def whole_blocks(engine: Engine, indices) -> int:
@@ -91,8 +91,8 @@ def test_whole_model_in_cache_reads_parameters_once(tmp_path, batches, optimizer
     try:
         losses, reads = train_counting_reads(engine, batches, check_copies=True)
         home = param_home(engine)
-        assert home.kept == engine.offloaded
-        assert reads[0] == whole_blocks(engine, engine.offloaded)  # the first forward reads each once
+        assert home.kept == engine.run.offloaded
+        assert reads[0] == whole_blocks(engine, engine.run.offloaded)  # the first forward reads each once
         assert reads[1:] == [0] * (len(batches) - 1)  # then never again
         cached = assert_host_copies_equal_swap_file(engine)
         report = engine.memory_report()
@@ -116,11 +116,11 @@ def test_partial_budget_keeps_what_fits(tmp_path, batches):
     try:
         losses, reads = train_counting_reads(engine, batches[:4])
         home = param_home(engine)
-        kept = sum(engine.shapes[i].numel() for i in home.kept)
-        assert 0 < kept <= budget and home.kept != engine.offloaded
+        kept = sum(engine.run.shapes[i].numel() for i in home.kept)
+        assert 0 < kept <= budget and home.kept != engine.run.offloaded
         # every parameter left out would have overflowed the budget when it came (first come, first kept)
-        assert all(engine.shapes[i].numel() > budget - kept for i in engine.offloaded - home.kept)
-        uncached = param_bytes(engine, engine.offloaded - home.kept)
+        assert all(engine.run.shapes[i].numel() > budget - kept for i in engine.run.offloaded - home.kept)
+        uncached = param_bytes(engine, engine.run.offloaded - home.kept)
         assert reads[0] == whole_blocks(engine, home.kept) + 2 * uncached  # uncached: forward and backward
         assert reads[1:] == [2 * uncached] * 3
         assert engine.memory_report().host_bytes == assert_host_copies_equal_swap_file(engine) == kept * FP32
@@ -137,7 +137,7 @@ def test_zero_budget_changes_nothing(tmp_path, batches):
     try:
         losses, reads = train_counting_reads(engine, batches)
         assert param_home(engine).kept == set()
-        assert reads == [2 * param_bytes(engine, engine.offloaded)] * len(batches)
+        assert reads == [2 * param_bytes(engine, engine.run.offloaded)] * len(batches)
         assert engine.memory_report().host_bytes == 0
     finally:
         engine.close()

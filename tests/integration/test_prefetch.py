@@ -21,7 +21,7 @@ def batches():
 
 
 def largest_module(engine: Engine) -> int:
-    return max(sum(engine.coordinator.sizes[i] for i in mine) for mine in engine.coordinator._mine)
+    return max(sum(engine.run.coordinator.sizes[i] for i in mine) for mine in engine.run.coordinator._mine)
 
 
 @pytest.mark.parametrize("bucket", [0, 50_000_000], ids=["on-demand", "prefetch"])
@@ -54,7 +54,7 @@ def test_steady_state_hit_ratio_with_a_fixed_trace(tmp_path, batches):
             report = engine.step_report()
             ratios.append(report.hit_ratio + report.late_ratio)  # read ahead, in time or late
             assert report.prefetch_hits + report.prefetch_late + report.prefetch_misses > 0
-        assert engine.coordinator.cursor.invalidations == 0
+        assert engine.run.coordinator.cursor.invalidations == 0
     finally:
         engine.close()
     assert min(ratios[2:]) >= 0.95, ratios  # from step 3 on
@@ -97,7 +97,7 @@ def test_parameter_values_between_forward_and_backward_is_refused(tmp_path, batc
             engine.parameter_values()
         engine.backward(loss)
         engine.step()
-        assert set(engine.parameter_values()) == set(engine.names)
+        assert set(engine.parameter_values()) == set(engine.run.names)
     finally:
         engine.close()
 
@@ -146,7 +146,7 @@ def test_divergence_falls_back_and_retraces(tmp_path, caplog):
                 engine.step()
                 got.append(loss.item())
                 invalidated.append(engine.step_report().trace_invalidations)
-        assert engine.coordinator.cursor.invalidations == sum(invalidated) >= 2
+        assert engine.run.coordinator.cursor.invalidations == sum(invalidated) >= 2
         assert invalidated[3] == 1 and invalidated[:3] == [0, 0, 0]  # step 4 skips b: left the trace
     finally:
         engine.close()

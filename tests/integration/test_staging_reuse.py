@@ -50,7 +50,7 @@ def test_lent_buffers_and_held_values_give_plain_pytorchs_results(tmp_path, batc
     engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME, max_reuse_distance=0))
     pool = engine.run.param_pool
     lent = []
-    manager = engine.homes[next(iter(engine.offloaded))].manager
+    manager = engine.run.homes[next(iter(engine.run.offloaded))].manager
     real = manager.to_compute
 
     def to_compute(key):  # counts what to_compute lends, so the test sees the path it covers taken
@@ -60,17 +60,17 @@ def test_lent_buffers_and_held_values_give_plain_pytorchs_results(tmp_path, batc
         return values
     manager.to_compute = to_compute
     held = []
-    read_ahead = engine.coordinator.read_ahead_of_next_step
+    read_ahead = engine.run.coordinator.read_ahead_of_next_step
 
     def read_ahead_of_next_step(arrived=()):  # what the optimizer step held for the next step's first modules
         held.append(arrived)
         read_ahead(arrived)
-    engine.coordinator.read_ahead_of_next_step = read_ahead_of_next_step
+    engine.run.coordinator.read_ahead_of_next_step = read_ahead_of_next_step
     try:
         losses = train(engine, batches)
         weights = final_weights(engine)
         # parameter_values gave every held and read-ahead buffer back, then read ahead again: only those hold one
-        assert pool.in_use == len(engine.coordinator.residence.reading())
+        assert pool.in_use == len(engine.run.coordinator.residence.reading())
     finally:
         engine.close()
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses, want_losses))
@@ -83,17 +83,17 @@ def test_held_first_parameters_are_not_read_again(tmp_path, batches):
     engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME, max_reuse_distance=0))
     try:
         train(engine, batches[:4])
-        held = engine.coordinator.first_reads(engine.run._holdable())
+        held = engine.run.coordinator.first_reads(engine.run._holdable())
         read_before = engine.io_stats().bytes_read
         train(engine, batches[4:5])
         report = engine.step_report()
-        offloaded = sum(engine.coordinator.sizes[i] * 4 for i in engine.offloaded)  # fp32 bytes
-        saved = sum(engine.coordinator.sizes[i] * 4 for i in held)
+        offloaded = sum(engine.run.coordinator.sizes[i] * 4 for i in engine.run.offloaded)  # fp32 bytes
+        saved = sum(engine.run.coordinator.sizes[i] * 4 for i in held)
     finally:
         engine.close()
     assert held and report.prefetch_misses == 0
     # every offloaded parameter is read for forward and for backward, but the held ones once only
-    assert engine.io_stats().bytes_read - read_before <= 2 * offloaded - saved + 4096 * 2 * len(engine.offloaded)
+    assert engine.io_stats().bytes_read - read_before <= 2 * offloaded - saved + 4096 * 2 * len(engine.run.offloaded)
     assert report.bytes_read >= 2 * offloaded - saved
 
 
@@ -118,9 +118,9 @@ def test_parameters_kept_from_forward_to_backward_hold_no_staging_buffer(tmp_pat
         train(engine, batches[:3])
         x, y = batches[3]
         loss = engine(x, y)
-        kept = engine.coordinator.residence.kept()
-        assert kept and not any(engine.homes[i].manager.lent(engine.homes[i].key(i)) for i in kept)
-        assert engine.run.param_pool.in_use == len(engine.coordinator.residence.reading())  # only reads ahead hold buffers
+        kept = engine.run.coordinator.residence.kept()
+        assert kept and not any(engine.run.homes[i].manager.lent(engine.run.homes[i].key(i)) for i in kept)
+        assert engine.run.param_pool.in_use == len(engine.run.coordinator.residence.reading())  # only reads ahead hold buffers
         engine.backward(loss)
         engine.step()
     finally:
