@@ -3,6 +3,8 @@ arrive equal and in order, the pool is never overcommitted, a read given up retu
 max_in_cpu copies are kept so that later rounds skip NVMe for them."""
 from __future__ import annotations
 
+import contextlib
+
 import threading
 
 import torch
@@ -55,7 +57,9 @@ class _Future:
         return n
 
 
-def make_home(tmp_path, max_in_cpu: int = 0):
+@contextlib.contextmanager
+def home_on_disk(tmp_path, max_in_cpu: int = 0):
+    """An NvmeHome over real O_DIRECT swap files holding random values; closed (manager, then handle) after."""
     shapes = {i: torch.Size([n]) for i, n in enumerate(SIZES)}
     handle = CountingHandle(open_handle(AioConfig(), direct=DirectPolicy.REQUIRE))
     manager = MemoryManager(handle, NvmeStore(tmp_path), torch.device("cpu"))
@@ -64,9 +68,13 @@ def make_home(tmp_path, max_in_cpu: int = 0):
     manager.store.reserve()
     torch.manual_seed(0)
     values = {i: torch.randn(s).to(torch.bfloat16) for i, s in shapes.items()}
-    for i, v in values.items():
-        home.put(i, v)
-    return home, handle, pool, values
+    try:
+        for i, v in values.items():
+            home.put(i, v)
+        yield home, handle, pool, values
+    finally:
+        manager.close()
+        handle._handle.close()
 
 
 def read_through(home: NvmeHome, values) -> None:
@@ -82,8 +90,7 @@ def read_through(home: NvmeHome, values) -> None:
 
 def test_reads_ahead_overlap_and_keep_max_in_cpu_copies(tmp_path):
     kept_budget = SIZES[0] + SIZES[1]  # the first two parameters keep their host copies
-    home, handle, pool, values = make_home(tmp_path, max_in_cpu=kept_budget)
-    try:
+    with home_on_disk(tmp_path, max_in_cpu=kept_budget) as (home, handle, pool, values):
         for round_ in range(2):
             reads = handle.reads
             read_through(home, values)
@@ -92,14 +99,10 @@ def test_reads_ahead_overlap_and_keep_max_in_cpu_copies(tmp_path):
         assert handle.peak_outstanding > 1  # reads were in flight together
         assert home.kept == {0, 1}
         assert all(home.manager.state(home.key(i)) is State.HOST_CLEAN for i in home.kept)
-    finally:
-        home.manager.close()
-        handle._handle.close()
 
 
 def test_read_ahead_refuses_when_the_pool_is_out_and_cancel_gives_the_buffer_back(tmp_path):
-    home, handle, pool, values = make_home(tmp_path)
-    try:
+    with home_on_disk(tmp_path) as (home, handle, pool, values):
         assert all(home.read_ahead(i) for i in range(BUFFERS))
         assert not home.read_ahead(BUFFERS) and pool.in_use == BUFFERS  # nothing started
         home.cancel(0)
@@ -109,9 +112,6 @@ def test_read_ahead_refuses_when_the_pool_is_out_and_cancel_gives_the_buffer_bac
             torch.testing.assert_close(home.fetch(i), values[i], rtol=0, atol=0)
             home.release(i)
         assert pool.in_use == 0
-    finally:
-        home.manager.close()
-        handle._handle.close()
 
 
 def test_the_coordinators_residency_moves_the_managers_own_record(tmp_path):
@@ -119,8 +119,7 @@ def test_the_coordinators_residency_moves_the_managers_own_record(tmp_path):
     from infinity.memory.record import Residency
     from infinity.memory.residency import Residence
 
-    home, handle, pool, values = make_home(tmp_path)
-    try:
+    with home_on_disk(tmp_path) as (home, handle, pool, values):
         record = home.record(0)
         assert record is home.manager.record(home.key(0))
         residence = Residence([home.record(i) for i in values], offloaded=values)
@@ -134,6 +133,3 @@ def test_the_coordinators_residency_moves_the_managers_own_record(tmp_path):
         residence.rest(0)
         home.release(0)
         assert record.residency is Residency.AT_REST and record.state is State.ON_NVME and pool.in_use == 0
-    finally:
-        home.manager.close()
-        handle._handle.close()
