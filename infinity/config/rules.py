@@ -32,14 +32,23 @@ def _rejected(config: "Config", *keys: str) -> bool:
                for k, s in config.sources.items())
 
 
+def missing_nvme_path(name: str, on_nvme: bool, nvme_path: object) -> Problem | None:
+    """The rule that an offload on NVMe names its folder: name is offload_param or offload_optimizer.
+    Config checks it here; EngineSettings built by hand (infinity.zero.settings) calls it too."""
+    if on_nvme and not nvme_path:
+        return Problem(f"{ZERO}.{name}.nvme_path", "device is nvme but no nvme_path is given",
+                       f"set {ZERO}.{name}.nvme_path to a folder on the NVMe drive, or device to cpu")
+    return None
+
+
 def _nvme_paths(config: "Config") -> Iterator[Problem]:
     for name in ("offload_param", "offload_optimizer"):
         block, prefix = getattr(config.zero_optimization, name), f"{ZERO}.{name}"
         if _rejected(config, f"{prefix}.device", f"{prefix}.nvme_path"):
             continue
-        if block.device is OffloadDevice.NVME and not block.nvme_path:
-            yield Problem(f"{ZERO}.{name}.nvme_path", "device is nvme but no nvme_path is given",
-                          f"set {ZERO}.{name}.nvme_path to a folder on the NVMe drive, or device to cpu")
+        problem = missing_nvme_path(name, block.device is OffloadDevice.NVME, block.nvme_path)
+        if problem is not None:
+            yield problem
 
 
 def _stages(config: "Config") -> Iterator[Problem]:

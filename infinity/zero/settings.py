@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 import torch
 
 from infinity.config.aio import AioConfig
+from infinity.config.rules import missing_nvme_path
 from infinity.config.training import Precision
 from infinity.schedule import Budgets
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
 from infinity.zero.loss_scale import LossScaleSettings
 from infinity.zero.lr_schedule import LrSchedule
+from infinity.errors import ConfigError
 
 
 DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
@@ -59,6 +61,14 @@ class EngineSettings:
     param_max_in_cpu: int = 0  # parameter elements on NVMe that also keep a host copy (offload_param.max_in_cpu)
     rank: int = 0
     model_save: ModelSave = ModelSave.GATHER
+
+    def __post_init__(self) -> None:
+        """Settings built by hand get config/rules.py's nvme_path rule too (from_config's already passed it)."""
+        problems = [p for p in (missing_nvme_path("offload_param", self.param_tier is Tier.NVME, self.param_nvme_path),
+                                missing_nvme_path("offload_optimizer", self.optimizer_tier is Tier.NVME,
+                                                  self.optimizer_nvme_path)) if p is not None]
+        if problems:
+            raise ConfigError(problems)
 
 
 def budgets_of(settings: EngineSettings) -> Budgets:
