@@ -10,6 +10,8 @@ import os
 from importlib import resources
 from importlib.abc import Traversable
 
+from infinity.errors import ConfigError, Problem
+
 SUFFIX = ".json"
 
 
@@ -33,8 +35,9 @@ def find(source: str | os.PathLike[str]) -> Traversable | None:
 
 
 def read_text(name: str) -> str:
-    """The JSON text of the shipped config `name` (KeyError naming the shipped ones when there is none)."""
+    """The JSON text of the shipped config `name` (ConfigError naming the shipped ones when there is none)."""
     found = find(name)
     if found is None:
-        raise KeyError(f"{name!r} is not a shipped config; shipped: {', '.join(names())}")
+        raise ConfigError([Problem("config", f"{name!r} is not a shipped config",
+                                   f"name one of {', '.join(names())}, or give a path to a JSON file")])
     return found.read_text(encoding="utf-8")

@@ -44,11 +44,12 @@ def choose_backend(requested: Backend, nvme_path: str | os.PathLike[str] | None 
 
 
 def open_handle(config: AioConfig | None = None, nvme_path: str | os.PathLike[str] | None = None,
-                direct: DirectPolicy = DirectPolicy.AUTO) -> IoHandle:
-    """A handle for config.backend (auto: see choose_backend), checked against nvme_path when given."""
+                direct: DirectPolicy = DirectPolicy.AUTO, key: str = "nvme_path") -> IoHandle:
+    """A handle for config.backend (auto: see choose_backend), checked against nvme_path when given (key:
+    the config key that named it, for the error)."""
     config = config or AioConfig()
     if nvme_path is not None:
-        check_nvme_path(nvme_path)
+        check_nvme_path(nvme_path, key=key)
     backend, _ = choose_backend(config.backend, nvme_path)
     if backend is Backend.POSIX:
         if direct is DirectPolicy.REQUIRE:

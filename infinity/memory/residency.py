@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from infinity.errors import InfinityError
 from infinity.memory.record import Record, Residency
 
 R = Residency
@@ -45,13 +46,18 @@ class Residence:
 
     def use(self, i: int) -> Residency:
         """One more user; returns the residency it had."""
+        had = self._move(i, R.IN_USE)  # an illegal move raises before the count changes
         self._records[i].users += 1
-        return self._move(i, R.IN_USE)
+        return had
 
     def leave(self, i: int) -> bool:
         """One user fewer; True when none is left (the caller then keeps or rests it)."""
-        self._records[i].users -= 1
-        return self._records[i].users == 0
+        record = self._records[i]
+        if record.users <= 0:
+            raise InfinityError(f"partition {record.key!r} ({record.residency.value}): a user left that never "
+                                f"came; this is a bug in the caller of Residence (the coordinator)")
+        record.users -= 1
+        return record.users == 0
 
     def keep(self, i: int) -> None:
         self._move(i, R.KEPT)

@@ -101,12 +101,13 @@ class NvmeOptimizer:
         self.timeline = NO_TIMELINE
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in groups]
         self._written: list[set[int]] = [set() for _ in groups]  # slices that got a gradient this step
+        if pool.buffer_count < BUFFERS_PER_GROUP:  # a pool built by hand; config/rules.py checks buffer_count
+            raise CapacityError("optimizer buffer pool", BUFFERS_PER_GROUP, pool.buffer_count,
+                                f"set zero_optimization.offload_optimizer.buffer_count to at least "
+                                f"{BUFFERS_PER_GROUP}; the engine multiplies it by the sub-groups in flight")
         for g in groups:
             for kind in KINDS:
                 manager.add(key(g.index, kind), g.numel, torch.float32, region=kind, pool=pool)
-        if pool.buffer_count < BUFFERS_PER_GROUP:
-            raise CapacityError("optimizer buffer pool", BUFFERS_PER_GROUP, pool.buffer_count,
-                                f"set offload_optimizer.buffer_count to at least {BUFFERS_PER_GROUP} (twice that or more to pipeline)")
 
     def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
         """Writes the initial fp32 master weights.  Moments and gradients start as the zeros of new files."""

@@ -73,9 +73,10 @@ class ParamHome(ABC):
         """A read ahead that has completed goes one step further now, where the home's policies say so (on
         CUDA the copy to the device)."""
 
-    def keep(self, index: int, param: torch.nn.Parameter) -> None:
+    def keep(self, index: int, param: torch.nn.Parameter, empty: torch.Tensor) -> None:
         """param stays gathered beyond its use: where its compute copy is a staging buffer, param gets a
-        copy of its own so that the buffer goes back for reads ahead."""
+        copy of its own so that the buffer goes back for reads ahead (empty: param's placeholder, which it
+        holds meanwhile)."""
 
 
 class ComputeHome(ParamHome):
@@ -191,14 +192,14 @@ class NvmeHome(ParamHome):
     def advance(self, index: int) -> None:
         self.manager.advance(self._keys[index])
 
-    def keep(self, index: int, param: torch.nn.Parameter) -> None:
+    def keep(self, index: int, param: torch.nn.Parameter, empty: torch.Tensor) -> None:
         """[Note: kept parameters give their staging buffer back]  On CPU a gathered parameter's compute
         copy may be its staging buffer (infinity/memory/compute_tier.py).  Kept until a later use, it
         would hold that buffer all the while and leave fewer for reads ahead (with the default reuse
         distance every parameter is kept from forward to backward), so it gets a copy of its own."""
         k = self._keys[index]
         if self.manager.lent(k):
-            param.data = torch.empty(0, dtype=param.dtype, device=param.device)  # not a view outside
+            param.data = empty  # not a view of the buffer outside
             param.data = self.manager.keep(k).view(self._shapes[index])
 
     def write(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP) -> set[str]:

@@ -32,6 +32,9 @@ from infinity.timeline import Timeline
 from infinity.zero.step_report import StepReport, StepReporter, Wait
 
 
+PARAM_PATH = "zero_optimization.offload_param.nvme_path"
+OPTIMIZER_PATH = "zero_optimization.offload_optimizer.nvme_path"
+
 class Run:
     """The wired parts of one run (what Engine.__init__ built before).  on_grad(i, p) is called by the
     coordinator's hooks as each parameter's gradient is made."""
@@ -47,6 +50,8 @@ class Run:
         self.params = [p for _, p in named]
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self._managers: dict[str, MemoryManager] = {}
+        self._param_pool: BufferPool | None = None  # built with the homes when parameters are on NVMe
+        self._optimizer_pool: BufferPool | None = None  # built with the optimizer when its states are
         self._param_names = {id(p): n for n, p in model.named_parameters()}  # to catch later changes
         self._hold: frozenset[int] = frozenset()  # parameters whose new values the optimizer step holds
         self.shapes = [_shape_of(p) for p in self.params]
@@ -90,7 +95,7 @@ class Run:
     @property
     def param_pool(self) -> BufferPool | None:
         """The staging buffers of parameters on NVMe (None when none are)."""
-        return getattr(self, "_param_pool", None)
+        return self._param_pool
 
     @property
     def slices(self) -> dict[int, Slice]:
@@ -204,15 +209,14 @@ class Run:
         are staged through the same pool: holding more buffers leaves them fewer to keep in flight."""
         if self.world > 1:
             return 0  # which held values count as arrived depends on write timing: ranks could differ (gather.py)
-        pool = getattr(self, "_param_pool", None)
-        return pool.buffer_count // 2 if pool is not None else 0
+        return self._param_pool.buffer_count // 2 if self._param_pool is not None else 0
 
     def _lend_staging_buffers(self) -> None:
         """On a CPU compute tier, a parameter's staging buffer is its compute copy while it is gathered,
         keeping as many buffers for reads as one module gathers (infinity/memory/compute_tier.py)."""
-        pool = getattr(self, "_param_pool", None)
-        if pool is not None:
-            self._manager(str(self.settings.param_nvme_path)).lend_to_compute(pool, self.coordinator.largest_gather())
+        if self._param_pool is not None:
+            self._manager(str(self.settings.param_nvme_path), PARAM_PATH).lend_to_compute(
+                self._param_pool, self.coordinator.largest_gather())
 
     def _flush_params(self, keys: set[str] | None) -> None:
         """Completes parameter writes (of keys, or all) in every manager: the parameters' swap files may
@@ -220,9 +224,10 @@ class Run:
         for m in self._managers.values():
             m.flush(keys)
 
-    def _manager(self, path: str) -> MemoryManager:
+    def _manager(self, path: str, key: str) -> MemoryManager:
+        """The memory manager of path; key (the config key that named path) is what its errors name."""
         if path not in self._managers:
-            self._managers[path] = open_manager(self.settings, path, self.device)
+            self._managers[path] = open_manager(self.settings, path, self.device, key)
         return self._managers[path]
 
     def _adopt_init(self) -> dict[int, str]:
@@ -293,7 +298,7 @@ class Run:
         if s.optimizer_tier is not Tier.NVME:
             return HostOptimizer(self.groups, s.adam)
         self._optimizer_pool = optimizer_pool(s, self.groups, self._pin())
-        return NvmeOptimizer(self._manager(str(s.optimizer_nvme_path)), self.groups, self._optimizer_pool, s.adam,
+        return NvmeOptimizer(self._manager(str(s.optimizer_nvme_path), OPTIMIZER_PATH), self.groups, self._optimizer_pool, s.adam,
                              s.pipeline)
 
     def _build_param_homes(self) -> tuple[list[ParamHome], set[int]]:
@@ -316,7 +321,7 @@ class Run:
             home: ParamHome = HostHome(shapes, dtype, self.device, pin=pin, where=device)
         elif offloaded:
             self._param_pool = param_pool(s, max(shape.numel() for shape in shapes.values()), dtype, self._pin())
-            home = NvmeHome(self._manager(str(s.param_nvme_path)), self._param_pool,
+            home = NvmeHome(self._manager(str(s.param_nvme_path), PARAM_PATH), self._param_pool,
                             {i: self.names[i] for i in offloaded}, shapes, dtype, adopted=self._adopted,
                             max_in_cpu=s.param_max_in_cpu)
         if offloaded and sharded:
@@ -340,7 +345,7 @@ class Run:
         return PinPolicy.AUTO if self.settings.pin_memory else PinPolicy.PAGEABLE
 
     def pools(self) -> list[BufferPool]:
-        return [p for p in (getattr(self, "_param_pool", None), getattr(self, "_optimizer_pool", None)) if p]
+        return [p for p in (self._param_pool, self._optimizer_pool) if p is not None]
 
 
 def _shape_of(p: nn.Parameter) -> torch.Size:

@@ -168,7 +168,7 @@ class Coordinator:
                 self._drop(i)
             else:
                 self.residence.keep(i)
-                self.homes[i].keep(i, self.params[i])
+                self.homes[i].keep(i, self.params[i], self._empty[i])
         if released and position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)  # a dropped partition needed again soon is read again now
 

@@ -248,3 +248,16 @@ def test_model_parameters_must_cover_what_requires_grad(tmp_path):
     model = fresh_model()
     with pytest.raises(UsageError, match="requires_grad=False"):
         infinity.initialize(model=model, model_parameters=list(model.parameters())[:3], config=config(tmp_path))
+
+
+def test_a_missing_optimizer_folder_is_named_by_its_own_key(tmp_path):
+    from infinity.errors import NvmePathError
+
+    cfg = config(tmp_path, param_device="cpu")
+    missing = tmp_path / "no-such-folder"
+    cfg["zero_optimization"]["offload_optimizer"]["nvme_path"] = str(missing)
+    with pytest.raises(NvmePathError) as caught:
+        infinity.initialize(model=fresh_model(), config=cfg)
+    message = str(caught.value)
+    assert "zero_optimization.offload_optimizer.nvme_path" in message and str(missing) in message
+    assert f"mkdir -p {missing}" in message and not missing.exists()

@@ -46,3 +46,15 @@ def test_the_moves_land_on_the_records_themselves():
     r = Residence(rs, offloaded={0, 1})
     r.use(1)
     assert rs[1].residency is Residency.IN_USE and rs[1].users == 1 and r.resident() == {1}
+
+
+def test_a_leave_without_a_use_raises_and_leaves_the_count_at_zero():
+    from infinity.errors import InfinityError
+
+    r = Residence(records(1), offloaded={0})
+    r.use(0)
+    assert r.leave(0)
+    r.keep(0)
+    with pytest.raises(InfinityError, match="a user left that never came"):
+        r.leave(0)  # its one user left already
+    assert r.users(0) == 0
