@@ -20,8 +20,9 @@ class Residence:
     """The residency of each parameter, by index, on the records of its partitions.
 
     [Note: sets kept beside the records]  `resident()` and `reading()` are asked on every module; the
-    read-ahead and kept sets are kept as the records change (in the same order as their moves, so that
-    what iterates over them, such as the planner's tie-breaking, sees the same order every run)."""
+    read-ahead and kept sets are updated as the records change so that `reading()` need not scan every
+    record.  They are sets of indices, so what iterates over them (such as the planner's tie-breaking)
+    sees them in the order of the ints' hashes: the same every run, not the order of the moves."""
 
     def __init__(self, records: Sequence[Record], offloaded: Iterable[int]):
         self._records = tuple(records)
