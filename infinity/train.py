@@ -23,6 +23,7 @@ from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
 from infinity.timeline import Timeline
 from infinity.zero import Engine, Init, initialize
 from infinity.zero.ranks import init_distributed
+from infinity.zero.step_report import PrefetchCounts
 
 log = logging.getLogger("infinity.train")
 
@@ -66,29 +67,8 @@ class StepStats:
         return self.tokens / self.step_s if self.step_s > 0 else 0.0
 
     @property
-    def prefetch(self) -> "Prefetch":
-        return Prefetch(self.prefetch_hits, self.prefetch_late, self.prefetch_misses)
-
-
-@dataclass(frozen=True)
-class Prefetch:
-    """Uses of offloaded parameters by how they had been fetched: the outcomes of infinity_prefetch_total
-    (hit: resident or its read done; late: its read still in flight; miss: fetched on demand)."""
-
-    hits: int
-    late: int
-    misses: int
-
-    @property
-    def uses(self) -> int:
-        return self.hits + self.late + self.misses
-
-    def shares(self) -> str:
-        """"hit 87.0% / late 13.0% / miss 0.0% of 36 uses" (or "no uses")."""
-        if not self.uses:
-            return "no offloaded uses"
-        return (f"hit {100 * self.hits / self.uses:.1f}% / late {100 * self.late / self.uses:.1f}% / "
-                f"miss {100 * self.misses / self.uses:.1f}% of {self.uses} uses")
+    def prefetch(self) -> PrefetchCounts:
+        return PrefetchCounts(self.prefetch_hits, self.prefetch_late, self.prefetch_misses)
 
 
 @dataclass(frozen=True)
@@ -123,7 +103,7 @@ class RunSummary:
         span = (f"step {self.steps}" if self.averaged_from == self.steps else
                 f"steps {self.averaged_from}-{self.steps}")
         left_out = " (step 1, which records the module order, left out)" if self.averaged_from > 1 else ""
-        prefetch = Prefetch(self.prefetch_hits, self.prefetch_late, self.prefetch_misses)
+        prefetch = PrefetchCounts(self.prefetch_hits, self.prefetch_late, self.prefetch_misses)
         return (f"{self.steps} steps{world}: loss {self.first_loss:.4f} -> {self.last_loss:.4f}; mean of {span}"
                 f"{left_out}: {self.mean_step_s:.2f} s/step, {self.tokens_per_s:.0f} tokens/s, per step "
                 f"{self.gb_read_per_step:.3f} GB read and {self.gb_written_per_step:.3f} GB written{who}, stalled "
