@@ -266,3 +266,17 @@ def test_every_key_is_documented():
     keys = Config.load({"optimizer": {}, "scheduler": {}}).sources
     missing = [key for key in keys if f"`{key}`" not in doc]
     assert missing == []
+
+
+def test_a_config_that_is_neither_a_file_nor_a_shipped_name_names_the_path_and_the_shipped_ones(tmp_path):
+    from infinity.config import shipped
+
+    missing = tmp_path / "nvme-locl.json"
+    with pytest.raises(ConfigError) as caught:
+        Config.load(str(missing))
+    message = str(caught.value)
+    assert str(missing) in message and "cannot be read" in message
+    assert all(name in message for name in ("nvme-local", "cpu-offload", "hf-zero3-nvme"))
+    with pytest.raises(ConfigError, match="'nvme-locl' is not a shipped config.*name one of cpu-offload"):
+        shipped.read_text("nvme-locl")
+    assert shipped.read_text("nvme-local") == (SHIPPED_DIR / "nvme-local.json").read_text(encoding="utf-8")
