@@ -1,0 +1,2 @@
+"""Integrations with other libraries (Transformers).  Each subpackage imports its library lazily or on import;
+nothing below this layer imports from here."""
