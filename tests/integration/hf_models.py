@@ -2,6 +2,7 @@
 Transformers + torch AdamW reference run, for the from_pretrained / save_pretrained tests."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -33,14 +34,29 @@ def auto_class(arch: str):
     return transformers.AutoModelForSeq2SeqLM if arch == "t5" else transformers.AutoModelForCausalLM
 
 
-def save_plain(arch: str, folder: Path, seed: int = 0, **save) -> Path:
-    """A freshly initialised plain model of arch, written by Transformers' save_pretrained."""
+def save_plain(arch: str, folder: Path, seed: int = 0, bin_files: int = 0, **save) -> Path:
+    """A freshly initialised plain model of arch, written by Transformers' save_pretrained; with bin_files,
+    its weights as that many weights-only torch files instead (pytorch_model.bin, or shards and their
+    index), as Transformers wrote them before safetensors (its save_pretrained writes only safetensors now)."""
     torch.manual_seed(seed)
-    auto_class(arch).from_config(config_of(arch)).save_pretrained(folder, **save)
+    model = auto_class(arch).from_config(config_of(arch))
+    model.save_pretrained(folder, **save)
+    if bin_files:
+        (folder / "model.safetensors").unlink()
+        state = model.state_dict()
+        if bin_files == 1:
+            torch.save(state, folder / "pytorch_model.bin")
+            return folder
+        keys = list(state)
+        names = [f"pytorch_model-{i + 1:05d}-of-{bin_files:05d}.bin" for i in range(bin_files)]
+        weight_map = {k: names[i * bin_files // len(keys)] for i, k in enumerate(keys)}
+        for name in names:
+            torch.save({k: state[k] for k in keys if weight_map[k] == name}, folder / name)
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
 
 
-def batches(steps: int, seed: int = 1) -> list[torch.Tensor]:
+def batches(steps: int, seed: int = 2) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (BATCH, SEQ), generator=g) for _ in range(steps)]
 

@@ -17,7 +17,8 @@ from infinity.integrations.transformers import from_pretrained  # noqa: E402
 from hf_models import assert_close_weights, auto_class, config_of, batches, loss_of, plain_run, save_plain, train  # noqa: E402
 
 STEPS = 10
-FORMATS = {"safetensors": {}, "sharded": {"max_shard_size": "20KB"}, "bin": {"safe_serialization": False}}
+FORMATS = {"safetensors": {}, "sharded": {"max_shard_size": "20KB"}, "bin": {"bin_files": 1},
+           "sharded-bin": {"bin_files": 3}}
 
 
 def nvme_config(tmp_path, **top):
@@ -28,15 +29,13 @@ def nvme_config(tmp_path, **top):
 
 def saved(arch, tmp_path, fmt):
     folder = save_plain(arch, tmp_path / "pretrained", **FORMATS[fmt])
-    if fmt == "bin":
-        assert (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists()
     if fmt == "sharded":
         assert (folder / "model.safetensors.index.json").exists()
     return folder
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("arch,fmt", [(a, f) for a in ("gpt2", "llama", "t5") for f in ("safetensors", "sharded", "bin")]
+                         + [("gpt2", "sharded-bin")])
 def test_loaded_into_nvme_trains_equal_to_plain_transformers(tmp_path, arch, fmt):
     folder = saved(arch, tmp_path, fmt)
     data = batches(STEPS)
