@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +196,29 @@ def test_a_folder_without_weights_is_refused_naming_the_files(tmp_path):
         from_pretrained(transformers.AutoModelForCausalLM, folder, nvme_config(tmp_path))
     with pytest.raises(infinity.UsageError, match="not a folder"):
         from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "nowhere", nvme_config(tmp_path))
+
+
+def test_peak_resident_growth_while_loading_stays_under_two_largest_tensors_and_the_pools(tmp_path):
+    """[Note: what is counted]  The worker loads a tiny model first (imports, first-call allocations), then
+    measures VmHWM's growth over one load of a Llama whose weights are 22 x its largest tensor.  The pool is
+    zero.Init's one staging buffer (the largest parameter, in whole 4096-byte blocks)."""
+    torch.manual_seed(0)
+    big = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                                   num_key_value_heads=8, vocab_size=1024, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(big)
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    model.save_pretrained(tmp_path / "big")
+    del model
+    largest, total = max(sizes), sum(sizes)
+    assert total >= 10 * largest
+    save_plain("llama", tmp_path / "small")
+    (tmp_path / "nvme").mkdir()
+    worker = Path(__file__).with_name("hf_rss_worker.py")
+    done = subprocess.run([sys.executable, str(worker), str(tmp_path / "big"), str(tmp_path / "nvme"),
+                           str(tmp_path / "small")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    pools = -(-largest // 4096) * 4096
+    assert measured["parameters"] == sum(sizes) // 4
+    assert measured["growth"] < 2 * largest + pools, (measured, largest, total)
