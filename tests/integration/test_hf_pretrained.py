@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import infinity
+from test_distributed import free_port
 from test_initialize import config
 
 transformers = pytest.importorskip("transformers", reason="the transformers package is not installed")
@@ -222,3 +223,27 @@ def test_peak_resident_growth_while_loading_stays_under_two_largest_tensors_and_
     pools = -(-largest // 4096) * 4096
     assert measured["parameters"] == sum(sizes) // 4
     assert measured["growth"] < 2 * largest + pools, (measured, largest, total)
+
+
+def test_two_ranks_round_trip_through_save_pretrained(tmp_path):
+    folder = save_plain("gpt2", tmp_path / "pretrained")
+    original = auto_class("gpt2").from_pretrained(folder).state_dict()
+    port = free_port()
+    worker = Path(__file__).with_name("hf_dist_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(folder), str(tmp_path / "out"), str(tmp_path / "nvme")],
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+    before = auto_class("gpt2").from_pretrained(tmp_path / "out" / "before").state_dict()
+    assert before.keys() == original.keys() and all(torch.equal(before[k], original[k]) for k in original)
+    trained = torch.load(tmp_path / "out" / "weights.pt", weights_only=True)
+    after = auto_class("gpt2").from_pretrained(tmp_path / "out" / "after")
+    assert all(torch.equal(p, trained[n]) for n, p in after.named_parameters())
+    assert any(not torch.equal(trained[k], original[k]) for k in trained)
