@@ -11,10 +11,10 @@ parents, gets host tensors for its own parameters and meta buffers: a parameter 
 read (weights.py, one tensor at a time) and converted to dtype; anything not found (a missing key, a
 non-persistent buffer such as Llama's rotary inv_freq) is initialised by the model's own _init_weights
 for that module, with the loaded tensors flagged `_is_hf_initialized` and written after it, so they are
-never overwritten.  As soon as a module is filled its parameters are written to their partitions by the
-same store zero.Init writes to (zero/init.py's InitRun), which initialize then takes over: host memory
-holds one module's own tensors at a time.  With offload_param not on nvme the parameters stay in host
-memory, where the config puts them anyway.
+never overwritten.  Each parameter read is written to its partition at once, by the same store zero.Init
+writes to (zero/init.py's InitRun), which initialize then takes over: host memory holds one read buffer
+([Note: one read buffer]), the store's staging buffer, and a module's newly initialised tensors.  With
+offload_param not on nvme the parameters stay in host memory, where the config puts them anyway.
 
 [Note: Parameter objects are replaced]  A meta tensor's storage cannot be swapped for a host one in
 place (`.data =` refuses the change of device), so each parameter gets a new nn.Parameter, set on every
