@@ -119,6 +119,18 @@ class NvmeOptimizer:
             self.manager.finish_write(key(g.index, "master"))
             self.manager.drop(key(g.index, "master"))
 
+    def write_master(self, s: Slice, values: torch.Tensor) -> None:
+        """Replaces slice s's fp32 master weights with values (its first elements; a parameter changed
+        between steps, by GatheredParameters): its sub-group's master is read, changed and written back."""
+        k = key(s.group, "master")
+        self.manager.start_read(k)
+        flat = self.manager.finish_read(k)
+        flat[s.offset:s.offset + values.numel()].copy_(values.reshape(-1))
+        self.manager.stage(k)
+        self.manager.start_write(k)
+        self.manager.finish_write(k)
+        self.manager.drop(k)
+
     def state_part(self, s: Slice, state: str) -> SwapPart:
         """Where slice s's state (master, exp_avg or exp_avg_sq) lives: its part of the sub-group's swap file."""
         return SwapPart(self.manager, key(s.group, state), s.offset * FP32)
@@ -219,6 +231,9 @@ class HostOptimizer:
         for g, flat in zip(self.groups, self.flat):
             for s in g.slices:
                 flat["master"][s.offset:s.end].copy_(values(s).reshape(-1))
+
+    def write_master(self, s: Slice, values: torch.Tensor) -> None:
+        self.flat[s.group]["master"][s.offset:s.offset + values.numel()].copy_(values.reshape(-1))
 
     def state_part(self, s: Slice, state: str) -> HostPart:
         """Slice s's state (master, exp_avg or exp_avg_sq): a view of its sub-group's flat vector."""

@@ -25,6 +25,7 @@ from infinity.zero.init import placed
 from infinity.zero.placement import check_placement, open_manager, optimizer_pool, param_pool
 from infinity.zero.settings import EngineSettings, budgets_of, dtype_of
 from infinity.zero.gather import ShardedHome, piece_of
+from infinity.zero.gathered import claim
 from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
 from infinity.shard import Shard, shard_of
@@ -84,6 +85,7 @@ class Run:
                 m.close()  # a refused config leaves no swap files behind
             raise
         self._lend_staging_buffers()
+        claim(self)  # GatheredParameters finds a parameter's run through it
         moved = self.io_stats()
         self.reporter.start(moved.bytes_read, moved.bytes_written)
 
