@@ -26,6 +26,7 @@ from infinity.zero.placement import check_placement, open_manager, optimizer_poo
 from infinity.zero.settings import EngineSettings, budgets_of, dtype_of
 from infinity.zero.gather import ShardedHome, piece_of
 from infinity.zero.gathered import claim
+from infinity.zero.external import ExternalParameters
 from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
 from infinity.shard import Shard, shard_of
@@ -86,6 +87,7 @@ class Run:
             raise
         self._lend_staging_buffers()
         claim(self)  # GatheredParameters finds a parameter's run through it
+        self.external = ExternalParameters(model, self.coordinator, self.names, self.shapes)
         moved = self.io_stats()
         self.reporter.start(moved.bytes_read, moved.bytes_written)
 
@@ -188,6 +190,7 @@ class Run:
     def close(self) -> None:
         """Removes the hooks and this run's swap files."""
         self.coordinator.remove()
+        self.external.remove()
         for m in self._managers.values():
             m.close()
         self._managers.clear()

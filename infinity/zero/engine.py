@@ -70,7 +70,7 @@ class Engine:
         self._check_usable()
         if torch.is_grad_enabled():
             self.phase.to(TrainingState.FORWARD)
-        with self.timeline.span("forward", Track.COMPUTE):
+        with self.timeline.span("forward", Track.COMPUTE), self.run.external.watching():  # zero/external.py
             return self.module(*args, **kwargs)
 
     forward = __call__
@@ -87,7 +87,7 @@ class Engine:
         with warnings.catch_warnings(), self.latching_failure(self.is_gradient_accumulation_boundary()):
             warnings.filterwarnings("ignore", message=EXPECTED_HOOK_WARNING, category=UserWarning)
             try:
-                with self.timeline.span("backward", Track.COMPUTE):
+                with self.timeline.span("backward", Track.COMPUTE), self.run.external.explaining():
                     scaled.backward()
                     self.run.coordinator.release_all()
             except BaseException:

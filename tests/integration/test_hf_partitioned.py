@@ -120,3 +120,124 @@ def test_gathered_parameters_after_initialize_changes_what_trains_on(tmp_path):
         engine.close()
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want, strict=True)), (got, want)
     assert float((weights[name] - want_weights[name]).norm() / want_weights[name].norm()) <= 1e-5
+
+
+# ---- parameters read outside their module -----------------------------------------------------------
+class PeerLinear(torch.nn.Module):
+    """Uses another module's weight (peer, held in a list: not a submodule of this one)."""
+
+    def __init__(self, peer: torch.nn.Linear):
+        super().__init__()
+        self.peer = [peer]
+        self.bias = torch.nn.Parameter(torch.zeros(32))
+
+    def forward(self, h):
+        return torch.nn.functional.linear(h, self.peer[0].weight, self.bias)  # saves the Parameter itself
+
+
+class ReadsInBackward(torch.autograd.Function):
+    """Reads module.weight in backward only, where no forward saw it: undetectable."""
+
+    @staticmethod
+    def forward(ctx, h, module):
+        ctx.module = module
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.module.weight, None
+
+
+class TiedLm(torch.nn.Module):
+    def __init__(self, backward_reader: bool = False):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 32)
+        self.mix = torch.nn.Linear(32, 32)
+        self.peer = PeerLinear(self.mix)
+        self.norm = torch.nn.LayerNorm(32)
+        self.backward_reader = backward_reader
+
+    def forward(self, x, y):
+        h = torch.tanh(self.mix(self.embed(x)))
+        h = torch.tanh(self.peer(h))
+        if self.backward_reader:
+            h = ReadsInBackward.apply(h, self.norm)
+        logits = self.norm(h) @ self.embed.weight.t()  # the parent reads its child's weight
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 64), y.reshape(-1))
+
+
+def tied_batches():
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randint(0, 64, (4, 8), generator=g), torch.randint(0, 64, (4, 8), generator=g)) for _ in range(6)]
+
+
+def tied_model(backward_reader: bool = False) -> TiedLm:
+    torch.manual_seed(0)
+    return TiedLm(backward_reader)
+
+
+def plain_run(model, batches):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    losses = []
+    for x, y in batches:
+        loss = model(x, y)
+        loss.backward()
+        losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def engine_run(engine, batches):
+    losses = []
+    for x, y in batches:
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses, engine.parameter_values()
+
+
+def assert_close(got, want):
+    (got_losses, got_weights), (want_losses, want_weights) = got, want
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got_losses, want_losses, strict=True)), \
+        (got_losses, want_losses)
+    for n, w in want_weights.items():
+        assert float((got_weights[n] - w).norm() / w.norm()) <= 1e-5, n
+
+
+def test_weights_read_outside_their_module_are_detected_and_train_as_torch(tmp_path):
+    batches = tied_batches()
+    want = plain_run(tied_model(), batches)
+    engine, *_ = infinity.initialize(model=tied_model(), config=nvme_config(tmp_path))
+    try:
+        got = engine_run(engine, batches)
+        assert set(engine.run.external.registered) == {("TiedLm", "embed.weight"), ("peer", "mix.weight")}
+    finally:
+        engine.close()
+    assert_close(got, want)
+
+
+def test_a_read_that_cannot_be_detected_is_named_with_its_fix(tmp_path):
+    batches = tied_batches()
+    engine, *_ = infinity.initialize(model=tied_model(backward_reader=True), config=nvme_config(tmp_path))
+    try:
+        loss = engine(*batches[0])
+        with pytest.raises(infinity.ExternalParameterError, match=r"'norm.weight'.*register_external_parameter"):
+            engine.backward(loss)
+    finally:
+        engine.close()
+
+
+def test_register_external_parameter_serves_the_undetectable_read(tmp_path):
+    batches = tied_batches()
+    want = plain_run(tied_model(backward_reader=True), batches)
+    model = tied_model(backward_reader=True)
+    infinity.zero.register_external_parameter(model, model.norm.weight)  # before initialize: remembered
+    engine, *_ = infinity.initialize(model=model, config=nvme_config(tmp_path))
+    try:
+        got = engine_run(engine, batches)
+    finally:
+        engine.close()
+    assert_close(got, want)
