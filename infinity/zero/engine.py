@@ -50,6 +50,7 @@ class Engine:
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.run = run = Run(model, settings, lambda i, p: self._hook(i, p))
+        run.engine = self  # a run rebuilt around new shapes (zero/resize.py) replaces it through rebuild_run
         self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
         # The run's other parts are engine.run's (names, shards, homes, coordinator, ranks, ...); checkpoints
         # see the engine through self.checkpointable, the protocol's view (zero/checkpoint_view.py).
@@ -212,6 +213,14 @@ class Engine:
         finally:
             if exporter is not None:
                 exporter.stop()
+
+    def rebuild_run(self) -> Run:
+        """A new run over the model, after the old one closed (zero/resize.py: a parameter's shape changed)."""
+        self.run = run = Run(self.module, self.settings, lambda i, p: self._hook(i, p))
+        run.engine = self
+        self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
+        self.optimizer = run.optimizer
+        return run
 
     # ---- phases the checkpoint view (zero/checkpoint_view.py) shares -----------------------
     @contextlib.contextmanager

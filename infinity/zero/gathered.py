@@ -87,7 +87,8 @@ class GatheredParameters:
                 if p.numel() and _is_partitioned(p):
                     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             for run in self._runs.values():
-                run.coordinator.read_ahead_of_next_step()
+                if run.engine.run is run:  # not rebuilt (zero/resize.py)
+                    run.coordinator.read_ahead_of_next_step()
             self._gathered.clear()
             self._runs.clear()
 

@@ -241,3 +241,103 @@ def test_register_external_parameter_serves_the_undetectable_read(tmp_path):
     finally:
         engine.close()
     assert_close(got, want)
+
+
+# ---- resize_token_embeddings after initialize ---------------------------------------------------------
+def lm_batches(vocab: int, steps: int):
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(steps)]
+
+
+def lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def embeddings_of(model):
+    return [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_resize_token_embeddings_after_initialize_trains_as_a_plain_resized_model(tmp_path, name):
+    """Resized right after initialize (inside GatheredParameters with modifier_rank=0), the model trains
+    exactly as the same model resized in plain Transformers and trained with torch AdamW."""
+    auto, cfg = TINY[name]()
+    batches = lm_batches(300, 4)
+    torch.manual_seed(0)
+    plain = auto.from_config(cfg)
+    torch.manual_seed(1)
+    plain.resize_token_embeddings(300, mean_resizing=False)
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    want = []
+    for ids in batches:
+        loss = lm_loss(plain, ids)
+        loss.backward()
+        want.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    auto, cfg = TINY[name]()  # a fresh config: resizing changed the plain model's
+    torch.manual_seed(0)
+    engine, *_ = infinity.initialize(model=auto.from_config(cfg), config=nvme_config(tmp_path))
+    try:
+        model = engine.module
+        torch.manual_seed(1)
+        with infinity.zero.GatheredParameters(embeddings_of(model), modifier_rank=0):
+            model.resize_token_embeddings(300, mean_resizing=False)
+        assert model.get_input_embeddings().weight.numel() == 0  # partitioned again, at the new shape
+        assert engine.run.shapes[engine.run.names.index(
+            [n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight][0])][0] == 300
+        got = []
+        for ids in batches:
+            loss = lm_loss(engine, ids)
+            engine.backward(loss)
+            engine.step()
+            got.append(loss.item())
+        weights = engine.parameter_values()
+    finally:
+        engine.close()
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want, strict=True)), (got, want)
+    assert_weights_close(weights, {n: p.detach() for n, p in plain.named_parameters()}, len(batches))
+
+
+def assert_weights_close(got, want, steps, rel=1e-5):
+    """Per-parameter relative error at most rel; GPT-2's key bias as test_training.assert_same_weights says
+    ([Note: the key bias] there: rounding noise that Adam turns into steps of about lr)."""
+    for name, w in want.items():
+        g = got[name]
+        if name.endswith("c_attn.bias"):
+            h = w.shape[0] // 3
+            assert float((g[h:2 * h] - w[h:2 * h]).abs().max()) <= 2 * 1e-3 * steps
+            g, w = torch.cat([g[:h], g[2 * h:]]), torch.cat([w[:h], w[2 * h:]])
+        assert float((g - w).norm() / w.norm()) <= rel, name
+
+
+def test_resize_token_embeddings_after_training_steps_trains_on(tmp_path):
+    """Resized after two steps: the old rows keep their trained values, every other parameter its values and
+    Adam state, and training goes on over the new tokens."""
+    auto, cfg = TINY["gpt2"]()
+    torch.manual_seed(0)
+    engine, *_ = infinity.initialize(model=auto.from_config(cfg), config=nvme_config(tmp_path))
+    try:
+        model = engine.module
+        for ids in lm_batches(256, 2):
+            engine.backward(lm_loss(engine, ids))
+            engine.step()
+        before = engine.parameter_values()
+        with infinity.zero.GatheredParameters(embeddings_of(model), modifier_rank=0):
+            model.resize_token_embeddings(300)
+        after = engine.parameter_values()
+        assert after["transformer.wte.weight"].shape == (300, 64)
+        assert torch.equal(after["transformer.wte.weight"][:256], before["transformer.wte.weight"])
+        assert all(torch.equal(after[n], v) for n, v in before.items() if n != "transformer.wte.weight")
+        losses = []
+        for ids in lm_batches(300, 3):
+            loss = lm_loss(engine, ids)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        assert all(torch.isfinite(torch.tensor(losses)))
+        trained = engine.parameter_values()["transformer.wte.weight"]
+        assert not torch.equal(trained[256:], after["transformer.wte.weight"][256:])  # the new rows train
+    finally:
+        engine.close()
