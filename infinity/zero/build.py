@@ -26,7 +26,7 @@ from infinity.zero.placement import check_placement, open_manager, optimizer_poo
 from infinity.zero.settings import EngineSettings, budgets_of, dtype_of
 from infinity.zero.gather import ShardedHome, piece_of
 from infinity.zero.gathered import claim
-from infinity.zero.external import ExternalParameters
+from infinity.zero.external import ExternalParameters, check_placeholders
 from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
 from infinity.shard import Shard, shard_of
@@ -175,6 +175,7 @@ class Run:
         latched failures."""
         for m in self._managers.values():
             m.check_healthy()
+        check_placeholders(self)
         now = {id(p): n for n, p in self.module.named_parameters()}
         if now.keys() != self._param_names.keys():
             added = [n for i, n in now.items() if i not in self._param_names]

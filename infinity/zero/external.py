@@ -29,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from infinity.errors import ExternalParameterError, InfinityError, UsageError
+from infinity.memory.record import Residency
 from infinity.zero.zero_init_access import parameters_in
 
 METADATA = {torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.requires_grad.__get__,
@@ -167,6 +168,21 @@ def _attribute(obj: Any, name: str) -> Any:
         if name in place:
             return place[name]
     return None
+
+
+def check_placeholders(run: Any) -> None:
+    """A UsageError when an offloaded parameter at rest holds something else than its empty placeholder:
+    code replaced its .data outside GatheredParameters (resize_token_embeddings without the block reads
+    the placeholder's shape [0] and sets a weight of width 0), and the next fetch would silently undo it."""
+    residence = run.coordinator.residence
+    for i in run.offloaded:
+        d = run.params[i].data
+        if (d.dim() != 1 or d.shape[0] != 0) and residence.state(i) in (Residency.AT_REST, Residency.READ_AHEAD):
+            raise UsageError(f"parameter {run.names[i]!r} is partitioned (its values are on the offload tier) but "
+                             f"its .data was replaced outside infinity.zero.GatheredParameters (now of shape "
+                             f"{tuple(d.shape)}); change partitioned parameters inside "
+                             f"`with infinity.zero.GatheredParameters(params, modifier_rank=0):` (for "
+                             f"resize_token_embeddings, the input and output embeddings' weights)")
 
 
 def register_external_parameter(module: nn.Module, parameter: nn.Parameter) -> None:

@@ -59,7 +59,7 @@ class GatheredParameters:
         fwd_module: accepted for DeepSpeed's signature (external parameters are detected, zero/external.py)."""
         self.params = [params] if isinstance(params, torch.Tensor) else [p for p in params if p is not None]
         self.modifier_rank, self.enabled = modifier_rank, enabled
-        self._gathered: list[tuple[nn.Parameter, torch.Size]] = []
+        self._gathered: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its values on entry)
         self._runs: dict[int, Any] = {}
 
     def __enter__(self) -> "GatheredParameters":
@@ -73,7 +73,7 @@ class GatheredParameters:
             values = self._read(p)
             if values is not None:
                 p.data = values
-                self._gathered.append((p, values.shape))
+                self._gathered.append((p, values.clone() if self.modifier_rank is not None else values))
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
@@ -87,7 +87,7 @@ class GatheredParameters:
                 if p.numel() and _is_partitioned(p):
                     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             for run in self._runs.values():
-                if run.engine.run is run:  # not rebuilt (zero/resize.py)
+                if getattr(getattr(run, "engine", None), "run", run) is run:  # not rebuilt (zero/resize.py)
                     run.coordinator.read_ahead_of_next_step()
             self._gathered.clear()
             self._runs.clear()
@@ -102,7 +102,8 @@ class GatheredParameters:
             return None
         run = self._settle(mine.run)
         if mine.index not in run.offloaded:
-            self._gathered.append((p, p.shape))  # whole already: only its master is written on exit
+            if self.modifier_rank is not None:  # whole already: only its master is written, if it changes
+                self._gathered.append((p, p.detach().clone()))
             return None
         dtype = dtype_of(run.settings.precision)
         return run.read_values(mine.index, dtype=dtype).to(run.device)
@@ -121,19 +122,40 @@ class GatheredParameters:
 
     # ---- writing back -----------------------------------------------------------------
     def _write_back(self) -> None:
+        """[Note: only what changed]  Parameters the modifier rank left unchanged are not written: with bf16
+        or fp16 their fp32 master weights would be rounded to the compute dtype.  Rank source decides,
+        and every rank follows its flags (the writes of several ranks are collectives)."""
         source = int(self.modifier_rank)  # type: ignore[arg-type]
+        changed = torch.tensor([p.shape != before.shape or not torch.equal(p.data.cpu(), before.cpu())
+                                for p, before in self._gathered], dtype=torch.uint8)
+        ranks = _ranks_of(self._gathered)
+        if ranks is not None and ranks.several:
+            ranks.broadcast(changed, "GatheredParameters' changed parameters", source)
         resized: dict[int, dict[int, torch.Tensor]] = {}
-        for p, shape in self._gathered:
+        for (p, before), flag in zip(self._gathered, changed.tolist()):
             record, mine = placed(p), owner(p)
+            if not flag:
+                continue
             if record is not None and record.run.manager is not None:
                 record.run.rewrite(p, p.data, source)
-            elif mine is not None and p.shape != shape:
+            elif mine is not None and p.shape != before.shape:
                 resized.setdefault(id(mine.run), {})[mine.index] = p.data
             elif mine is not None:
                 _write_owned(mine.run, mine.index, p, source)
-        for run_id, changed in resized.items():
+        for run_id, values in resized.items():
             from infinity.zero.resize import resize  # the rare path: its own module
-            resize(self._runs[run_id], changed, source)
+            resize(self._runs[run_id], values, source)
+
+
+def _ranks_of(gathered: list[tuple[nn.Parameter, torch.Tensor]]) -> Any:
+    """The ranks the block's parameters are partitioned over (zero.Init's or an engine's)."""
+    for p, _ in gathered:
+        record, mine = placed(p), owner(p)
+        if mine is not None:
+            return mine.run.ranks
+        if record is not None:
+            return record.run.ranks
+    return None
 
 
 def _is_partitioned(p: nn.Parameter) -> bool:

@@ -377,3 +377,19 @@ def test_gathered_parameters_with_two_ranks_keeps_the_modifier_ranks_values(tmp_
             continue  # [Note: the key bias] in test_training.py
         assert float((two[0]["weights"][n] - p.detach()).norm() / p.detach().norm()) <= 1e-4, n
         assert torch.equal(two[0]["weights"][n], two[1]["weights"][n]), n
+
+
+def test_a_partitioned_weight_replaced_outside_gathered_parameters_is_refused(tmp_path):
+    """Setting .data of a partitioned parameter outside the block would be undone silently by its next
+    fetch: the engine refuses, naming the parameter and GatheredParameters."""
+    from infinity.errors import UsageError
+    from training_reference import fresh_model, make_batches
+    cfg = nvme_config(tmp_path)
+    cfg["train_micro_batch_size_per_gpu"] = 4
+    engine, *_ = infinity.initialize(model=fresh_model(), config=cfg)
+    try:
+        engine.module.head.weight.data = torch.zeros(256, 64)
+        with pytest.raises(UsageError, match=r"'head.weight' is partitioned.*GatheredParameters"):
+            engine(*make_batches()[0])
+    finally:
+        engine.close()
