@@ -219,7 +219,9 @@ class Engine:
         self.run = run = Run(self.module, self.settings, lambda i, p: self._hook(i, p))
         run.engine = self
         self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
-        self.optimizer = run.optimizer
+        self.optimizer, self.checkpointable = run.optimizer, CheckpointView(self)
+        if self.timeline.enabled:
+            run.trace_to(self.timeline)
         return run
 
     # ---- phases the checkpoint view (zero/checkpoint_view.py) shares -----------------------

@@ -339,6 +339,7 @@ def test_resize_token_embeddings_after_training_steps_trains_on(tmp_path):
         assert all(torch.isfinite(torch.tensor(losses)))
         trained = engine.parameter_values()["transformer.wte.weight"]
         assert not torch.equal(trained[256:], after["transformer.wte.weight"][256:])  # the new rows train
+        assert engine.save_checkpoint(str(tmp_path / "ckpt"))  # the checkpoint view follows the new run
     finally:
         engine.close()
 
