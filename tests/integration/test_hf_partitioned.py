@@ -162,8 +162,9 @@ class TiedLm(torch.nn.Module):
         h = torch.tanh(self.peer(h))
         if self.backward_reader:
             h = ReadsInBackward.apply(h, self.norm)
+        vocab = self.embed.weight.shape[0]  # a metadata read: the real shape, nothing fetched
         logits = self.norm(h) @ self.embed.weight.t()  # the parent reads its child's weight
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, 64), y.reshape(-1))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
 
 
 def tied_batches():
