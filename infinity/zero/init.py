@@ -110,7 +110,7 @@ class InitRun:
     def owns(self, p: torch.Tensor) -> bool:
         """Whether p is a parameter this run placed (and emptied)."""
         record = placed(p)
-        return record is not None and record.run is self and p.numel() == 0
+        return record is not None and record.run is self and p.data.numel() == 0
 
     def read_whole(self, p: torch.Tensor) -> torch.Tensor:
         """Placed parameter p's whole values, read back from its partition (with several ranks every rank's

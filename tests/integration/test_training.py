@@ -79,7 +79,7 @@ def test_parameters_leave_the_compute_tier(tmp_path, batches):
     # max_reuse_distance 0: forward's copies are not kept for backward (the default keeps this small model whole)
     engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME, max_reuse_distance=0))
     try:
-        assert all(p.numel() == 0 for p in engine.run.params)  # nothing resident before the first forward
+        assert all(p.data.numel() == 0 for p in engine.run.params)  # nothing resident before the first forward
         train(engine, batches[:2])
         report = engine.memory_report()
         total = report.nvme_bytes
