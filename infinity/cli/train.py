@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from infinity.bench.progress import Cadence, ProgressBar
+from infinity.cli.interrupts import as_interrupted, raise_on_signals, train_stopped
 from infinity.config import shipped
 from infinity.errors import InfinityError
 from infinity.models.gpt import GptSpec
@@ -110,6 +111,10 @@ def train(ns: argparse.Namespace):  # -> RunSummary
         for stats in run(job):
             steps.append(stats)
             bar.advance(describe(stats))
+    except KeyboardInterrupt as stop:  # SIGINT or SIGTERM (cli/interrupts.py): run() has closed the engine
+        stopped = as_interrupted(stop)
+        stopped.during = f"step {len(steps) + 1} of {job.steps}"
+        raise stopped from None
     finally:
         bar.close()
     result = summarize(steps, ranks=int(os.environ.get("WORLD_SIZE", "1") or 1))
@@ -126,7 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.nproc > 1 and "RANK" not in os.environ:
         return launch(ns.nproc, sys.argv[1:] if argv is None else list(argv))
     try:
-        result = train(ns)
+        with raise_on_signals("infinity-train"):
+            result = train(ns)
+    except KeyboardInterrupt as stop:
+        print(f"infinity-train: {train_stopped(as_interrupted(stop), nvme_paths(ns))}", file=sys.stderr)
+        return as_interrupted(stop).exit_code
     except ValueError as err:
         print(f"infinity-train: {err}", file=sys.stderr)
         return EXIT_INVALID
@@ -137,6 +146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK  # rank 0 speaks for the run
     print(result.line())
     return EXIT_OK
+
+
+def nvme_paths(ns: argparse.Namespace) -> list[str]:
+    """The folders the run's swap files go under: --nvme_path, or the config's offload blocks on nvme."""
+    if ns.nvme_path:
+        return [ns.nvme_path]
+    from infinity.config import Config, OffloadDevice
+    try:
+        zero = Config.load(ns.config).zero_optimization
+    except InfinityError:
+        return []
+    return [b.nvme_path for b in (zero.offload_param, zero.offload_optimizer)
+            if b.device is OffloadDevice.NVME and b.nvme_path]
 
 
 def _rank() -> int:
