@@ -32,6 +32,7 @@ from infinity.bench.report import summary
 from infinity.bench.sizes import format_size
 from infinity.cli.interrupts import raise_on_signals
 from infinity.errors import ConfigError, InfinityError, Interrupted, Problem
+from infinity.outputs import write_output
 
 PROG = "infinity-bench"
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130  # SIGTERM: 143 (errors.Interrupted)
@@ -117,9 +118,7 @@ def sweep_and_report(plan: SweepPlan, outputs: Outputs) -> None:
     for line in warnings(outcome):
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     if outputs.json_path:
-        with open(outputs.json_path, "w") as out:
-            json.dump(to_json(outcome, best), out, indent=2)
-            out.write("\n")
+        write_output(outputs.json_path, json.dumps(to_json(outcome, best), indent=2) + "\n")  # never via a symlink
     if outputs.plot_path:
         from infinity.bench.plot import write_heatmap
 

@@ -21,6 +21,7 @@ from infinity.bench.progress import Cadence, ProgressBar
 from infinity.cli.interrupts import as_interrupted, raise_on_signals, train_stopped
 from infinity.config import shipped
 from infinity.errors import InfinityError
+from infinity.outputs import write_output
 from infinity.models.gpt import GptSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -119,8 +120,8 @@ def train(ns: argparse.Namespace):  # -> RunSummary
         bar.close()
     result = summarize(steps, ranks=int(os.environ.get("WORLD_SIZE", "1") or 1))
     if ns.json and _rank() == 0:
-        Path(ns.json).write_text(json.dumps({"summary": asdict(result), "steps": [asdict(s) for s in steps]},
-                                            indent=2))
+        write_output(ns.json, json.dumps({"summary": asdict(result), "steps": [asdict(s) for s in steps]},
+                                         indent=2))  # replaces a symlink at the name, never follows it
     return result
 
 

@@ -115,3 +115,23 @@ def test_thread_count_100000_is_refused_with_the_limit_and_nothing_started(nvme)
     assert done.stdout == ""  # the sweep's first line never came
     assert os.listdir(nvme) == []  # no bench file
     assert "Traceback" not in done.stderr
+
+
+def test_bench_json_and_plot_replace_a_planted_symlink_never_follow_it(nvme, victim, tmp_path, capsys):
+    outputs = ["--json"] + (["--plot"] if _have_matplotlib() else [])
+    links = []
+    for flag in outputs:
+        link = tmp_path / ("result.json" if flag == "--json" else "result.png")
+        link.symlink_to(victim)
+        links += [flag, str(link)]
+    assert cli.main(["--nvme_path", str(nvme), *SMALL, *links]) == 0
+    assert victim.read_bytes() == SECRET
+    for path in links[1::2]:
+        assert not os.path.islink(path) and os.path.getsize(path) > 0
+    capsys.readouterr()
+
+
+def _have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
