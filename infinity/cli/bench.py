@@ -20,15 +20,13 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from infinity.bench import (OpSelection, SweepPlan, check_plan, choose_best, parse_axes, parse_size, run_sweep,
-                            table, to_json, warnings)
+from infinity.bench import OpSelection, SweepPlan, check_plan, parse_axes, parse_size
 from infinity.bench.bench_file import FILE_PREFIX, FILE_SUFFIX
 from infinity.bench.axes import DEFAULT_BLOCK_SIZES, DEFAULT_QUEUE_DEPTHS, DEFAULT_THREAD_COUNTS
 from infinity.bench.fio import fio_binary
 from infinity.bench.interrupt import DeferredInterrupt
 from infinity.bench.plan import FioPolicy, check_output_file, check_plot_available
 from infinity.bench.progress import ProgressBar
-from infinity.bench.report import summary
 from infinity.bench.sizes import format_size
 from infinity.cli.interrupts import raise_on_signals
 from infinity.errors import ConfigError, InfinityError, Interrupted, Problem
@@ -94,6 +92,9 @@ def plan_from_args(ns: argparse.Namespace) -> tuple[SweepPlan, Outputs]:
 
 
 def sweep_and_report(plan: SweepPlan, outputs: Outputs) -> None:
+    from infinity.bench import choose_best, run_sweep, table, to_json, warnings  # torch: after the flags' checks
+    from infinity.bench.report import summary
+
     settings = len(plan.axes.settings())
     print(f"{PROG}: {settings} settings × {', '.join(op.name.lower() for op in plan.ops.ops)} of "
           f"{format_size(plan.io_size)} each on {plan.nvme_path} (O_DIRECT, libaio), repeat {plan.repeat}")
