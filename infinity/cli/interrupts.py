@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -51,6 +52,21 @@ def raise_on_signals(prog: str) -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def run_forwarding_signals(command: list[str]) -> tuple[int, Interrupted | None]:
+    """Runs command (torchrun, say) as a child and waits; a SIGINT or SIGTERM sent to this process is sent on
+    to the child, which stops its own children and cleans up.  The child's exit status, and the signal that
+    stopped it, if one did."""
+    child = subprocess.Popen(command)
+    stopped: Interrupted | None = None
+    while True:
+        try:
+            with raise_on_signals("infinity-train"):
+                return child.wait(), stopped
+        except KeyboardInterrupt as stop:
+            stopped = as_interrupted(stop)
+            child.send_signal(stopped.signum)
 
 
 def as_interrupted(stop: KeyboardInterrupt) -> Interrupted:

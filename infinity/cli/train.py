@@ -11,14 +11,14 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 from infinity.bench.progress import Cadence, ProgressBar
-from infinity.cli.interrupts import as_interrupted, raise_on_signals, train_stopped
+from infinity.cli.interrupts import (as_interrupted, raise_on_signals, run_forwarding_signals, swap_folders_left,
+                                     train_stopped)
 from infinity.config import shipped
 from infinity.errors import InfinityError
 from infinity.outputs import write_output
@@ -73,7 +73,8 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
             rest.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "infinity.cli.train", *rest]
-    return subprocess.run(command, check=False).returncode
+    status, stopped = run_forwarding_signals(command)  # SIGTERM to this process reaches every rank, which
+    return status if stopped is None else stopped.exit_code  # cleans up; rank 0 said so (torchrun adds its own)
 
 
 def job_from_args(ns: argparse.Namespace):  # -> TrainJob (imported late: torch loads slowly)
@@ -135,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with raise_on_signals("infinity-train"):
             result = train(ns)
     except KeyboardInterrupt as stop:
-        print(f"infinity-train: {train_stopped(as_interrupted(stop), nvme_paths(ns))}", file=sys.stderr)
+        paths = nvme_paths(ns)
+        if _rank() == 0 or swap_folders_left(paths):  # rank 0 speaks for the run; another rank only of a failure
+            print(f"infinity-train: {train_stopped(as_interrupted(stop), paths)}", file=sys.stderr)
         return as_interrupted(stop).exit_code
     except ValueError as err:
         print(f"infinity-train: {err}", file=sys.stderr)
