@@ -72,14 +72,27 @@ def remove_dead_bench_files(folder: str) -> list[str]:
         if not (name.startswith(FILE_PREFIX) and name.endswith(FILE_SUFFIX)):
             continue
         path = os.path.join(folder, name)
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:  # another sweep starting now removed it first
+            continue
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             continue
         liveness, lock = claim(path)
-        if liveness is Liveness.DEAD:
-            os.unlink(path)
-            log.warning("removed %s, left by an infinity-bench that did not finish", path)
-            removed.append(path)
-        if lock is not None:
-            lock.release()
+        try:
+            if liveness is Liveness.DEAD and _unlink(path):
+                log.warning("removed %s, left by an infinity-bench that did not finish", path)
+                removed.append(path)
+        finally:
+            if lock is not None:
+                lock.release()
     return removed
+
+
+def _unlink(path: str) -> bool:
+    """Removes path; False when another sweep starting now removed it first."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True

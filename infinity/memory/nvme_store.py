@@ -192,7 +192,10 @@ def remove_dead_runs(rank_dir: Path) -> list[Path]:
     process too), symlinks and other users' entries are left alone.  Returns what it removed."""
     removed = []
     for run in sorted(rank_dir.glob(f"{RUN_PREFIX}*")) + sorted(rank_dir.glob(f"{NEW_PREFIX}*")):
-        st = os.lstat(run)
+        try:
+            st = os.lstat(run)
+        except FileNotFoundError:  # another run starting now removed it first
+            continue
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             continue
         liveness, lock = claim(run / LOCK_FILE)
