@@ -160,7 +160,8 @@ def own_folder(path: Path, key: str) -> Path:
         pass
     except OSError as err:
         raise NvmePathError(str(path), f"cannot be created: {err.strerror}",
-                            f"fix the permissions of {path.parent} or point {key} at a writable folder", key=key) from None
+                            f"fix the permissions of {path.parent} or point {key} at a writable folder",
+                            key=key) from None
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise NvmePathError(str(path), "is a symlink or not a folder; infinity never follows one for its swap files",
