@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import signal as _signal
 from dataclasses import dataclass
 
 
@@ -144,3 +145,19 @@ class CheckpointError(InfinityError):
     def __init__(self, path: str, message: str, fix: str = ""):
         self.path, self.fix = path, fix
         super().__init__(f"checkpoint {path}: {message}" + (f"; {fix}" if fix else ""))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run (what `timeout`, systemd, Kubernetes and Slurm send is SIGTERM).
+    A KeyboardInterrupt, so every cleanup that runs for Ctrl-C runs for both; the command line tools exit
+    with exit_code, 128 + the signal's number (130, 143), as a shell reports a process the signal ended."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.signal_name = _signal.Signals(signum).name
+        self.during = ""  # what it interrupted ("step 3 of 20"), where the catcher knows
+        super().__init__(self.signal_name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -176,12 +176,24 @@ def read_source(source: ConfigSource) -> tuple[dict[str, Any], str]:
     else:
         label = str(source)
         try:
-            text = Path(source).read_text()
+            raw = Path(source).read_bytes()
         except OSError as err:
             raise ConfigError([Problem(label, f"cannot be read: {err.strerror or err}",
                                        "check the path of the config file, or name a shipped config: "
                                        + ", ".join(shipped.names()))], source=label) from err
+        text = _utf8(raw, label)
     return _parse_json(text, label), label
+
+
+def _utf8(raw: bytes, label: str) -> str:
+    """A config file's text: JSON files are UTF-8, and anything else is a problem naming the file and byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError([Problem(label, f"is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start} "
+                                   "cannot start or continue a UTF-8 character); a JSON config is UTF-8",
+                                   "save it as UTF-8, or check that the path names the config and not a "
+                                   "binary file")], source=label) from None
 
 
 def _parse_json(text: str, label: str) -> dict[str, Any]:

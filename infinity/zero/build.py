@@ -65,6 +65,16 @@ class Run:
         self.shards: list[Shard] = [shard_of(n, s, self.world, self.rank, replicated=i in self.persistent)
                                     for i, (n, s) in enumerate(zip(self.names, self.shapes))]
         check_placement(settings, self.shards, bool(self.params))
+        try:
+            self._wire(model, on_grad)
+        except BaseException:
+            for m in self._managers.values():
+                m.close()  # a run refused part way (a full drive, say) leaves no swap files behind
+            raise
+
+    def _wire(self, model: nn.Module, on_grad: Callable[[int, torch.Tensor], None]) -> None:
+        """The parts that open swap stores (zero.Init's, taken over, included); __init__ closes them on error."""
+        settings = self.settings
         self._adopted = self._adopt_init()
         self._agree_on_initial_values()
         self.groups = plan_groups([(sh.name, sh.length) for sh in self.shards], settings.sub_group_size)
@@ -86,8 +96,6 @@ class Run:
             self.coordinator.install()
         except BaseException:
             self.coordinator.remove()
-            for m in self._managers.values():
-                m.close()  # a refused config leaves no swap files behind
             raise
         self._lend_staging_buffers()
         claim(self)  # GatheredParameters finds a parameter's run through it
