@@ -9,6 +9,7 @@ import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Iterator
 
+from infinity.config.training import Precision
 from infinity.errors import UsageError
 
 if TYPE_CHECKING:
@@ -71,6 +72,18 @@ class DeepSpeedApi:
     def zero_optimization_stage(self) -> int:
         """The config's zero_optimization.stage (3 for an engine built from settings, which partitions)."""
         return int(self.config.zero_optimization.stage) if self.config is not None else 3
+
+    def gradient_clipping(self) -> float:
+        return self.settings.gradient_clipping
+
+    def fp16_enabled(self) -> bool:
+        return self.settings.precision is Precision.FP16
+
+    def bfloat16_enabled(self) -> bool:
+        return self.settings.precision is Precision.BF16
+
+    def zero_optimization(self) -> bool:
+        return self.zero_optimization_stage() > 0
 
     def get_mom(self) -> list[Any]:
         """Adam's betas per parameter group, as DeepSpeed returns them for Adam-type optimizers."""
