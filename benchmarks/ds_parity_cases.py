@@ -74,7 +74,7 @@ def train(engine: Any, steps: int, gas: int = 1, overflow_at: tuple[int, ...] = 
         if k // gas in overflow_at:
             loss = loss * float("inf")
         engine.backward(loss)
-        row = {"loss": float(loss.float()) if k // gas not in overflow_at else None,
+        row = {"loss": float(loss.detach().float()) if k // gas not in overflow_at else None,
                "lr": engine.get_lr()[0], "mom": [list(m) for m in engine.get_mom()],
                "micro_steps": engine.micro_steps, "boundary": engine.is_gradient_accumulation_boundary(),
                "global_steps_before": engine.global_steps,

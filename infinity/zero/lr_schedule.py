@@ -39,7 +39,7 @@ class Warmup:
         """From 0 towards 1 over the warm-up (i < steps)."""
         if self.type is WarmupType.LINEAR:
             return i / self.steps
-        return math.log(i + 1) / math.log(self.steps)
+        return (1.0 / math.log(self.steps)) * math.log(i + 1)  # DeepSpeed's inverse_log_warm_up, bit for bit
 
 
 def warmup_steps(given: int) -> int:
