@@ -62,13 +62,14 @@ def config(case: str, **extra: Any) -> dict[str, Any]:
 def train(engine: Any, steps: int, gas: int = 1, overflow_at: tuple[int, ...] = (),
           half: bool = False, scale_of: Callable[[], float] | None = None) -> list[dict[str, Any]]:
     """steps × gas micro-batches; one record per micro-batch: what DeepSpeed's API says between backward
-    and step (lr, betas, loss scale, counters) and after the step.  In fp16 the loss is made small enough
-    (× 1e-4) that only the forced overflows (loss × inf at the steps in overflow_at) overflow."""
+    and step (lr, betas, loss scale, counters) and after the step.  The loss is taken in fp32 and, in fp16,
+    made small enough (× 1e-4) that only the forced overflows (loss × inf at the steps in overflow_at)
+    overflow: the scaled gradients stay within fp16's range."""
     out = []
     for k, (x, y) in enumerate(batches(steps * gas)):
         if half:
             x, y = x.half(), y.half()
-        loss = torch.nn.functional.mse_loss(engine(x), y)
+        loss = torch.nn.functional.mse_loss(engine(x).float(), y.float())
         if half:
             loss = loss * 1e-4
         if k // gas in overflow_at:
