@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from infinity import metrics
+from infinity.checkpoint.format import LATEST
 from infinity.checkpoint.load import load
 from infinity.checkpoint.model_file import save_16bit_model
 from infinity.checkpoint.save import save
@@ -326,8 +327,8 @@ def _check_partial_load(optimizer_states: bool, lr_scheduler_states: bool, modul
 
 def _missing_checkpoint(load_dir: Path, tag: str | None) -> str | None:
     """Why there is nothing to load (DeepSpeed then warns and returns (None, None)), or None."""
-    if tag is None and not (load_dir / "latest").is_file():
-        return f"no 'latest' file in {load_dir} (pass tag= to load a particular checkpoint)"
+    if tag is None and not (load_dir / LATEST).is_file():
+        return f"no {LATEST!r} file in {load_dir} (pass tag= to load a particular checkpoint)"
     if tag is not None and not (load_dir / tag).exists():
         return f"no checkpoint {tag!r} in {load_dir}"
     return None
