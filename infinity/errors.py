@@ -126,6 +126,16 @@ class ExternalParameterError(UsageError):
                          f"torch said: {cause}")
 
 
+class LossScaleAtMinimum(InfinityError):
+    """An fp16 step overflowed with the loss scale already at fp16.min_loss_scale and hysteresis spent: the
+    scale cannot shrink, so the run stops (DeepSpeed raises "Current loss scale already at minimum")."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+        super().__init__(f"fp16 gradients overflowed with the loss scale at its minimum ({scale:g}); the run stops, "
+                         "as DeepSpeed's does. Lower fp16.min_loss_scale, lower the learning rate, or train in bf16")
+
+
 class RankFailed(InfinityError):
     """A collective between the data-parallel ranks failed: a peer died, or did not answer within the
     process group's timeout.  Names the operation, what it carried and this rank."""

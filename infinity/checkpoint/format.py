@@ -12,8 +12,9 @@ Layout::
                                     "exp_avg_sq/<name>", for each trainable parameter in engine order
         rng.safetensors             "torch_cpu" (uint8), "torch_cuda/<i>" per CUDA device (uint8),
                                     "numpy_keys" (uint32, 624): the random generators' states
-        state.json                  scalars: global_steps, micro_steps, lr, per-parameter optimizer
-                                    step counters, loss scaler, python and numpy random scalars
+        state.json                  scalars: global_steps, micro_steps, skipped_steps, global_samples
+                                    (the last two absent before issue 21: read as 0), lr, per-parameter
+                                    optimizer step counters, loss scaler, python and numpy random scalars
         client_state.pt             torch.save of the client_state dict; loads with
                                     torch.load(weights_only=True)
         manifest.json               written last: a Manifest (below) listing every other file's size

@@ -147,6 +147,7 @@ def no_effect(config: "Config") -> list[tuple[str, str]]:
     given = {k for k, s in config.sources.items() if s in (Source.FILE, Source.OVERRIDE, Source.AUTO)
              and _value_at(config, k) != _default_at(default, k)}
     found = {k: why for k, why in INERT.items() if k in given}
+    found.update(config.foreign)
     zero = config.zero_optimization
     for name in ("offload_param", "offload_optimizer"):
         block = getattr(zero, name)

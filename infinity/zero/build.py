@@ -130,10 +130,13 @@ class Run:
             m.handle.timeline = timeline
 
     # ---- the optimizer step ----------------------------------------------------------
-    def step_optimizer(self, lr: float, loss_scale: float) -> bool:
+    def step_optimizer(self, lr: float, unscale: Callable[[bool], float]) -> bool:
         """The optimizer step at a window's end (the caller latches its failures); True on an fp16 overflow
-        (the step skipped).  The step's parameter writes are all on NVMe when it returns."""
+        (the step skipped).  unscale, given the overflow verdict, returns the loss scale the gradients are
+        divided by (the engine updates its scaler there, as DeepSpeed does before it unscales).  The step's
+        parameter writes are all on NVMe when it returns."""
         overflow = self.gradients.agree()
+        loss_scale = unscale(overflow)
         self._hold = frozenset() if overflow else frozenset(self.coordinator.first_reads(self._holdable()))
         if not overflow:
             self.optimizer.step(lr, self.gradients.coef(loss_scale, self.settings.gradient_clipping),

@@ -61,7 +61,8 @@ def deepspeed_warmup_lr(step: int, low: float, high: float, steps: int) -> float
 
 def test_warmup_lr_scheduler_matches_a_plain_run_with_the_same_lrs(tmp_path, batches):
     low, high, steps = 1e-4, 2e-3, 8
-    lrs = [deepspeed_warmup_lr(k, low, high, steps) for k in range(len(batches))]
+    # DeepSpeed spends the first value twice: optimizer step k uses the schedule's value at k - 1 (-1: warmup_min_lr)
+    lrs = [deepspeed_warmup_lr(max(k - 1, 0), low, high, steps) for k in range(len(batches))]
     model = fresh_model()
     opt = torch.optim.AdamW(model.parameters(), lr=lrs[0], betas=ADAM.betas, eps=ADAM.eps,
                             weight_decay=ADAM.weight_decay)
