@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import warnings
@@ -56,6 +57,7 @@ class Engine:
         self.module, self.settings, self.optimizer = model, run.settings, run.optimizer
         self.checkpointable = CheckpointView(self)
         self.lr = self._lr()
+        self.grad_norm: float | None = None  # the last optimizer step's, get_global_grad_norm()
 
     @property
     def global_steps(self) -> int:
@@ -75,10 +77,11 @@ class Engine:
 
     forward = __call__
 
-    def backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """Backward of loss (scaled for fp16, divided by gradient_accumulation_steps)."""
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Backward of loss (scaled for fp16, divided by gradient_accumulation_steps unless scale_wrt_gas is
+        False, as DeepSpeed's: Transformers' Trainer divides the loss itself)."""
         self._check_usable()
-        gas = self.settings.gradient_accumulation_steps
+        gas = self.settings.gradient_accumulation_steps if scale_wrt_gas else 1
         scaled = loss.float() / gas
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale
@@ -114,7 +117,9 @@ class Engine:
             return
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
         with self.latching_failure(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
-            overflow = self.run.step_optimizer(self.lr, self.scaler.scale if self.scaler is not None else 1.0)
+            scale = self.scaler.scale if self.scaler is not None else 1.0
+            overflow = self.run.step_optimizer(self.lr, scale)
+            self.grad_norm = math.sqrt(self.run.gradients.sumsq) / scale
             if not overflow:
                 self.counters.global_steps += 1
         report = self.run.finish_step(self.global_steps, started, waited)
@@ -133,6 +138,11 @@ class Engine:
 
     def eval(self) -> "Engine":
         return self.train(False)
+
+    def get_global_grad_norm(self) -> float | None:
+        """The global 2-norm of the last optimizer step's gradients (every rank's, unscaled, before clipping;
+        inf or nan on an fp16 overflow), as DeepSpeed's engine names it; None before the first step."""
+        return self.grad_norm
 
     def get_lr(self) -> list[float]:
         return [self.lr]
@@ -174,6 +184,14 @@ class Engine:
                         "and are not gathered, as DeepSpeed does); set it to true to write the model", path, GATHER_KEY)
             return False
         return save_16bit_model(self.checkpointable, Path(save_dir), save_filename, exclude_frozen_parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        """What the engine lacks is the module's (engine.generate, engine.num_parameters), as DeepSpeed's
+        engine forwards it."""
+        module = self.__dict__.get("module")
+        if module is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(module, name)
 
     def save_checkpoint(self, save_dir: str, tag: str | None = None,
                         client_state: dict[str, Any] | None = None) -> bool:

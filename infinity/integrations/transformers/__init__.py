@@ -4,4 +4,6 @@ Each module adds its public names to __all__ below.
 """
 from __future__ import annotations
 
-__all__: list[str] = []
+from infinity.integrations.transformers.trainer import InfinitySeq2SeqTrainer, InfinityTrainer
+
+__all__: list[str] = ["InfinitySeq2SeqTrainer", "InfinityTrainer"]
