@@ -62,10 +62,11 @@ def nvme_config(nvme: str | Path) -> dict[str, Any]:
 def arguments(kind: str, out: str | Path, steps: int, batch: int = 4, save_steps: int = 0, **more: Any):
     cls = Seq2SeqTrainingArguments if kind == "t5" else TrainingArguments
     extra = {"predict_with_generate": True, "generation_max_length": TARGET} if kind == "t5" else {}
-    return cls(output_dir=str(out), per_device_train_batch_size=batch, per_device_eval_batch_size=4,
-               gradient_accumulation_steps=2, max_steps=steps, learning_rate=1e-3, warmup_steps=2,
-               logging_steps=1, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-               report_to=[], seed=0, use_cpu=True, disable_tqdm=True, **extra, **more)
+    values = dict(output_dir=str(out), per_device_train_batch_size=batch, per_device_eval_batch_size=4,
+                  gradient_accumulation_steps=2, max_steps=steps, learning_rate=1e-3, warmup_steps=2,
+                  logging_steps=1, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                  report_to=[], seed=0, use_cpu=True, disable_tqdm=True, **extra)
+    return cls(**{**values, **more})
 
 
 def trainer(kind: str, which: str, out: str | Path, nvme: str | Path | None, steps: int, model=None,
