@@ -172,8 +172,8 @@ def test_resume_in_a_fresh_process_continues_exactly(tmp_path):
     checkpoint = tmp_path / "whole" / "checkpoint-2"
     assert {"trainer_state.json", "latest", "global_step2", "model.safetensors"} <= set(os.listdir(checkpoint))
     resumed = run(tmp_path, "resumed", "--resume", str(checkpoint))
-    assert [g["step"] for g in resumed["logs"]] == [3, 4]
-    assert resumed["logs"] == whole["logs"][2:]
+    assert [g["step"] for g in resumed["logs"]] == [1, 2, 3, 4]  # 1 and 2 from the checkpoint's trainer_state
+    assert resumed["logs"][2:] == whole["logs"][2:]
     assert resumed["eval_loss"] == whole["eval_loss"]
 
 
