@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     t = trainer(ns.kind, ns.which, ns.out, ns.nvme, ns.steps, save_steps=ns.save_steps, batch=ns.batch)
     t.train(resume_from_checkpoint=ns.resume)
-    result = {"logs": losses(t), "eval_loss": t.evaluate()["eval_loss"]}
+    result = {"logs": losses(t), "eval_loss": t.evaluate()["eval_loss"], "world": t.engine.run.world}
     if t.is_world_process_zero():
         Path(ns.out, "log.json").write_text(json.dumps(result))
     if t.engine is not None:

@@ -180,6 +180,7 @@ def test_resume_in_a_fresh_process_continues_exactly(tmp_path):
 def test_two_ranks_under_torchrun_equal_one_rank(tmp_path):
     one = run(tmp_path, "one")
     two = run(tmp_path, "two", "--batch", "2", nproc=2)
+    assert (one["world"], two["world"]) == (1, 2)
     for g, w in zip(two["logs"], one["logs"], strict=True):
         for key in ("loss", "grad_norm"):
             assert abs(g[key] - w[key]) <= 1e-4 * abs(w[key]), (key, g, w)
