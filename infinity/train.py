@@ -11,12 +11,14 @@ import os
 import resource
 import time
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from infinity.config import Config
+from infinity.config import Config, TrainingArgs
+from infinity.config.auto import hidden_size_of
 from infinity.config.zero import OffloadDevice
 from infinity.errors import UsageError
 from infinity.exporter import from_config
@@ -108,7 +110,7 @@ class RunSummary:
         world = f" on {self.ranks} ranks" if self.ranks > 1 else ""
         who = " (rank 0's)" if self.ranks > 1 else ""
         last = self.averaged_from + max(self.steps - 1, 1) - 1  # a resumed run's steps go on from its checkpoint's
-        span = f"step {last}" if self.steps == 1 else f"steps {self.averaged_from}-{last}"
+        span = f"step {last}" if last == self.averaged_from else f"steps {self.averaged_from}-{last}"
         left_out = (f" (step {self.averaged_from - 1}, which records the module order, left out)" if self.steps > 1
                     else "")
         prefetch = PrefetchCounts(self.prefetch_hits, self.prefetch_late, self.prefetch_misses)
@@ -145,7 +147,34 @@ def load_config(job: TrainJob) -> Config:
         overrides["train_micro_batch_size_per_gpu"] = job.micro_batch
     if job.metrics_port is not None:
         overrides.update({"prometheus.enabled": True, "prometheus.port": job.metrics_port})
-    return Config.load(job.config, overrides=overrides)
+    return _fill_auto(Config.load(job.config, overrides=overrides), job)
+
+
+TRAINER_DEFAULTS = TrainingArgs(learning_rate=5e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                                weight_decay=0.0, max_grad_norm=1.0, gradient_accumulation_steps=1, warmup_steps=0)
+"""What "auto" becomes in infinity-train, which has no flags for these: Transformers' TrainingArguments defaults."""
+
+
+def _fill_auto(config: Config, job: TrainJob) -> Config:
+    """A config with "auto" values (the Transformers guide's has 14) resolved as Trainer would with its default
+    arguments, --batch, the world size, --steps and the model's hidden size; the precision is the config's."""
+    if not config.pending_auto:
+        return config
+    micro = config.train_micro_batch_size_per_gpu
+    args = replace(TRAINER_DEFAULTS, per_device_train_batch_size=micro if isinstance(micro, int) else
+                   job.micro_batch or 1, world_size=int(os.environ.get("WORLD_SIZE", "1") or 1),
+                   hidden_size=_hidden_size(job), precision=config.precision, max_steps=job.steps)
+    log.warning("filled %s from Transformers' default TrainingArguments (learning_rate %g, max_grad_norm %g, ...), "
+                "--batch and the model; write values in the config to choose others", ", ".join(config.pending_auto),
+                args.learning_rate, args.max_grad_norm)
+    return config.resolve(args)
+
+
+def _hidden_size(job: TrainJob) -> int | None:
+    if job.hf_config is None:
+        return job.spec.hidden
+    import transformers  # _hf_model says how to install it when missing, a moment later
+    return hidden_size_of(SimpleNamespace(config=transformers.AutoConfig.from_pretrained(job.hf_config)))
 
 
 NVME_FOLDER_MODE = 0o700

@@ -80,3 +80,18 @@ def test_the_built_in_gpt_trains_on_a_npy_file(tmp_path):
     assert main(small(tmp_path, "--steps", "2", "--hidden", "64", "--layers", "1", "--heads", "4", "--vocab",
                       "128", "--data", str(tmp_path / "ids.npy"), "--json", str(out))) == 0
     assert [s for s, _ in steps_of(out)] == [1, 2]
+
+
+def test_the_guides_config_with_its_auto_values_drives_infinity_train(tmp_path, caplog):
+    """The 14 "auto" values of the Transformers guide's config take Transformers' default TrainingArguments,
+    --batch and the model's hidden size."""
+    guide = json.loads((Path(__file__).parents[2] / "infinity/config/shipped/hf-zero3-nvme.json").read_text())
+    for block in ("offload_param", "offload_optimizer"):
+        guide["zero_optimization"][block]["nvme_path"] = str(tmp_path / "swap")
+    (tmp_path / "guide.json").write_text(json.dumps(guide))
+    out = tmp_path / "run.json"
+    argv = small(tmp_path, "--config", str(tmp_path / "guide.json"), "--steps", "2", "--hidden", "64", "--layers",
+                 "1", "--heads", "4", "--vocab", "128", "--json", str(out))
+    assert main(argv) == 0
+    assert "from Transformers' default TrainingArguments" in caplog.text
+    assert [s["lr"] for s in json.loads(out.read_text())["steps"]] == [5e-5, 5e-5]
