@@ -22,6 +22,7 @@ from infinity.schedule import persistent_set
 from infinity.swap.params import AfterWrite, ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import Coordinator
 from infinity.zero.init import placed
+from infinity.zero.placeholders import guard_state_dict, mark_partitioned
 from infinity.zero.placement import check_placement, open_manager, optimizer_pool, param_pool
 from infinity.zero.settings import EngineSettings, budgets_of, dtype_of
 from infinity.zero.gather import ShardedHome, piece_of
@@ -74,6 +75,9 @@ class Run:
             m.store.reserve()  # before any transfer: whole-block reads of zero.Init's partitions need the room
         self.optimizer.set_master(self._initial_values)
         self._place_params()
+        for i in self.offloaded:  # [Note: the whole size] (zero/placeholders.py)
+            mark_partitioned(self.params[i], self.shapes[i])
+        guard_state_dict(model)
         self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, on_grad,
                                        [shape.numel() for shape in self.shapes], self.budgets, self.reporter.clock)
         try:

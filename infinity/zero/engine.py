@@ -22,6 +22,7 @@ from torch import nn
 from infinity import metrics
 from infinity.checkpoint.load import load
 from infinity.checkpoint.model_file import save_16bit_model
+from infinity.checkpoint.pretrained_folder import save_pretrained
 from infinity.checkpoint.save import save
 from infinity.config import Config
 from infinity.errors import UsageError
@@ -184,6 +185,14 @@ class Engine:
                         "and are not gathered, as DeepSpeed does); set it to true to write the model", path, GATHER_KEY)
             return False
         return save_16bit_model(self.checkpointable, Path(save_dir), save_filename, exclude_frozen_parameters)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], max_shard_size: int | str = "50GB") -> None:
+        """Writes a folder that Transformers' plain from_pretrained loads: safetensors shards of at most
+        max_shard_size, the model's config.json and generation_config.json, one parameter in host memory at a
+        time (infinity/checkpoint/pretrained_folder.py).  With several ranks every rank must call it; rank 0
+        writes."""
+        self._between_steps("save_pretrained")
+        save_pretrained(self.checkpointable, Path(save_directory), max_shard_size)
 
     def __getattr__(self, name: str) -> Any:
         """What the engine lacks is the module's (engine.generate, engine.num_parameters), as DeepSpeed's
