@@ -17,6 +17,7 @@ pytest.importorskip("accelerate", reason="Trainer needs the accelerate package")
 import infinity  # noqa: E402
 from infinity.config import shipped  # noqa: E402
 from infinity.errors import ConfigError  # noqa: E402
+from infinity.integrations.transformers import from_pretrained  # noqa: E402
 
 from hf_trainer_runs import losses, nvme_config, tiny_gpt2, trainer  # noqa: E402
 
@@ -102,26 +103,24 @@ def test_the_guides_config_drives_trainer_with_nothing_filled_by_hand(tmp_path, 
         ours.engine.close()
 
 
-def test_a_model_built_in_partitions_trains_as_its_plain_copy(tmp_path):
-    """A model whose parameters zero.Init put on NVMe: trained by InfinityTrainer, it equals plain Trainer on a
-    plain model holding the same initial values."""
+def test_a_model_loaded_into_partitions_trains_as_the_plain_one(tmp_path):
+    """from_pretrained streams a saved model's weights into NVMe partitions; InfinityTrainer trains it as plain
+    Trainer trains Transformers' own from_pretrained of the same folder, and num_parameters() is the real count."""
+    tiny_gpt2().save_pretrained(tmp_path / "pretrained")
     config = nvme_config(tmp_path / "nvme")
     (tmp_path / "nvme").mkdir()
-    resolved = {**config, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
-    resolved.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, train_batch_size=8,
-                    gradient_clipping=1.0)
-    with infinity.zero.Init(config=resolved):
-        partitioned = tiny_gpt2()
-    ours = trainer("gpt2", "infinity", tmp_path / "ours", tmp_path / "nvme", STEPS, model=partitioned)
+    config.update(optimizer={"type": "AdamW", "params": {"lr": 1e-3}}, train_micro_batch_size_per_gpu=4,
+                  gradient_accumulation_steps=2, train_batch_size=8, gradient_clipping=1.0)
+    partitioned = from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "pretrained", config)
+    plain = trainer("gpt2", "plain", tmp_path / "plain", None, STEPS,
+                    model=transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained"))
+    plain.train()
+    ours = trainer("gpt2", "infinity", tmp_path / "ours", None, STEPS, model=partitioned, config=config)
+    ours.train()
     try:
-        start = ours.build_engine(STEPS).parameter_values()
-        copy = tiny_gpt2()
-        copy.load_state_dict(start, strict=False)
-        copy.tie_weights()
-        plain = trainer("gpt2", "plain", tmp_path / "plain", None, STEPS, model=copy)
-        plain.train()
-        ours.train()
+        assert ours.engine.run.offloaded
         assert_same_logs(losses(ours), losses(plain))
+        assert ours.model.num_parameters() == plain.model.num_parameters()
     finally:
         ours.engine.close()
 

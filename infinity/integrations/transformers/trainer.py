@@ -17,8 +17,8 @@ classes take the same hooks its Trainer offers any subclass, in the places its D
   divided the loss for gradient accumulation;
 - gradient clipping is the engine's (gradient_clipping, filled from max_grad_norm), inside its step; the
   grad_norm Trainer logs is the engine's global norm of that step (engine.get_global_grad_norm());
-- save_model writes the whole model gathered from its partitions through Trainer's own _save (a folder plain
-  from_pretrained loads); a checkpoint-N folder holds the engine's checkpoint (global_stepN/, latest) beside
+- save_model writes the model with engine.save_pretrained, streamed from its partitions (a folder plain
+  from_pretrained loads), beside Trainer's other files; a checkpoint-N folder holds the engine's checkpoint (global_stepN/, latest) beside
   Trainer's files, and resume_from_checkpoint restores it.
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ from infinity.zero.init import placed
 
 log = logging.getLogger("infinity.integrations.transformers")
 
-SCHEDULER_NAME = "scheduler.pt"  # Trainer's name for its scheduler's state in a checkpoint folder
+SCHEDULER_NAME = "scheduler.pt"  # Trainer's names in a checkpoint folder: its scheduler's state, its arguments
+TRAINING_ARGS_NAME = "training_args.bin"
 AUTO_ADAMW = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
 
 
@@ -105,19 +106,6 @@ class EngineSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Nothing to restore: see state_dict."""
-
-
-def whole_state_dict(engine: Engine) -> dict[str, torch.Tensor]:
-    """The module's state_dict with every trained parameter's whole values (fp32 master values cast to the
-    parameter's dtype), gathered from its partitions; tied parameters share them.  With several ranks every
-    rank must call it (each parameter is all-gathered), in the same order.
-
-    [Note: in host memory]  The whole model is gathered into host memory, as Transformers' DeepSpeed route does
-    with stage3_gather_16bit_weights_on_model_save; a model larger than host memory needs a save streamed
-    partition by partition (engine.save_pretrained, issue 15)."""
-    values = engine.parameter_values()
-    by_id = {id(p): values[name].to(p.dtype) for name, p in engine.module.named_parameters() if name in values}
-    return {key: by_id.get(id(t), t.detach()) for key, t in engine.module.state_dict(keep_vars=True).items()}
 
 
 class InfinityTrainerMixin:
@@ -190,9 +178,20 @@ class InfinityTrainerMixin:
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.engine is not None and state_dict is None:
-            state_dict = whole_state_dict(self.engine)  # every rank: the parameters are gathered
-        super()._save(output_dir, state_dict=state_dict)
+        """Trainer's _save with the weights streamed from their partitions by engine.save_pretrained (every rank
+        takes part in the gathers; rank 0 writes), then the processing class and the arguments as Trainer
+        writes them."""
+        if self.engine is None or state_dict is not None:
+            super()._save(output_dir, state_dict=state_dict)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.engine.save_pretrained(output_dir)
+        if not self.args.should_save:
+            return
+        saver = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if saver is not None:
+            saver.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.engine is None:
