@@ -74,10 +74,10 @@ class TrainingArgs:
 
 
 def hidden_size_of(model: Any) -> int | None:
-    """The hidden size of a Transformers model, from its config (hidden_size, which T5's maps to d_model;
+    """The hidden size of a Transformers model or of its config (hidden_size, which T5's maps to d_model;
     the largest of hidden_sizes; a multimodal model's text_config), as the Transformers integration reads
     it for the bucket sizes; None for a model without a config."""
-    config = getattr(model, "config", None)
+    config = getattr(model, "config", model)
     for source in (config, getattr(config, "text_config", None)):
         if source is None:
             continue

@@ -45,9 +45,10 @@ TRAINING_ARGS_NAME = "training_args.bin"
 AUTO_ADAMW = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
 
 
-def resolve_config(source: ConfigSource | Config, args: Any, model: nn.Module, max_steps: int | None) -> Config:
-    """The config with every "auto" filled from Transformers' TrainingArguments and the model's hidden size, as
-    Transformers fills a DeepSpeed config.  A config without an optimizer block gets AdamW with its values from
+def resolve_config(source: ConfigSource | Config, args: Any, model: Any, max_steps: int | None) -> Config:
+    """The config with every "auto" filled from Transformers' TrainingArguments and the hidden size of model (a
+    Transformers model or its config), as Transformers fills a DeepSpeed config.  from_pretrained needs the
+    config resolved before the model exists: resolve_config(config, args, AutoConfig.from_pretrained(dir), steps).  A config without an optimizer block gets AdamW with its values from
     the arguments (Trainer's default optimizer).  Values written out that disagree with the arguments are one
     ConfigError (a ValueError) listing each, as Transformers refuses them."""
     filled = TrainingArgs.from_training_arguments(args, hidden_size=hidden_size_of(model), max_steps=max_steps)
