@@ -184,3 +184,15 @@ def test_two_ranks_under_torchrun_equal_one_rank(tmp_path):
         for key in ("loss", "grad_norm"):
             assert abs(g[key] - w[key]) <= 1e-4 * abs(w[key]), (key, g, w)
     assert abs(two["eval_loss"] - one["eval_loss"]) <= 1e-4 * abs(one["eval_loss"])
+
+
+def test_the_example_script_fine_tunes_a_saved_model_streamed_into_partitions(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "nvme").mkdir()
+    example = Path(__file__).parents[2] / "examples" / "trainer_nvme.py"
+    done = subprocess.run([sys.executable, str(example), "--nvme", str(tmp_path / "nvme"), "--steps", "2", "--model",
+                           str(tmp_path / "gpt2"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert reloaded.num_parameters() == tiny_gpt2().num_parameters()
