@@ -93,6 +93,8 @@ def job_from_args(ns: argparse.Namespace):  # -> TrainJob (imported late: torch 
     if ns.trace is not None and not Path(ns.trace).resolve().parent.is_dir():
         problems.append(f"--trace {ns.trace}: the folder {Path(ns.trace).resolve().parent} does not exist; create it "
                         "or name a file in an existing folder")
+    if ns.tokenizer is not None and ns.data is None:
+        problems.append(f"--tokenizer {ns.tokenizer} tokenizes a text --data FILE; give --data too")
     if ns.hidden % max(ns.heads, 1):
         problems.append(f"--hidden {ns.hidden} must be a multiple of --heads {ns.heads}")
     if problems:

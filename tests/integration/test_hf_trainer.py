@@ -178,8 +178,12 @@ def test_resume_in_a_fresh_process_continues_exactly(tmp_path):
 
 def test_two_ranks_under_torchrun_equal_one_rank(tmp_path):
     one = run(tmp_path, "one")
-    two = run(tmp_path, "two", "--batch", "2", nproc=2)
+    two = run(tmp_path, "two", "--batch", "2", "--save-steps", "2", nproc=2)
     assert (one["world"], two["world"]) == (1, 2)
+    checkpoint = tmp_path / "two" / "checkpoint-2"  # each rank's engine checkpoint, Trainer's files once
+    assert {"rank_0", "rank_1"} <= set(os.listdir(checkpoint / "global_step2"))
+    assert {"trainer_state.json", "model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= set(
+        os.listdir(checkpoint))
     for g, w in zip(two["logs"], one["logs"], strict=True):
         for key in ("loss", "grad_norm"):
             assert abs(g[key] - w[key]) <= 1e-4 * abs(w[key]), (key, g, w)

@@ -49,6 +49,8 @@ def test_seq_beyond_the_models_positions_is_refused_clearly(tmp_path, capsys):
     assert main(argv) == EXIT_INVALID
     err = capsys.readouterr().err
     assert "--seq: 64 is longer than the model's limit of 32 positions" in err and "Traceback" not in err
+    assert main(["--tokenizer", str(tmp_path), "--steps", "1"]) == EXIT_INVALID
+    assert "tokenizes a text --data FILE; give --data too" in capsys.readouterr().err
 
 
 def test_token_files_npy_and_bin_and_a_local_tokenizer(tmp_path):
