@@ -18,8 +18,8 @@ classes take the same hooks its Trainer offers any subclass, in the places its D
 - gradient clipping is the engine's (gradient_clipping, filled from max_grad_norm), inside its step; the
   grad_norm Trainer logs is the engine's global norm of that step (engine.get_global_grad_norm());
 - save_model writes the model with engine.save_pretrained, streamed from its partitions (a folder plain
-  from_pretrained loads), beside Trainer's other files; a checkpoint-N folder holds the engine's checkpoint (global_stepN/, latest) beside
-  Trainer's files, and resume_from_checkpoint restores it.
+  from_pretrained loads), beside Trainer's other files; a checkpoint-N folder holds the engine's checkpoint
+  (global_stepN/, latest) beside Trainer's files, and resume_from_checkpoint restores it.
 """
 from __future__ import annotations
 
@@ -47,10 +47,11 @@ AUTO_ADAMW = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": 
 
 def resolve_config(source: ConfigSource | Config, args: Any, model: Any, max_steps: int | None) -> Config:
     """The config with every "auto" filled from Transformers' TrainingArguments and the hidden size of model (a
-    Transformers model or its config), as Transformers fills a DeepSpeed config.  from_pretrained needs the
-    config resolved before the model exists: resolve_config(config, args, AutoConfig.from_pretrained(dir), steps).  A config without an optimizer block gets AdamW with its values from
-    the arguments (Trainer's default optimizer).  Values written out that disagree with the arguments are one
-    ConfigError (a ValueError) listing each, as Transformers refuses them."""
+    Transformers model or its config), as Transformers fills a DeepSpeed config.  A config without an optimizer
+    block gets AdamW with its values from the arguments (Trainer's default optimizer).  Values written out that
+    disagree with the arguments are one ConfigError (a ValueError) listing each, as Transformers refuses them.
+    from_pretrained needs the config resolved before the model exists:
+    resolve_config(config, args, AutoConfig.from_pretrained(dir), max_steps)."""
     filled = TrainingArgs.from_training_arguments(args, hidden_size=hidden_size_of(model), max_steps=max_steps)
     if isinstance(source, Config):
         return source.resolve(filled)
