@@ -122,6 +122,9 @@ class InfinityTrainerMixin:
         self.infinity_config, self.engine = infinity_config, None
         self._engine_optimizer: EngineOptimizer | None = None
         super().__init__(*args, **kwargs)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
         self.accelerator.backward = self._backward  # [Note: where the engine meets Trainer]
 
     # ---- the engine --------------------------------------------------------------------------
@@ -165,7 +168,7 @@ class InfinityTrainerMixin:
 
     def _move_model_to_device(self, model: nn.Module, device: torch.device) -> None:
         if any(placed(p) is not None for p in model.parameters()):
-            return  # its parameters live in partitions (zero.Init): the engine places them
+            return  # its parameters live in partitions (zero.Init, from_pretrained): the engine places them
         super()._move_model_to_device(model, device)
 
     def _clip_grad_norm(self, model: Any) -> None:
