@@ -229,3 +229,14 @@ class InfinityTrainer(InfinityTrainerMixin, Trainer):
 class InfinitySeq2SeqTrainer(InfinityTrainerMixin, Seq2SeqTrainer):
     """transformers.Seq2SeqTrainer through an infinity engine (predict_with_generate included); as
     InfinityTrainer."""
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None, **gen_kwargs: Any) -> Any:
+        """As Seq2SeqTrainer's, with generate(synced_gpus=True) when the parameters are partitioned over several
+        ranks: a rank that finishes first keeps stepping so that every rank enters each all-gather, as
+        Transformers does under DeepSpeed ZeRO-3."""
+        if self.engine is not None and self.engine.run.world > 1:
+            if not gen_kwargs and hasattr(self, "_gen_kwargs"):
+                gen_kwargs = self._gen_kwargs.copy()  # what Seq2SeqTrainer would take when none are given
+            gen_kwargs.setdefault("synced_gpus", True)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
