@@ -61,7 +61,11 @@ def nvme_config(nvme: str | Path) -> dict[str, Any]:
 
 def arguments(kind: str, out: str | Path, steps: int, batch: int = 4, save_steps: int = 0, **more: Any):
     cls = Seq2SeqTrainingArguments if kind == "t5" else TrainingArguments
-    extra = {"predict_with_generate": True, "generation_max_length": TARGET} if kind == "t5" else {}
+    # [Note: T5 across ranks]  T5's loss is its batch's mean whatever num_items_in_batch says, and Trainer
+    # multiplies a loss by the world size when average_tokens_across_devices (made for losses summed over every
+    # rank's tokens): two ranks would log, and step on, twice the loss, in plain Trainer as in infinity's.
+    extra = ({"predict_with_generate": True, "generation_max_length": TARGET, "average_tokens_across_devices": False}
+             if kind == "t5" else {})
     values = dict(output_dir=str(out), per_device_train_batch_size=batch, per_device_eval_batch_size=4,
                   gradient_accumulation_steps=2, max_steps=steps, learning_rate=1e-3, warmup_steps=2,
                   logging_steps=1, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,

@@ -176,9 +176,11 @@ def test_resume_in_a_fresh_process_continues_exactly(tmp_path):
     assert resumed["eval_loss"] == whole["eval_loss"]
 
 
-def test_two_ranks_under_torchrun_equal_one_rank(tmp_path):
-    one = run(tmp_path, "one")
-    two = run(tmp_path, "two", "--batch", "2", "--save-steps", "2", nproc=2)
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_two_ranks_under_torchrun_equal_one_rank(tmp_path, kind):
+    """T5's evaluation generates (predict_with_generate), with synced_gpus across the ranks."""
+    one = run(tmp_path, "one", kind=kind)
+    two = run(tmp_path, "two", "--batch", "2", "--save-steps", "2", nproc=2, kind=kind)
     assert (one["world"], two["world"]) == (1, 2)
     checkpoint = tmp_path / "two" / "checkpoint-2"  # each rank's engine checkpoint, Trainer's files once
     assert {"rank_0", "rank_1"} <= set(os.listdir(checkpoint / "global_step2"))
