@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import infinity
+from test_distributed import free_port
 from test_initialize import config
 
 transformers = pytest.importorskip("transformers", reason="the transformers package is not installed")
@@ -192,3 +197,53 @@ def test_a_folder_without_weights_is_refused_naming_the_files(tmp_path):
         from_pretrained(transformers.AutoModelForCausalLM, folder, nvme_config(tmp_path))
     with pytest.raises(infinity.UsageError, match="not a folder"):
         from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "nowhere", nvme_config(tmp_path))
+
+
+def test_peak_resident_growth_while_loading_stays_under_two_largest_tensors_and_the_pools(tmp_path):
+    """[Note: what is counted]  The worker loads a tiny model first (imports, first-call allocations), then
+    measures VmHWM's growth over one load of a Llama whose weights are 22 x its largest tensor.  The pool is
+    zero.Init's one staging buffer (the largest parameter, in whole 4096-byte blocks)."""
+    torch.manual_seed(0)
+    big = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                                   num_key_value_heads=8, vocab_size=1024, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(big)
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    model.save_pretrained(tmp_path / "big")
+    del model
+    largest, total = max(sizes), sum(sizes)
+    assert total >= 10 * largest
+    save_plain("llama", tmp_path / "small")
+    (tmp_path / "nvme").mkdir()
+    worker = Path(__file__).with_name("hf_rss_worker.py")
+    done = subprocess.run([sys.executable, str(worker), str(tmp_path / "big"), str(tmp_path / "nvme"),
+                           str(tmp_path / "small")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    pools = -(-largest // 4096) * 4096
+    assert measured["parameters"] == sum(sizes) // 4
+    assert measured["growth"] < 2 * largest + pools, (measured, largest, total)
+
+
+def test_two_ranks_round_trip_through_save_pretrained(tmp_path):
+    folder = save_plain("gpt2", tmp_path / "pretrained")
+    original = auto_class("gpt2").from_pretrained(folder).state_dict()
+    port = free_port()
+    worker = Path(__file__).with_name("hf_dist_worker.py")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(folder), str(tmp_path / "out"), str(tmp_path / "nvme")],
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+    before = auto_class("gpt2").from_pretrained(tmp_path / "out" / "before").state_dict()
+    assert before.keys() == original.keys() and all(torch.equal(before[k], original[k]) for k in original)
+    trained = torch.load(tmp_path / "out" / "weights.pt", weights_only=True)
+    after = auto_class("gpt2").from_pretrained(tmp_path / "out" / "after")
+    assert all(torch.equal(p, trained[n]) for n, p in after.named_parameters())
+    assert any(not torch.equal(trained[k], original[k]) for k in trained)

@@ -11,10 +11,10 @@ parents, gets host tensors for its own parameters and meta buffers: a parameter 
 read (weights.py, one tensor at a time) and converted to dtype; anything not found (a missing key, a
 non-persistent buffer such as Llama's rotary inv_freq) is initialised by the model's own _init_weights
 for that module, with the loaded tensors flagged `_is_hf_initialized` and written after it, so they are
-never overwritten.  As soon as a module is filled its parameters are written to their partitions by the
-same store zero.Init writes to (zero/init.py's InitRun), which initialize then takes over: host memory
-holds one module's own tensors at a time.  With offload_param not on nvme the parameters stay in host
-memory, where the config puts them anyway.
+never overwritten.  Each parameter read is written to its partition at once, by the same store zero.Init
+writes to (zero/init.py's InitRun), which initialize then takes over: host memory holds one read buffer
+([Note: one read buffer]), the store's staging buffer, and a module's newly initialised tensors.  With
+offload_param not on nvme the parameters stay in host memory, where the config puts them anyway.
 
 [Note: Parameter objects are replaced]  A meta tensor's storage cannot be swapped for a host one in
 place (`.data =` refuses the change of device), so each parameter gets a new nn.Parameter, set on every
@@ -109,6 +109,7 @@ class Loader:
                 if p is not None:
                     self.owners.setdefault(id(p), []).append((module, attr, prefix + attr))
         self.done: set[int] = set()
+        self.scratch: torch.Tensor | None = None  # [Note: one read buffer]
         self.used: set[str] = set()
         self.info = LoadingInfo()
 
@@ -159,21 +160,44 @@ class Loader:
                 init_owner._init_weights(module)
         for attr, (kind, key) in loaded.items():
             self._set(module, attr, kind, key)
-        if self.store is not None:
-            for p in module._parameters.values():
-                if p is not None and placed(p) is None:
-                    self.store.place(p)
-                    record = placed(p)
-                    if record is not None:
-                        mark_partitioned(p, record.shape)
+            if kind == "param":
+                self._place(module._parameters[attr])  # before the next read reuses the scratch buffer
+        for p in module._parameters.values():
+            self._place(p)
+
+    def _place(self, p: Any) -> None:
+        if self.store is None or p is None or placed(p) is not None:
+            return
+        self.store.place(p)
+        record = placed(p)
+        if record is not None:
+            mark_partitioned(p, record.shape)
 
     def _set(self, module: nn.Module, attr: str, kind: str, key: str) -> None:
-        values = self.weights.read(key)
-        if kind == "param":
-            p = module._parameters[attr]
-            p.data = values.to(self.dtype) if values.is_floating_point() else values  # type: ignore[union-attr]
-        else:
-            module._buffers[attr] = values.to(module._buffers[attr].dtype)  # type: ignore[union-attr]
+        if kind == "buffer":
+            module._buffers[attr] = self.weights.read(key).to(module._buffers[attr].dtype)  # type: ignore[union-attr]
+            return
+        p = module._parameters[attr]
+        values = self.weights.read(key, self._scratch(key) if self._leaves(p) else None)
+        p.data = values.to(self.dtype) if values.is_floating_point() else values  # type: ignore[union-attr]
+
+    def _leaves(self, p: Any) -> bool:
+        """Whether p goes to the store as soon as its module is filled (so its values may be read into the
+        scratch buffer): offload_param nvme, and more elements than the persistence threshold."""
+        return self.store is not None and p.numel() > self.store.settings.persistence_threshold
+
+    def _scratch(self, key: str) -> torch.Tensor:
+        """[Note: one read buffer]  The values of parameters that leave for the store at once are read into
+        one host buffer as large as the folder's largest tensor, reused for each: a fresh tensor per parameter
+        would leave the allocator's heap holding freed blocks of mixed sizes, and the resident set grows
+        with the model instead of staying at a few tensors."""
+        spec = self.weights.spec(key)
+        nbytes = int(torch.Size(spec.shape).numel()) * torch.empty(0, dtype=spec.dtype).element_size()
+        if self.scratch is None or self.scratch.numel() < nbytes:
+            largest = max(int(torch.Size(self.weights.spec(n).shape).numel()) *
+                          torch.empty(0, dtype=self.weights.spec(n).dtype).element_size() for n in self.weights.names())
+            self.scratch = torch.empty(max(largest, nbytes), dtype=torch.uint8)
+        return self.scratch[:nbytes].view(spec.dtype).view(spec.shape)
 
     def _find(self, names: list[str], shape: torch.Size) -> str | None:
         """The checkpoint key holding one of names (a tensor's aliases), checked against shape."""

@@ -6,6 +6,7 @@ pytorch_model.bin.index.json), as `save_pretrained` writes them.
     weights.names()            # every tensor's name, without reading data
     weights.spec("lm_head.weight")   # (dtype, shape) from the header
     weights.read("lm_head.weight")   # a fresh host tensor: the only copy this module keeps
+    weights.read("lm_head.weight", out=buffer)   # or into a buffer the caller reuses
 
 [Note: read, not mapped]  safetensors files are read with os.preadv straight into a fresh tensor, one tensor
 at a time, instead of through safe_open's memory map: the pages of a mapped file that a copy touches count in
@@ -77,9 +78,9 @@ class SafetensorsFile:
             specs[name] = Spec(DTYPES[entry["dtype"]], tuple(entry["shape"]), start + begin, start + end)
         return specs
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.specs[name]
-        out = torch.empty(spec.shape, dtype=spec.dtype)
+        out = torch.empty(spec.shape, dtype=spec.dtype) if out is None else out
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         if len(view) != spec.end - spec.begin:
             raise CheckpointError(str(self.path), f"tensor {name!r} holds {spec.end - spec.begin} bytes, but its "
@@ -115,10 +116,10 @@ class TorchFile:
         self._state: dict[str, torch.Tensor] | None = state
         self.specs = {k: Spec(v.dtype, tuple(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         if self._state is None:
             raise CheckpointError(str(self.path), f"tensor {name!r} was read after the file was closed")
-        return self._state[name].clone()
+        return self._state[name].clone() if out is None else out.copy_(self._state[name])
 
     def close(self) -> None:
         self._state = None
@@ -153,8 +154,9 @@ class Weights:
     def spec(self, name: str) -> Spec:
         return self._specs[name]
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._file(self._file_of[name]).read(name)
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, in a fresh host tensor or in out (contiguous, of its dtype and shape)."""
+        return self._file(self._file_of[name]).read(name, out)
 
     def _file(self, file: str) -> SafetensorsFile | TorchFile:
         if file not in self._open:
