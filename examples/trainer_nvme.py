@@ -20,8 +20,7 @@ import transformers
 from transformers import TrainingArguments
 
 from infinity.config import shipped
-from infinity.integrations.transformers import InfinityTrainer, from_pretrained
-from infinity.integrations.transformers.trainer import resolve_config
+from infinity.integrations.transformers import InfinityTrainer, from_pretrained, resolve_config
 
 
 class Blocks(torch.utils.data.Dataset):
