@@ -52,6 +52,7 @@ class Engine:
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.run = run = Run(model, settings, lambda i, p: self._hook(i, p))
+        run.engine = self  # a run rebuilt around new shapes (zero/resize.py) replaces it through rebuild_run
         self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
         # The run's other parts are engine.run's (names, shards, homes, coordinator, ranks, ...); checkpoints
         # see the engine through self.checkpointable, the protocol's view (zero/checkpoint_view.py).
@@ -73,7 +74,7 @@ class Engine:
         self._check_usable()
         if torch.is_grad_enabled():
             self.phase.to(TrainingState.FORWARD)
-        with self.timeline.span("forward", Track.COMPUTE):
+        with self.timeline.span("forward", Track.COMPUTE), self.run.external.watching():  # zero/external.py
             return self.module(*args, **kwargs)
 
     forward = __call__
@@ -91,7 +92,7 @@ class Engine:
         with warnings.catch_warnings(), self.latching_failure(self.is_gradient_accumulation_boundary()):
             warnings.filterwarnings("ignore", message=EXPECTED_HOOK_WARNING, category=UserWarning)
             try:
-                with self.timeline.span("backward", Track.COMPUTE):
+                with self.timeline.span("backward", Track.COMPUTE), self.run.external.explaining():
                     scaled.backward()
                     self.run.coordinator.release_all()
             except BaseException:
@@ -239,6 +240,16 @@ class Engine:
         finally:
             if exporter is not None:
                 exporter.stop()
+
+    def rebuild_run(self) -> Run:
+        """A new run over the model, after the old one closed (zero/resize.py: a parameter's shape changed)."""
+        self.run = run = Run(self.module, self.settings, lambda i, p: self._hook(i, p))
+        run.engine = self
+        self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
+        self.optimizer, self.checkpointable = run.optimizer, CheckpointView(self)
+        if self.timeline.enabled:
+            run.trace_to(self.timeline)
+        return run
 
     # ---- phases the checkpoint view (zero/checkpoint_view.py) shares -----------------------
     @contextlib.contextmanager
