@@ -1,4 +1,5 @@
-"""The main job: train a GPT (or a Transformers model) on synthetic tokens through infinity.initialize.
+"""The main job: train a GPT (or a Transformers model) through infinity.initialize, on synthetic tokens or on
+a file's (infinity.models.data); save the run's checkpoint at the end and resume from one.
 
 `run(job)` yields one StepStats per optimizer step; infinity-train (cli/train.py) draws them.  The
 model is built under infinity.zero.Init when parameters go to NVMe, so it never has to fit in RAM.
@@ -10,15 +11,19 @@ import os
 import resource
 import time
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from infinity.config import Config
+from infinity.config import Config, TrainingArgs
+from infinity.config.auto import hidden_size_of
 from infinity.config.zero import OffloadDevice
 from infinity.errors import UsageError
 from infinity.exporter import from_config
+from infinity.errors import ConfigError, Problem
+from infinity.models.data import Target, read_tokens
 from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
 from infinity.timeline import Timeline
 from infinity.zero import Engine, Init, initialize
@@ -39,6 +44,10 @@ class TrainJob:
     hf_config: str | None = None  # a Transformers config (name or path) instead of the repo's GPT
     metrics_port: int | None = None  # serve Prometheus metrics there (the config's prometheus block otherwise)
     trace: str | None = None  # write the last TRACED_STEPS steps' timeline there (Chrome/Perfetto trace events)
+    data: str | None = None  # a text, .npy or .bin file of tokens (infinity.models.data); None: synthetic tokens
+    tokenizer: str | None = None  # a local folder holding the tokenizer for a text --data; None: byte-level
+    save: str | None = None  # write the engine's checkpoint there at the end
+    resume: str | None = None  # start from the engine's checkpoint there; `steps` more steps follow
 
 
 TRACED_STEPS = 2
@@ -100,9 +109,10 @@ class RunSummary:
     def line(self) -> str:
         world = f" on {self.ranks} ranks" if self.ranks > 1 else ""
         who = " (rank 0's)" if self.ranks > 1 else ""
-        span = (f"step {self.steps}" if self.averaged_from == self.steps else
-                f"steps {self.averaged_from}-{self.steps}")
-        left_out = " (step 1, which records the module order, left out)" if self.averaged_from > 1 else ""
+        last = self.averaged_from + max(self.steps - 1, 1) - 1  # a resumed run's steps go on from its checkpoint's
+        span = f"step {last}" if last == self.averaged_from else f"steps {self.averaged_from}-{last}"
+        left_out = (f" (step {self.averaged_from - 1}, which records the module order, left out)" if self.steps > 1
+                    else "")
         prefetch = PrefetchCounts(self.prefetch_hits, self.prefetch_late, self.prefetch_misses)
         return (f"{self.steps} steps{world}: loss {self.first_loss:.4f} -> {self.last_loss:.4f}; mean of {span}"
                 f"{left_out}: {self.mean_step_s:.2f} s/step, {self.tokens_per_s:.0f} tokens/s, per step "
@@ -137,7 +147,34 @@ def load_config(job: TrainJob) -> Config:
         overrides["train_micro_batch_size_per_gpu"] = job.micro_batch
     if job.metrics_port is not None:
         overrides.update({"prometheus.enabled": True, "prometheus.port": job.metrics_port})
-    return Config.load(job.config, overrides=overrides)
+    return _fill_auto(Config.load(job.config, overrides=overrides), job)
+
+
+TRAINER_DEFAULTS = TrainingArgs(learning_rate=5e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                                weight_decay=0.0, max_grad_norm=1.0, gradient_accumulation_steps=1, warmup_steps=0)
+"""What "auto" becomes in infinity-train, which has no flags for these: Transformers' TrainingArguments defaults."""
+
+
+def _fill_auto(config: Config, job: TrainJob) -> Config:
+    """A config with "auto" values (the Transformers guide's has 14) resolved as Trainer would with its default
+    arguments, --batch, the world size, --steps and the model's hidden size; the precision is the config's."""
+    if not config.pending_auto:
+        return config
+    micro = config.train_micro_batch_size_per_gpu
+    args = replace(TRAINER_DEFAULTS, per_device_train_batch_size=micro if isinstance(micro, int) else
+                   job.micro_batch or 1, world_size=int(os.environ.get("WORLD_SIZE", "1") or 1),
+                   hidden_size=_hidden_size(job), precision=config.precision, max_steps=job.steps)
+    log.warning("filled %s from Transformers' default TrainingArguments (learning_rate %g, max_grad_norm %g, ...), "
+                "--batch and the model; write values in the config to choose others", ", ".join(config.pending_auto),
+                args.learning_rate, args.max_grad_norm)
+    return config.resolve(args)
+
+
+def _hidden_size(job: TrainJob) -> int | None:
+    if job.hf_config is None:
+        return job.spec.hidden
+    import transformers  # _hf_model says how to install it when missing, a moment later
+    return hidden_size_of(SimpleNamespace(config=transformers.AutoConfig.from_pretrained(job.hf_config)))
 
 
 NVME_FOLDER_MODE = 0o700
@@ -198,9 +235,14 @@ def run(job: TrainJob) -> Iterator[StepStats]:
                            setting="--metrics-port" if job.metrics_port else "prometheus.port")
     try:
         model = build_model(job, config)
+        spec = _data_spec(job, model)  # --seq against the model's positions, before any swap file is made
         engine, *_ = initialize(model=model, config=config)
         try:
-            yield from _loop(engine, job, config, model)
+            if job.resume is not None:
+                engine.load_checkpoint(job.resume)
+            yield from _loop(engine, job, config, model, spec)
+            if job.save is not None:
+                engine.save_checkpoint(job.save, client_state={"seed": job.seed, "data": job.data or "synthetic"})
         finally:
             engine.close()
     finally:
@@ -208,14 +250,13 @@ def run(job: TrainJob) -> Iterator[StepStats]:
             exporter.stop()
 
 
-def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module) -> Iterator[StepStats]:
+def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module, spec: GptSpec) -> Iterator[StepStats]:
     micro = int(config.train_micro_batch_size_per_gpu)
     window = engine.gradient_accumulation_steps()
-    spec = _data_spec(job, model)
     # Data parallelism: every rank draws the same global batches and trains on its own part of each.
-    world, rank = engine.run.world, engine.run.rank
+    world, rank, start = engine.run.world, engine.run.rank, engine.global_steps
     batches = [(x[rank * micro:(rank + 1) * micro], y[rank * micro:(rank + 1) * micro]) for x, y in
-               synthetic_batches(spec, batch=micro * world, steps=job.steps * window, seed=job.seed + 1)]
+               _global_batches(job, spec, micro * world, start * window, job.steps * window, model)]
     engine.train()
     timeline = Timeline(enabled=job.trace is not None)
     engine.trace_to(timeline)
@@ -223,7 +264,8 @@ def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module) -> It
         for step in range(job.steps):
             if step <= job.steps - TRACED_STEPS:  # drops the steps before the last TRACED_STEPS
                 timeline.clear()
-            yield _step(engine, job, batches[step * window:(step + 1) * window], step, micro * world * spec.context)
+            yield _step(engine, job, batches[step * window:(step + 1) * window], start + step,
+                        micro * world * spec.context)
     finally:
         if job.trace is not None:
             log.info("wrote the timeline of the last %d steps to %s", TRACED_STEPS, timeline.write(job.trace))
@@ -250,9 +292,24 @@ def _step(engine: Engine, job: TrainJob, window: list, step: int, tokens: int) -
                      prefetch_misses=report.prefetch_misses if report else 0, peak_rss_bytes=peak_rss)
 
 
+def _global_batches(job: TrainJob, spec: GptSpec, batch: int, first: int, count: int,
+                    model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches first..first+count-1 of the run (the same ones whichever step it resumed at)."""
+    if job.data is None:
+        return synthetic_batches(spec, batch=batch, steps=first + count, seed=job.seed + 1)[first:]
+    target = Target.CONTINUATION if _is_seq2seq(model) else Target.NEXT_TOKEN
+    return read_tokens(job.data, spec.vocab, job.tokenizer).batches(batch, spec.context, first, count, target)
+
+
+def _is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def _forward(engine: Engine, x: torch.Tensor, y: torch.Tensor, hf: bool) -> torch.Tensor:
     if not hf:
         return engine(x, y)
+    if _is_seq2seq(engine.module):
+        return engine(input_ids=x, labels=y).loss
     logits = engine(input_ids=x).logits
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
@@ -261,6 +318,11 @@ def _data_spec(job: TrainJob, model: nn.Module) -> GptSpec:
     """Token data shaped for the model: the GPT's own spec, or vocabulary and context of a Transformers one."""
     if job.hf_config is None:
         return job.spec
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and job.spec.context > limit:
+        raise ConfigError([Problem("--seq", f"{job.spec.context} is longer than the model's limit of {limit} "
+                                            f"positions ({job.hf_config})", f"use --seq {limit} or less")],
+                          source="command line")
     vocab = int(getattr(model.config, "vocab_size"))
     return replace(job.spec, vocab=vocab)
 
@@ -272,4 +334,6 @@ def _hf_model(name: str) -> nn.Module:
         raise UsageError(f"--hf-config {name}: the transformers package is not installed; pip install "
                          "transformers, or train the built-in GPT (leave out --hf-config)") from None
     hf_config = transformers.AutoConfig.from_pretrained(name)
+    if hf_config.is_encoder_decoder:  # T5 and the like: trained on continuations (infinity.models.data.Target)
+        return transformers.AutoModelForSeq2SeqLM.from_config(hf_config)
     return transformers.AutoModelForCausalLM.from_config(hf_config)

@@ -44,8 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=DEFAULT_SPEC.layers, help="blocks (default %(default)s)")
     p.add_argument("--heads", type=int, default=DEFAULT_SPEC.heads, help="attention heads (default %(default)s)")
     p.add_argument("--vocab", type=int, default=DEFAULT_SPEC.vocab, help="vocabulary (default %(default)s)")
-    p.add_argument("--hf-config", metavar="NAME_OR_PATH", help="train a Transformers causal LM built from this "
-                   "config instead of the built-in GPT (needs the transformers package)")
+    p.add_argument("--hf-config", metavar="NAME_OR_PATH", help="train a Transformers model built from this config "
+                   "instead of the built-in GPT: a causal LM, or a seq2seq model such as T5 (trained to continue its "
+                   "input); needs the transformers package")
+    p.add_argument("--data", metavar="FILE", help="train on this file's tokens instead of synthetic ones: a text file "
+                   "(tokenized by --tokenizer, byte by byte without it), a .npy array or a .bin file of token ids")
+    p.add_argument("--tokenizer", metavar="DIR", help="a local folder holding the tokenizer for a text --data "
+                   "(tokenizer.save_pretrained writes one)")
+    p.add_argument("--save", metavar="DIR", help="write the engine's checkpoint to DIR at the end")
+    p.add_argument("--resume", metavar="DIR", help="start from the engine's checkpoint in DIR (written by --save); "
+                   "--steps more steps follow, on the batches the uninterrupted run would have seen")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write every step's figures and the summary as JSON")
     p.add_argument("--trace", metavar="FILE.json", help="write a timeline of the last two steps (compute, waits, "
@@ -88,13 +96,16 @@ def job_from_args(ns: argparse.Namespace):  # -> TrainJob (imported late: torch 
     if ns.trace is not None and not Path(ns.trace).resolve().parent.is_dir():
         problems.append(f"--trace {ns.trace}: the folder {Path(ns.trace).resolve().parent} does not exist; create it "
                         "or name a file in an existing folder")
+    if ns.tokenizer is not None and ns.data is None:
+        problems.append(f"--tokenizer {ns.tokenizer} tokenizes a text --data FILE; give --data too")
     if ns.hidden % max(ns.heads, 1):
         problems.append(f"--hidden {ns.hidden} must be a multiple of --heads {ns.heads}")
     if problems:
         raise ValueError("; ".join(problems))
     spec = GptSpec(vocab=ns.vocab, context=ns.seq, hidden=ns.hidden, layers=ns.layers, heads=ns.heads)
     return TrainJob(config=ns.config, spec=spec, steps=ns.steps, micro_batch=ns.batch, nvme_path=ns.nvme_path,
-                    seed=ns.seed, hf_config=ns.hf_config, metrics_port=ns.metrics_port, trace=ns.trace)
+                    seed=ns.seed, hf_config=ns.hf_config, metrics_port=ns.metrics_port, trace=ns.trace,
+                    data=ns.data, tokenizer=ns.tokenizer, save=ns.save, resume=ns.resume)
 
 
 def describe(stats) -> str:

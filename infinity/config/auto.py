@@ -42,6 +42,51 @@ class TrainingArgs:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
+    @classmethod
+    def from_training_arguments(cls, args: Any, hidden_size: int | None = None,
+                                max_steps: int | None = None) -> "TrainingArgs":
+        """The values of a transformers.TrainingArguments (read by name: this layer does not import
+        Transformers), as its DeepSpeed integration takes them.  max_steps: the run's optimizer steps
+        (Trainer computes them from the data when args.max_steps is not set; None here leaves
+        total_num_steps and warmup_num_steps to args.max_steps); hidden_size: the model's.
+
+        [Note: precision] fp16 and bf16 are enabled by args.fp16 / args.bf16 or their *_full_eval
+        variants, as the Transformers integration fills "auto"; neither is fp32."""
+        steps = max_steps if max_steps is not None else (args.max_steps if getattr(args, "max_steps", -1) > 0
+                                                         else None)
+        warmup = None
+        if steps is not None and hasattr(args, "get_warmup_steps"):
+            warmup = int(args.get_warmup_steps(steps))
+        elif isinstance(getattr(args, "warmup_steps", None), int):
+            warmup = args.warmup_steps
+        if getattr(args, "fp16", False) or getattr(args, "fp16_full_eval", False):
+            precision = Precision.FP16
+        elif getattr(args, "bf16", False) or getattr(args, "bf16_full_eval", False):
+            precision = Precision.BF16
+        else:
+            precision = Precision.FP32
+        return cls(learning_rate=args.learning_rate, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+                   adam_epsilon=args.adam_epsilon, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                   per_device_train_batch_size=args.per_device_train_batch_size,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                   world_size=int(getattr(args, "world_size", 1)), hidden_size=hidden_size, precision=precision,
+                   warmup_steps=warmup, max_steps=steps)
+
+
+def hidden_size_of(model: Any) -> int | None:
+    """The hidden size of a Transformers model or of its config (hidden_size, which T5's maps to d_model;
+    the largest of hidden_sizes; a multimodal model's text_config), as the Transformers integration reads
+    it for the bucket sizes; None for a model without a config."""
+    config = getattr(model, "config", model)
+    for source in (config, getattr(config, "text_config", None)):
+        if source is None:
+            continue
+        if isinstance(getattr(source, "hidden_size", None), int):
+            return int(source.hidden_size)
+        if getattr(source, "hidden_sizes", None):
+            return int(max(source.hidden_sizes))
+    return None
+
 
 # [Note: each filler gets the arguments and the config's JSON form as filled so far, and returns
 # the value, or None when an argument it needs is missing.  train_batch_size comes last because

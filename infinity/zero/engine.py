@@ -84,10 +84,11 @@ class Engine(DeepSpeedApi):
 
     forward = __call__
 
-    def backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """Backward of loss (scaled for fp16, divided by gradient_accumulation_steps)."""
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Backward of loss (scaled for fp16, divided by gradient_accumulation_steps unless scale_wrt_gas is
+        False, as DeepSpeed's: Transformers' Trainer divides the loss itself)."""
         self._check_usable()
-        gas = self.settings.gradient_accumulation_steps
+        gas = self.settings.gradient_accumulation_steps if scale_wrt_gas else 1
         scaled = loss.float() / gas
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from infinity.config import Config
-from infinity.config.auto import TrainingArgs
+from infinity.config.auto import TrainingArgs, hidden_size_of
 from infinity.config.config import ConfigSource
 from infinity.errors import UsageError
 from infinity.exporter import from_config
@@ -34,12 +34,13 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
                model_parameters: Iterable[Any] | None = None, training_data: Any = None,
                lr_scheduler: Any = None, config: ConfigSource | Config | None = None,
                config_params: ConfigSource | None = None, collate_fn: Any = None,
-               training_args: TrainingArgs | None = None, rank: int = 0,
+               training_args: Any = None, rank: int = 0,
                **ignored: Any) -> tuple[Engine, "OptimizerView", Any, "LrSchedulerView | None"]:
     """(engine, optimizer, training_dataloader or None, lr_scheduler or None), as DeepSpeed returns them.
 
     config: a path, a JSON string, a dict or an infinity.Config (DeepSpeed's config_params and
-    args.deepspeed_config are read too).  training_args fills "auto" values.  DeepSpeed's
+    args.deepspeed_config are read too).  training_args (an infinity.TrainingArgs or a
+    transformers.TrainingArguments, with the model's config.hidden_size) fills "auto" values.  DeepSpeed's
     distributed keywords (mpu, dist_init_required, ...) are accepted and ignored.
     Under torchrun (WORLD_SIZE > 1) the process group is started here unless the script started it
     (infinity.init_distributed), and the parameters are partitioned over its ranks; rank is then the
@@ -50,6 +51,8 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     if model is None:
         raise UsageError("initialize needs model=, the torch.nn.Module to train")
     _refuse_client_parts(optimizer, lr_scheduler)
+    if training_args is not None and not isinstance(training_args, TrainingArgs):  # transformers.TrainingArguments
+        training_args = TrainingArgs.from_training_arguments(training_args, hidden_size=hidden_size_of(model))
     loaded = _load(config, config_params, args, training_args)
     _check_parameters(model, model_parameters)
     if ignored:
