@@ -273,6 +273,7 @@ def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module, spec:
 
 def _step(engine: Engine, job: TrainJob, window: list, step: int, tokens: int) -> StepStats:
     before, start, losses = engine.io_stats(), time.perf_counter(), []
+    lr = engine.get_lr()[0]  # the lr this step uses (get_lr() after it is the next step's)
     for x, y in window:
         loss = _forward(engine, x, y, hf=job.hf_config is not None)
         engine.backward(loss)
@@ -285,7 +286,7 @@ def _step(engine: Engine, job: TrainJob, window: list, step: int, tokens: int) -
     _, peak_rss = engine.run.ranks.low_high(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS")
     return StepStats(step=step + 1, loss=float(mean), step_s=time.perf_counter() - start,
                      tokens=len(window) * tokens, bytes_read=after.bytes_read - before.bytes_read,
-                     bytes_written=after.bytes_written - before.bytes_written, lr=engine.get_lr()[0],
+                     bytes_written=after.bytes_written - before.bytes_written, lr=lr,
                      stall_ratio=report.stall_ratio if report else 0.0,
                      prefetch_hits=report.prefetch_hits if report else 0,
                      prefetch_late=report.prefetch_late if report else 0,

@@ -114,7 +114,7 @@ class SchedulerParams(Block):
 
     warmup_min_lr: float | Auto | None = spec(None, Kind.NUMBER, at_least=0.0, auto="warmup_min_lr")
     warmup_max_lr: float | Auto | None = spec(None, Kind.NUMBER, at_least=0.0, auto="learning_rate")
-    warmup_num_steps: int | Auto | None = spec(None, Kind.COUNT, at_least=1, auto="warmup_steps")
+    warmup_num_steps: int | Auto | None = spec(None, Kind.COUNT, at_least=0, auto="warmup_steps")
     warmup_type: WarmupType | None = spec(None, Kind.CHOICE, choices=WarmupType)
     total_num_steps: int | Auto | None = spec(None, Kind.COUNT, at_least=1, auto="max_steps")
     warmup_min_ratio: float | None = spec(None, Kind.NUMBER, at_least=0.0, at_most=1.0)

@@ -74,13 +74,19 @@ def arguments(kind: str, out: str | Path, steps: int, batch: int = 4, save_steps
 
 
 def trainer(kind: str, which: str, out: str | Path, nvme: str | Path | None, steps: int, model=None,
-            config: Any = None, **args: Any):
-    """A Trainer (which="plain") or an infinity one (which="infinity") on kind's model and data."""
+            config: Any = None, lr_lambda: Any = None, **args: Any):
+    """A Trainer (which="plain") or an infinity one (which="infinity") on kind's model and data.  lr_lambda
+    (plain only): Trainer's AdamW with its defaults stepped by a LambdaLR of it, in place of its scheduler."""
     seq2seq = kind == "t5"
     model = model if model is not None else (tiny_t5() if seq2seq else tiny_gpt2())
     common = dict(model=model, args=arguments(kind, out, steps, **args), train_dataset=Tokens(64, 1, seq2seq),
                   eval_dataset=Tokens(8, 2, seq2seq))
     if which == "plain":
+        if lr_lambda is not None:
+            a = common["args"]
+            opt = torch.optim.AdamW(model.parameters(), lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                    eps=a.adam_epsilon, weight_decay=a.weight_decay)
+            common["optimizers"] = (opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
         return (Seq2SeqTrainer if seq2seq else Trainer)(**common)
     if nvme is not None:
         Path(nvme).mkdir(exist_ok=True)

@@ -84,12 +84,16 @@ def guide_config(tmp_path: Path) -> Path:
 
 
 def test_the_guides_config_drives_trainer_with_nothing_filled_by_hand(tmp_path, caplog):
-    """14 "auto" values, all from TrainingArguments and the model.  With warmup_steps 0 its WarmupLR is
-    constant, so the run equals plain Trainer with lr_scheduler_type constant."""
-    plain = trainer("gpt2", "plain", tmp_path / "plain", None, STEPS, warmup_steps=0, lr_scheduler_type="constant")
+    """14 "auto" values, all from TrainingArguments and the model.  warmup_steps 0 fills warmup_num_steps 0,
+    which DeepSpeed's WarmupLR (log) stretches to 2 steps and whose first value it spends twice
+    (docs/config.md): lr 0, 0, then 1e-3 (the guide's warmup_min_lr "auto" is 0).  Plain Trainer is given
+    that lr sequence as a LambdaLR over its own AdamW."""
+    used = [0.0, 0.0] + [1.0] * STEPS  # of learning_rate, per optimizer step
+    plain = trainer("gpt2", "plain", tmp_path / "plain", None, STEPS, warmup_steps=0,
+                    lr_lambda=lambda k: used[k])
     plain.train()
     ours = trainer("gpt2", "infinity", tmp_path / "ours", None, STEPS, config=str(guide_config(tmp_path)),
-                   warmup_steps=0, lr_scheduler_type="constant")
+                   warmup_steps=0)
     with caplog.at_level("INFO", logger="infinity.integrations.transformers"):
         ours.train()
     try:

@@ -10,11 +10,12 @@ classes take the same hooks its Trainer offers any subclass, in the places its D
 - the engine is built once, when Trainer first creates its optimizer (it knows the run's optimizer steps then,
   for "auto" total_num_steps) or first wraps the model for evaluation; `_wrap_model` hands Trainer the engine,
   so Trainer neither wraps the model in DDP nor prepares it with accelerate (the engine reduces gradients);
-- the optimizer Trainer steps is an EngineOptimizer whose step() is engine.step(); the learning rate follows
+- accelerator.backward(loss) becomes engine.backward(loss, scale_wrt_gas=False) then engine.step(), after every
+  micro-batch, as accelerate drives DeepSpeed's engine (Trainer has already divided the loss for gradient
+  accumulation; the engine updates at the window's end);
+- the optimizer Trainer steps is an EngineOptimizer, whose step() finds the engine's done; the learning rate follows
   the config's scheduler block when it has one (EngineSchedule), or Trainer's own scheduler (lr_scheduler_type,
   warmup) stepping the EngineOptimizer, as Transformers does for a DeepSpeed config without a scheduler;
-- accelerator.backward(loss) becomes engine.backward(loss, scale_wrt_gas=False): Trainer has already
-  divided the loss for gradient accumulation;
 - gradient clipping is the engine's (gradient_clipping, filled from max_grad_norm), inside its step; the
   grad_norm Trainer logs is the engine's global norm of that step (engine.get_global_grad_norm());
 - save_model writes the model with engine.save_pretrained, streamed from its partitions (a folder plain
@@ -23,6 +24,7 @@ classes take the same hooks its Trainer offers any subclass, in the places its D
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Iterable
@@ -74,16 +76,19 @@ class EngineOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        """Trainer's optimizer step at a window's end: the engine stepped already, in the window's last
+        backward ([Note: micro-steps]); what is left is the lr the engine's schedule moved to."""
         if closure is not None:
             raise UsageError("EngineOptimizer.step(closure): the engine steps from the gradients of "
                              "engine.backward; closures are not supported")
-        if self.follows_trainer:
-            # [Note: the lr Trainer's scheduler set]  With no scheduler block the engine's lr is the config's
-            # constant; this step's lr is the group's, which Trainer's scheduler moved after the last step.
-            self.engine.lr = float(self.param_groups[0]["lr"])
-        self.engine.step()
         if not self.follows_trainer:
             self.param_groups[0]["lr"] = self.engine.lr
+
+    def lr_to_engine(self) -> None:
+        """[Note: the lr Trainer's scheduler set]  With no scheduler block the engine's lr is the config's
+        constant; the next step's lr is the group's, which Trainer's scheduler moved after the last step."""
+        if self.follows_trainer:
+            self.engine.lr = float(self.param_groups[0]["lr"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients leave the compute tier as they are made; nothing to clear."""
@@ -126,6 +131,9 @@ class InfinityTrainerMixin:
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         self.accelerator.backward = self._backward  # [Note: where the engine meets Trainer]
+        # Gradients are reduced once per window by the engine; accelerate's no_sync would call engine.no_sync(),
+        # which ZeRO-3 refuses (as DeepSpeed's does): accelerate skips it for DeepSpeed engines too.
+        self.accelerator.no_sync = lambda model=None: contextlib.nullcontext()
 
     # ---- the engine --------------------------------------------------------------------------
     def build_engine(self, max_steps: int | None) -> Engine:
@@ -147,7 +155,13 @@ class InfinityTrainerMixin:
     def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         if self.engine is None:
             raise UsageError("InfinityTrainer: a backward before the engine was built; call trainer.train()")
+        # [Note: micro-steps]  As accelerate drives DeepSpeed's engine: backward, then engine.step() after every
+        # micro-batch; the engine counts micro-steps there and updates at the window's end (DeepSpeed's
+        # counters, zero/state.py).  Trainer's own optimizer.step() at the window's end finds it done.
         self.engine.backward(loss, scale_wrt_gas=False)
+        if self._engine_optimizer is not None:
+            self._engine_optimizer.lr_to_engine()
+        self.engine.step()
 
     # ---- Trainer's hooks -----------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
