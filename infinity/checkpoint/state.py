@@ -27,10 +27,43 @@ def engine_state(engine: Checkpointable) -> dict[str, Any]:
         "lr": engine.lr,
         # The optimizer's step counter of each parameter's sub-group (all equal unless a run changed them).
         "optimizer_step": engine.optimizer_steps(),
+        "param_groups": groups_state(engine),
         "loss_scaler": None if scaler is None else scaler.state_dict(),  # scale, good_steps, hysteresis, skipped_steps
         "python_random": [version, list(internal), gauss],
         "numpy_random": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
+
+
+def groups_state(engine: Checkpointable) -> list[dict[str, Any]]:
+    """Each parameter group: its trained parameters' names and its hyperparameters that JSON holds (numbers,
+    strings, booleans, None, and lists of those, as betas), as torch's optimizer state_dict keeps them."""
+    names = {id(p): n for n, p in zip(engine.names, engine.params)}
+    return [{"params": [names[id(p)] for p in group["params"] if id(p) in names],
+             **{k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k != "params" and _plain(v)}}
+            for group in engine.param_groups]
+
+
+def restore_groups(engine: Checkpointable, saved: list[dict[str, Any]], where: str) -> None:
+    """Puts the saved hyperparameters back into the groups (as torch's load_state_dict does), after checking
+    that the groups hold the same parameters."""
+    names = {id(p): n for n, p in zip(engine.names, engine.params)}
+    mine = [[names[id(p)] for p in group["params"] if id(p) in names] for group in engine.param_groups]
+    theirs = [group["params"] for group in saved]
+    if mine != theirs:
+        raise CheckpointError(where, f"was saved with {len(theirs)} parameter groups of {[len(g) for g in theirs]} "
+                              f"parameters; this run has {len(mine)} of {[len(g) for g in mine]} (or the same "
+                              "sizes holding other parameters)", "build the engine with the parameter groups the "
+                              "run was saved with (initialize's model_parameters or optimizer)")
+    for group, values in zip(engine.param_groups, saved):
+        for k, v in values.items():
+            if k != "params":
+                group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -47,6 +80,8 @@ def restore(engine: Checkpointable, state: dict[str, Any], rng: dict[str, torch.
     """Puts state.json's and rng.safetensors' values back into the engine and the random generators."""
     engine.counters.load_state_dict(state)
     engine.load_optimizer_steps(state["optimizer_step"], where)
+    if "param_groups" in state:  # checkpoints before parameter groups have none
+        restore_groups(engine, state["param_groups"], where)
     scaler = engine.loss_scaler
     if scaler is not None and state["loss_scaler"] is not None:
         scaler.load_state_dict(state["loss_scaler"])

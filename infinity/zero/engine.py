@@ -32,6 +32,7 @@ from infinity.zero.checkpoint_view import CheckpointView
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING
 from infinity.zero.hooks import GradientHook
 from infinity.zero.loss_scale import LossScaler
+from infinity.zero.param_groups import OptimizerSetup, set_lr, step_client_scheduler
 from infinity.zero.settings import EngineSettings, ModelSave, Precision
 from infinity.zero.state import Counters, Phase, TrainingState
 from infinity.zero.step_report import StepReport
@@ -42,14 +43,17 @@ GATHER_KEY = "zero_optimization.stage3_gather_16bit_weights_on_model_save"
 
 class Engine:
     def __init__(self, model: nn.Module, settings: EngineSettings, config: Config | None = None,
-                 exporter: Any = None):
+                 exporter: Any = None, setup: OptimizerSetup | None = None, client_scheduler: Any = None):
         """config: the Config settings came from (initialize passes it); exporter: the metrics exporter
-        initialize started, which close() stops."""
+        initialize started, which close() stops; setup: the optimizer's rule and parameter groups
+        (zero/param_groups.py; None: the config's over one group); client_scheduler: a torch LR scheduler
+        over those groups, stepped after each applied optimizer step."""
+        self.client_scheduler = client_scheduler
         self.config, self.exporter = config, exporter
         self.counters, self.phase = Counters(), Phase()
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
-        self.run = run = Run(model, settings, lambda i, p: self._hook(i, p))
+        self.run = run = Run(model, settings, lambda i, p: self._hook(i, p), setup)
         self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
         # The run's other parts are engine.run's (names, shards, homes, coordinator, ranks, ...); checkpoints
         # see the engine through self.checkpointable, the protocol's view (zero/checkpoint_view.py).
@@ -114,9 +118,10 @@ class Engine:
             return
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
         with self.latching_failure(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
-            overflow = self.run.step_optimizer(self.lr, self.scaler.scale if self.scaler is not None else 1.0)
+            overflow = self.run.step_optimizer(self.scaler.scale if self.scaler is not None else 1.0)
             if not overflow:
                 self.counters.global_steps += 1
+                step_client_scheduler(self.client_scheduler)
         report = self.run.finish_step(self.global_steps, started, waited)
         metrics.record_step(report)
         self.timeline.mark(f"step {self.global_steps}", **report.to_dict())
@@ -256,5 +261,8 @@ class Engine:
                              f"accumulation window not finished by step()); call it after engine.step()")
 
     def _lr(self) -> float:
+        """The first parameter group's lr, after the config's schedule (if any) set every group's."""
         schedule = self.settings.schedule
-        return schedule.lr(self.global_steps) if schedule else self.settings.adam.lr
+        if schedule is not None:
+            set_lr(self.run.param_groups, schedule.lr(self.global_steps))
+        return float(self.run.param_groups[0]["lr"]) if self.run.param_groups else self.settings.adam.lr

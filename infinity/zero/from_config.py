@@ -7,6 +7,7 @@ from infinity.config.zero import OffloadDevice
 from infinity.errors import ConfigError, Problem
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
+from infinity.swap.rules import OptimizerKind
 from infinity.zero.loss_scale import LossScaleSettings
 from infinity.zero.lr_schedule import Decay, LrSchedule, Warmup
 from infinity.zero.settings import EngineSettings, ModelSave
@@ -33,7 +34,7 @@ def settings_from_config(config: Config, rank: int = 0) -> EngineSettings:
         pin_memory=param.pin_memory and opt.pin_memory,
         sub_group_size=zero.sub_group_size,
         pipeline=Pipeline(read=opt.pipeline_read, write=opt.pipeline_write),
-        aio=config.aio, precision=config.precision, adam=adam,
+        aio=config.aio, precision=config.precision, adam=adam, optimizer_kind=_kind(config.optimizer),
         schedule=_schedule(config.scheduler, adam.lr),
         gradient_accumulation_steps=int(config.gradient_accumulation_steps),
         gradient_clipping=float(config.gradient_clipping),
@@ -75,6 +76,13 @@ def _adam(block: OptimizerConfig) -> AdamSettings:
     return AdamSettings(lr=float(p.lr), betas=(float(p.betas[0]), float(p.betas[1])),  # type: ignore[index]
                         eps=float(p.eps), weight_decay=float(p.weight_decay),
                         decoupled=block.type is OptimizerType.ADAMW or p.adam_w_mode)
+
+
+def _kind(block: OptimizerConfig | None) -> OptimizerKind:
+    """Adam and AdamW are one kind (AdamSettings.decoupled tells them apart)."""
+    if block is None or block.type in (OptimizerType.ADAM, OptimizerType.ADAMW):
+        return OptimizerKind.ADAM
+    return OptimizerKind(block.type.value)
 
 
 def _schedule(block: SchedulerConfig | None, lr: float) -> LrSchedule | None:
