@@ -45,6 +45,7 @@ def load(engine: Checkpointable, load_dir: str | Path, tag: str | None,
     check_model(manifest, contents, folder)
     files.verify([STATE_FILE, RNG_FILE, CLIENT_STATE_FILE])  # sizes of all, checksums of the small ones
     client, saved, rng = files.client_state(), files.state(), files.rng()
+    state.check_groups(engine, saved, str(folder))
     with engine.latching_failure(), io_handle(engine, ckpt_dir) as handle:
         staging = tensors.staging_buffers(contents.largest, streaming.chunk_bytes, streaming.count)
         tensors.read(folder / OPTIMIZER_FILE, manifest.file(OPTIMIZER_FILE),

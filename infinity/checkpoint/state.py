@@ -43,9 +43,12 @@ def groups_state(engine: Checkpointable) -> list[dict[str, Any]]:
             for group in engine.param_groups]
 
 
-def restore_groups(engine: Checkpointable, saved: list[dict[str, Any]], where: str) -> None:
-    """Puts the saved hyperparameters back into the groups (as torch's load_state_dict does), after checking
-    that the groups hold the same parameters."""
+def check_groups(engine: Checkpointable, state: dict[str, Any], where: str) -> None:
+    """The saved parameter groups hold the same parameters as the engine's (restore then puts their
+    hyperparameters back, as torch's load_state_dict does).  Checkpoints before parameter groups have none."""
+    if "param_groups" not in state:
+        return
+    saved = state["param_groups"]
     names = {id(p): n for n, p in zip(engine.names, engine.params)}
     mine = [[names[id(p)] for p in group["params"] if id(p) in names] for group in engine.param_groups]
     theirs = [group["params"] for group in saved]
@@ -54,10 +57,6 @@ def restore_groups(engine: Checkpointable, saved: list[dict[str, Any]], where: s
                               f"parameters; this run has {len(mine)} of {[len(g) for g in mine]} (or the same "
                               "sizes holding other parameters)", "build the engine with the parameter groups the "
                               "run was saved with (initialize's model_parameters or optimizer)")
-    for group, values in zip(engine.param_groups, saved):
-        for k, v in values.items():
-            if k != "params":
-                group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
 
 
 def _plain(value: Any) -> bool:
@@ -80,8 +79,10 @@ def restore(engine: Checkpointable, state: dict[str, Any], rng: dict[str, torch.
     """Puts state.json's and rng.safetensors' values back into the engine and the random generators."""
     engine.counters.load_state_dict(state)
     engine.load_optimizer_steps(state["optimizer_step"], where)
-    if "param_groups" in state:  # checkpoints before parameter groups have none
-        restore_groups(engine, state["param_groups"], where)
+    for group, values in zip(engine.param_groups, state.get("param_groups", [])):  # check_groups passed
+        for k, v in values.items():
+            if k != "params":
+                group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
     scaler = engine.loss_scaler
     if scaler is not None and state["loss_scaler"] is not None:
         scaler.load_state_dict(state["loss_scaler"])
