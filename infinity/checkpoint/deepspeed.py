@@ -161,7 +161,7 @@ class Imported:
     def __init__(self, engine: Checkpointable, ds: DeepSpeedSave):
         self._engine, self._ds = engine, ds
         for attr in ("module", "names", "params", "shapes", "shards", "ranks", "rank", "world", "config",
-                     "settings", "dtype", "loss_scaler", "optimizer_states", "param_groups"):
+                     "settings", "dtype", "loss_scaler", "optimizer_states", "param_groups", "client_scheduler"):
             setattr(self, attr, getattr(engine, attr))
         self._check_names()
         gas = int(getattr(engine.settings, "gradient_accumulation_steps", 1))

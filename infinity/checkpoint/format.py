@@ -16,7 +16,8 @@ Layout::
                                     "numpy_keys" (uint32, 624): the random generators' states
         state.json                  scalars: global_steps, micro_steps, lr, per-parameter optimizer
                                     step counters, loss scaler, python and numpy random scalars,
-                                    param_groups (each group's parameter names and hyperparameters)
+                                    param_groups (each group's parameter names and hyperparameters),
+                                    lr_scheduler (a client scheduler's state_dict, or null)
         client_state.pt             torch.save of the client_state dict; loads with
                                     torch.load(weights_only=True)
         manifest.json               written last: a Manifest (below) listing every other file's size

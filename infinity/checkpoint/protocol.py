@@ -66,6 +66,10 @@ class Checkpointable(Protocol):
     def loss_scaler(self) -> Stateful | None:
         """The fp16 loss scaler (None unless fp16)."""
 
+    @property
+    def client_scheduler(self) -> Stateful | None:
+        """The client's LR scheduler (initialize's lr_scheduler=; None without one)."""
+
     def param_part(self, i: int) -> Part:
         """Where this rank's part of parameter i rests between uses (what model.safetensors holds)."""
 

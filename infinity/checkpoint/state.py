@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import io
 import json
+import logging
 import random
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 
 from infinity.checkpoint.protocol import Checkpointable
 from infinity.errors import CheckpointError
+
+log = logging.getLogger("infinity.checkpoint")
 
 
 def engine_state(engine: Checkpointable) -> dict[str, Any]:
@@ -28,6 +31,7 @@ def engine_state(engine: Checkpointable) -> dict[str, Any]:
         # The optimizer's step counter of each parameter's sub-group (all equal unless a run changed them).
         "optimizer_step": engine.optimizer_steps(),
         "param_groups": groups_state(engine),
+        "lr_scheduler": scheduler_state(engine.client_scheduler),
         "loss_scaler": None if scaler is None else scaler.state_dict(),  # scale, good_steps, hysteresis, skipped_steps
         "python_random": [version, list(internal), gauss],
         "numpy_random": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
@@ -41,6 +45,21 @@ def groups_state(engine: Checkpointable) -> list[dict[str, Any]]:
     return [{"params": [names[id(p)] for p in group["params"] if id(p) in names],
              **{k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k != "params" and _plain(v)}}
             for group in engine.param_groups]
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any] | None:
+    """The client scheduler's state_dict when JSON holds it (torch's schedulers' do: numbers, lists and
+    None where a lambda was); otherwise None, with a warning that it is not saved."""
+    if scheduler is None:
+        return None
+    values = scheduler.state_dict()
+    try:
+        json.dumps(values)
+    except (TypeError, ValueError):
+        log.warning("save_checkpoint: the lr_scheduler's state_dict holds values JSON cannot (%s); it is not "
+                    "saved: restore the scheduler yourself (client_state)", type(scheduler).__name__)
+        return None
+    return values
 
 
 def check_groups(engine: Checkpointable, state: dict[str, Any], where: str) -> None:
@@ -86,6 +105,9 @@ def restore(engine: Checkpointable, state: dict[str, Any], rng: dict[str, torch.
     scaler = engine.loss_scaler
     if scaler is not None and state["loss_scaler"] is not None:
         scaler.load_state_dict(state["loss_scaler"])
+    scheduler = engine.client_scheduler
+    if scheduler is not None and state.get("lr_scheduler") is not None:
+        scheduler.load_state_dict(state["lr_scheduler"])
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy_random"]

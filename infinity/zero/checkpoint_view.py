@@ -28,6 +28,7 @@ class CheckpointView:
                                                                           run.shapes, run.shards)
         self.ranks, self.rank, self.world, self.settings = run.ranks, run.rank, run.world, run.settings
         self.config, self.counters, self.loss_scaler = engine.config, engine.counters, engine.scaler
+        self.client_scheduler = engine.client_scheduler
         self.dtype: torch.dtype = dtype_of(run.settings.precision)
 
     @property

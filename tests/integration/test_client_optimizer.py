@@ -244,3 +244,41 @@ def test_checkpoints_keep_the_groups(tmp_path):
             engine.load_checkpoint(str(tmp_path / "ckpt"))
     finally:
         engine.close()
+
+
+def test_a_client_scheduler_resumes_from_a_checkpoint_where_it_was(tmp_path):
+    model = fresh()
+    opt = torch.optim.AdamW(no_decay_groups(model), lr=1e-3)
+    want = torch_run(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    def start(path):
+        model = fresh()
+        client = torch.optim.AdamW(no_decay_groups(model), lr=1e-3)
+        return infinity.initialize(model=model, optimizer=client, config=config(path),
+                                   lr_scheduler=torch.optim.lr_scheduler.StepLR(client, step_size=3, gamma=0.5))
+
+    engine, optimizer, _, _ = start(tmp_path / "a")
+    try:
+        for x, y in batches()[:4]:
+            engine.backward(engine(x, y))
+            engine.step()
+        engine.save_checkpoint(str(tmp_path / "ckpt"))
+    finally:
+        engine.close()
+    engine, optimizer, _, scheduler = start(tmp_path / "b")
+    engine.load_checkpoint(str(tmp_path / "ckpt"))
+    assert scheduler.last_epoch == 4
+    losses, lrs = [], []
+    try:
+        for x, y in batches()[4:]:
+            lrs.append([g["lr"] for g in optimizer.param_groups])
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    finally:
+        engine.close()
+    assert lrs == want[1][4:]
+    assert losses == pytest.approx(want[0][4:], rel=1e-5)
