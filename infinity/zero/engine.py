@@ -140,7 +140,8 @@ class Engine:
         return self.train(False)
 
     def get_lr(self) -> list[float]:
-        return [self.lr]
+        """Each parameter group's lr, as DeepSpeed's engine returns it."""
+        return [float(group["lr"]) for group in self.run.param_groups]
 
     def gradient_accumulation_steps(self) -> int:
         return self.settings.gradient_accumulation_steps

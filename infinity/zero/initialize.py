@@ -140,7 +140,7 @@ class LrSchedulerView:
         return self._engine.global_steps - 1
 
     def get_lr(self) -> list[float]:
-        return [self._engine.lr]
+        return self._engine.get_lr()
 
     get_last_lr = get_lr
 
