@@ -233,7 +233,7 @@ class _Standin:
 
 
 ALLOWED = ("torch", "collections", "copyreg", "numpy", "_codecs")
-BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray", "range", "getattr"}
+BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray", "range"}
 
 
 class _Unpickler(pickle.Unpickler):
@@ -241,7 +241,7 @@ class _Unpickler(pickle.Unpickler):
         root = module.split(".")[0]
         if root == "deepspeed":
             return type(name, (_Standin,), {"__module__": module})
-        if root in ALLOWED or (module == "builtins" and name in BUILTINS - {"getattr"}):
+        if root in ALLOWED or (module == "builtins" and name in BUILTINS):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not read from a DeepSpeed checkpoint")
 

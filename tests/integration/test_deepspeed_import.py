@@ -125,3 +125,19 @@ def test_a_deepspeed_save_of_another_model_is_refused_naming_the_parameters(tmp_
             engine.load_checkpoint(str(tmp_path / "ds"))
     finally:
         engine.close()
+
+
+def test_a_deepspeed_file_naming_other_globals_is_not_unpickled(tmp_path):
+    import os
+
+    (params, states), _, _ = torch_run()
+    write_deepspeed(tmp_path / "ds", 1, params, states)
+    torch.save({"param_shapes": [], "hook": os.getcwd},  # a global outside torch, the containers and DeepSpeed
+               tmp_path / "ds" / "global_step5" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    (tmp_path / "swap").mkdir()
+    engine, _, _, _ = infinity.initialize(model=model(), config=config(tmp_path / "swap"))
+    try:
+        with pytest.raises(CheckpointError, match="getcwd is not read from a DeepSpeed checkpoint"):
+            engine.load_checkpoint(str(tmp_path / "ds"))
+    finally:
+        engine.close()
