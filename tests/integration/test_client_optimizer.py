@@ -282,3 +282,14 @@ def test_a_client_scheduler_resumes_from_a_checkpoint_where_it_was(tmp_path):
         engine.close()
     assert lrs == want[1][4:]
     assert losses == pytest.approx(want[0][4:], rel=1e-5)
+
+
+def test_a_client_optimizer_with_its_states_in_host_memory(tmp_path):
+    make = CLIENTS["sgd-momentum"]
+    model = fresh()
+    want = torch_run(model, make(no_decay_groups(model)))
+    model = fresh()
+    cfg = config(tmp_path, nvme_params=False)
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    engine, optimizer, _, _ = infinity.initialize(model=model, optimizer=make(no_decay_groups(model)), config=cfg)
+    assert_equal_runs(infinity_run(engine, optimizer), want)
