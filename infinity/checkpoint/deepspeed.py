@@ -20,7 +20,9 @@ The import builds, from those files, the checkpoint this engine would have saved
 (infinity's own format, in a hidden folder beside the DeepSpeed one), and loads it through the ordinary load
 path, which checks it as any other; then removes it.  Parameters take DeepSpeed's fp32 master weights (cast
 to the compute dtype), the optimizer its fp32 states and per-sub-group step counts, the engine DeepSpeed's
-global_steps (micro_steps: global_steps x gradient_accumulation_steps), the buffers the module state's.
+global_steps (micro_steps: global_steps x gradient_accumulation_steps), the buffers the module state's, each parameter group the lr
+DeepSpeed's optimizer had (when the two have as many groups), and a client LR scheduler (initialize's
+lr_scheduler=) the state_dict DeepSpeed saved of its scheduler.
 DeepSpeed's files are read with torch.load's mmap, one rank's file at a time per state, never unpickling
 anything outside torch, the standard containers and DeepSpeed's own classes (which become inert stand-ins).
 """
@@ -91,6 +93,7 @@ class DeepSpeedSave:
         for group in model_states["param_shapes"]:
             self.shapes.update({name: torch.Size(shape) for name, shape in group.items()})
         self.global_steps = int(model_states.get("global_steps", 0))
+        self.lr_scheduler = model_states.get("lr_scheduler")  # the client scheduler's state_dict, or None
         self.module = model_states.get("module") or {}
         self.client_state = {k: v for k, v in model_states.items() if k not in DS_KEYS}
         self.offsets, offset = {}, 0
@@ -99,6 +102,7 @@ class DeepSpeedSave:
             offset += _partitioned(shape.numel(), world)
         self._flat: dict[str, list[torch.Tensor]] = {}
         self.steps: list[list[float]] = []  # per rank, per sub-group
+        self.group_lrs: list[float] = []  # each of DeepSpeed's optimizer parameter groups' lr (rank 0's)
         self.bounds: list[list[int]] = []  # per rank, each sub-group's first flat element, then the end
 
     @classmethod
@@ -127,6 +131,8 @@ class DeepSpeedSave:
             raise CheckpointError(str(path), "holds no fp32_flat_groups and optimizer state (not ZeRO stage 3?)",
                                   "only ZeRO stage 3 saves can be imported")
         groups = [inner["state"][k] for k in sorted(inner["state"])]
+        if rank == 0:
+            self.group_lrs = [float(g["lr"]) for g in inner.get("param_groups", []) if "lr" in g]
         self._flat.setdefault("master", []).append(torch.cat([t.reshape(-1).float() for t in flat]))
         for name in groups[0] if groups else {}:
             if isinstance(groups[0][name], torch.Tensor) and groups[0][name].dim() > 0:
@@ -161,8 +167,14 @@ class Imported:
     def __init__(self, engine: Checkpointable, ds: DeepSpeedSave):
         self._engine, self._ds = engine, ds
         for attr in ("module", "names", "params", "shapes", "shards", "ranks", "rank", "world", "config",
-                     "settings", "dtype", "loss_scaler", "optimizer_states", "param_groups", "client_scheduler"):
+                     "settings", "dtype", "loss_scaler", "optimizer_states"):
             setattr(self, attr, getattr(engine, attr))
+        self.param_groups = [dict(g) for g in engine.param_groups]
+        if len(ds.group_lrs) == len(self.param_groups):  # the lr DeepSpeed's optimizer had (its scheduler's)
+            for group, lr in zip(self.param_groups, ds.group_lrs):
+                group["lr"] = lr
+        saved = ds.lr_scheduler if engine.client_scheduler is not None else None
+        self.client_scheduler = _Saved(saved) if isinstance(saved, dict) else None
         self._check_names()
         gas = int(getattr(engine.settings, "gradient_accumulation_steps", 1))
         self.counters = _Counters(ds.global_steps, ds.global_steps * gas)
@@ -204,6 +216,19 @@ class Imported:
 
     def io_handle(self) -> Any:
         return self._engine.io_handle()
+
+
+class _Saved:
+    """A state_dict saved by DeepSpeed, as the Stateful the checkpoint writes (a client scheduler's)."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = values
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.values
+
+    def load_state_dict(self, values: dict[str, Any]) -> None:
+        self.values = values
 
 
 class _Counters:

@@ -52,7 +52,7 @@ def torch_run():
     return at_five, losses[5:], {n: p.detach().clone() for n, p in m.named_parameters()}
 
 
-def write_deepspeed(folder, world, params, states, global_steps=5):
+def write_deepspeed(folder, world, params, states, global_steps=5, lr_scheduler=None, lr=LR):
     """DeepSpeed's ZeRO-3 files for `world` ranks (zero_to_fp32's layout: each parameter takes
     ceil(numel / world) elements of every rank's flat vector; two sub-groups per rank)."""
     tag = folder / f"global_step{global_steps}"
@@ -70,14 +70,14 @@ def write_deepspeed(folder, world, params, states, global_steps=5):
         groups = {k: [torch.cat(v[:cut]), torch.cat(v[cut:])] for k, v in flat.items()}
         inner = {"state": {g: {"step": torch.tensor(float(global_steps)), "exp_avg": groups["exp_avg"][g],
                                "exp_avg_sq": groups["exp_avg_sq"][g]} for g in range(2)},
-                 "param_groups": [{"lr": LR, "weight_decay": WD, "params": [0, 1]}]}
+                 "param_groups": [{"lr": lr, "weight_decay": WD, "params": [0, 1]}]}
         torch.save({"optimizer_state_dict": {"zero_stage": 3, "loss_scaler": {"cur_scale": 1.0}, "partition_count": world,
                                              "fp32_flat_groups": groups["master"], "optimizer_state_dict": inner},
                     "ds_config": {}, "ds_version": "0.19.8"},
                    tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
         torch.save({"module": {n: torch.empty(0) for n in params}, "param_shapes": [shapes], "buffer_names": [],
                     "global_steps": global_steps, "global_samples": global_steps * 8, "skipped_steps": 0,
-                    "lr_scheduler": None, "ds_config": {}, "ds_version": "0.19.8", "epoch": 2},
+                    "lr_scheduler": lr_scheduler, "ds_config": {}, "ds_version": "0.19.8", "epoch": 2},
                    tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
 
 
@@ -139,5 +139,27 @@ def test_a_deepspeed_file_naming_other_globals_is_not_unpickled(tmp_path):
     try:
         with pytest.raises(CheckpointError, match="getcwd is not read from a DeepSpeed checkpoint"):
             engine.load_checkpoint(str(tmp_path / "ds"))
+    finally:
+        engine.close()
+
+
+def test_a_client_scheduler_gets_the_state_deepspeed_saved_of_it(tmp_path):
+    (params, states), _, _ = torch_run()
+    m = model()
+    client = torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=WD)
+    scheduler = torch.optim.lr_scheduler.StepLR(client, step_size=2, gamma=0.5)
+    reference = torch.optim.lr_scheduler.StepLR(torch.optim.AdamW(model().parameters(), lr=LR), step_size=2, gamma=0.5)
+    for _ in range(5):
+        reference.optimizer.step()
+        reference.step()
+    write_deepspeed(tmp_path / "ds", 2, params, states, lr_scheduler=reference.state_dict(),
+                    lr=reference.get_last_lr()[0])
+    (tmp_path / "swap").mkdir()
+    engine, optimizer, _, returned = infinity.initialize(model=m, optimizer=client, lr_scheduler=scheduler,
+                                                         config=config(tmp_path / "swap"))
+    try:
+        engine.load_checkpoint(str(tmp_path / "ds"))
+        assert returned.last_epoch == 5 and returned.get_last_lr() == reference.get_last_lr()
+        assert optimizer.param_groups[0]["lr"] == reference.get_last_lr()[0] == LR / 4  # DeepSpeed's optimizer's
     finally:
         engine.close()
