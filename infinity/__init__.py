@@ -14,6 +14,7 @@ from infinity.errors import (
     CheckpointError,
     ConfigError,
     EngineFailed,
+    ExternalParameterError,
     InfinityError,
     NativeUnavailable,
     NvmePathError,
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "CheckpointError", "Config", "ConfigError",
-    "EngineFailed", "ExporterError", "InfinityError", "MetricsPortInUse", "NativeUnavailable", "NvmePathError",
+    "EngineFailed", "ExporterError", "ExternalParameterError", "InfinityError", "MetricsPortInUse", "NativeUnavailable", "NvmePathError",
     "ShortTransferError", "TrainingArgs", "UsageError", "RankFailed", "__version__", "init_distributed",
     "initialize", "zero",
 ]

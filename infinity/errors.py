@@ -110,6 +110,21 @@ class UsageError(InfinityError):
     """The engine was driven out of order (step before backward, a parameter added after initialize)."""
 
 
+class ExternalParameterError(UsageError):
+    """A partitioned parameter (its values on the offload tier, an empty placeholder in the model) was read
+    where the engine could not detect the read and fetch it.  Names the parameters and the fix."""
+
+    def __init__(self, names: list[str], cause: str):
+        self.names = names
+        super().__init__(f"parameter {', '.join(repr(n) for n in names)} was read while partitioned (an empty "
+                         f"placeholder: its values are on the offload tier), outside the forward of the module "
+                         f"that owns it, where the engine cannot detect the read (a backward that reads it without "
+                         f"autograd having saved it, another thread, or code outside the engine's forward): call "
+                         f"infinity.zero.register_external_parameter(module, param) with the module in whose "
+                         f"forward or backward it is read, or read it inside infinity.zero.GatheredParameters. "
+                         f"torch said: {cause}")
+
+
 class RankFailed(InfinityError):
     """A collective between the data-parallel ranks failed: a peer died, or did not answer within the
     process group's timeout.  Names the operation, what it carried and this rank."""

@@ -142,6 +142,41 @@ class NvmeOptimizer:
             self.manager.finish_write(key(g.index, "master"))
             self.manager.drop(key(g.index, "master"))
 
+    def write_master(self, s: Slice, values: torch.Tensor) -> None:
+        """Replaces slice s's fp32 master weights with values (its first elements; a parameter changed
+        between steps, by GatheredParameters): its sub-group's master is read, changed and written back."""
+        self.write_state("master", lambda t: values if t.index == s.index else None, groups=(s.group,))
+
+    def read_state(self, state: str, each: Callable[[Slice, torch.Tensor], None]) -> None:
+        """Calls each(slice, values) with every slice's state (master, exp_avg or exp_avg_sq), one sub-group
+        read at a time; values is a view of the read buffer, valid during the call."""
+        for g in self.groups:
+            k = key(g.index, state)
+            self.manager.start_read(k)
+            flat = self.manager.finish_read(k)
+            try:
+                for sl in g.slices:
+                    each(sl, flat[sl.offset:sl.end])
+            finally:
+                self.manager.drop(k)
+
+    def write_state(self, state: str, values_of: Callable[[Slice], torch.Tensor | None],
+                    groups: tuple[int, ...] | None = None) -> None:
+        """Replaces the state of every slice whose values_of(slice) is not None (its first elements), a
+        sub-group at a time: read, changed, written back."""
+        for g in (self.groups[i] for i in groups) if groups is not None else self.groups:
+            k = key(g.index, state)
+            self.manager.start_read(k)
+            flat = self.manager.finish_read(k)
+            for sl in g.slices:
+                values = values_of(sl)
+                if values is not None:
+                    flat[sl.offset:sl.offset + values.numel()].copy_(values.reshape(-1))
+            self.manager.stage(k)
+            self.manager.start_write(k)
+            self.manager.finish_write(k)
+            self.manager.drop(k)
+
     def state_part(self, s: Slice, state: str) -> SwapPart:
         """Where slice s's state (master or one of the rule's) lives: its part of the sub-group's swap file."""
         return SwapPart(self.manager, key(s.group, state), s.offset * FP32)
@@ -242,6 +277,21 @@ class HostOptimizer:
         for g, flat in zip(self.groups, self.flat):
             for s in g.slices:
                 flat["master"][s.offset:s.end].copy_(values(s).reshape(-1))
+
+    def write_master(self, s: Slice, values: torch.Tensor) -> None:
+        self.flat[s.group]["master"][s.offset:s.offset + values.numel()].copy_(values.reshape(-1))
+
+    def read_state(self, state: str, each: Callable[[Slice, torch.Tensor], None]) -> None:
+        for g, flat in zip(self.groups, self.flat):
+            for sl in g.slices:
+                each(sl, flat[state][sl.offset:sl.end])
+
+    def write_state(self, state: str, values_of: Callable[[Slice], torch.Tensor | None]) -> None:
+        for g, flat in zip(self.groups, self.flat):
+            for sl in g.slices:
+                values = values_of(sl)
+                if values is not None:
+                    flat[state][sl.offset:sl.offset + values.numel()].copy_(values.reshape(-1))
 
     def state_part(self, s: Slice, state: str) -> HostPart:
         """Slice s's state (master or one of the rule's): a view of its sub-group's flat vector."""

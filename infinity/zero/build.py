@@ -23,9 +23,12 @@ from infinity.schedule import persistent_set
 from infinity.swap.params import AfterWrite, ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import Coordinator
 from infinity.zero.init import placed
+from infinity.zero.placeholders import guard_state_dict, mark_partitioned
 from infinity.zero.placement import check_placement, open_manager, optimizer_pool, param_pool
 from infinity.zero.settings import EngineSettings, budgets_of, dtype_of
 from infinity.zero.gather import ShardedHome, piece_of
+from infinity.zero.gathered import claim
+from infinity.zero.external import ExternalParameters, check_placeholders
 from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
 from infinity.shard import Shard, shard_of
@@ -80,6 +83,9 @@ class Run:
             m.store.reserve()  # before any transfer: whole-block reads of zero.Init's partitions need the room
         self.optimizer.set_master(self._initial_values)
         self._place_params()
+        for i in self.offloaded:  # [Note: the whole size] (zero/placeholders.py)
+            mark_partitioned(self.params[i], self.shapes[i])
+        guard_state_dict(model)
         self.coordinator = Coordinator(model, self.params, self.homes, self.offloaded, on_grad,
                                        [shape.numel() for shape in self.shapes], self.budgets, self.reporter.clock)
         try:
@@ -90,6 +96,8 @@ class Run:
                 m.close()  # a refused config leaves no swap files behind
             raise
         self._lend_staging_buffers()
+        claim(self)  # GatheredParameters finds a parameter's run through it
+        self.external = ExternalParameters(model, self.coordinator, self.names, self.shapes)
         moved = self.io_stats()
         self.reporter.start(moved.bytes_read, moved.bytes_written)
 
@@ -177,6 +185,7 @@ class Run:
         latched failures."""
         for m in self._managers.values():
             m.check_healthy()
+        check_placeholders(self)
         now = {id(p): n for n, p in self.module.named_parameters()}
         if now.keys() != self._param_names.keys():
             added = [n for i, n in now.items() if i not in self._param_names]
@@ -192,6 +201,7 @@ class Run:
     def close(self) -> None:
         """Removes the hooks and this run's swap files."""
         self.coordinator.remove()
+        self.external.remove()
         for m in self._managers.values():
             m.close()
         self._managers.clear()

@@ -52,6 +52,13 @@ pre-hook only gathers the module's parameters, so firing on the outputs' gradien
 needs; Engine.backward silences this one message."""
 
 
+def _quietly(hook: Callable[..., None], *args: object) -> None:
+    """Runs a hook of the coordinator with torch functions unwatched: its own moves of parameters are no
+    reads by the module ([Note: how a read is detected] in zero/external.py)."""
+    with torch._C.DisableTorchFunction():
+        hook(*args)
+
+
 class Prefetch(enum.Enum):
     """Whether the coordinator reads ahead along the trace (stage3_prefetch_bucket_size 0 turns it off)."""
 
@@ -77,6 +84,9 @@ class Coordinator:
         self._empty = [torch.empty(0, dtype=p.dtype, device=p.device) for p in params]
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._mine: list[tuple[int, ...]] = []
+        self._external: list[frozenset[int]] = []  # per hooked module: its external parameters (in _mine too)
+        self._entry: dict[int, int] = {}  # id(module) -> its index in _mine
+        self.externals: dict[int, set[int]] = {}  # id(module) -> external parameters (zero/external.py)
         self._names: list[str] = []  # module names, for the timeline
         self._started: dict[int, float] = {}  # forward: module -> timeline start (µs)
         self._backward: tuple[int, float] | None = None  # the module whose backward runs, since when (µs)
@@ -86,21 +96,48 @@ class Coordinator:
         for name, module in self.model.named_modules():
             mine = tuple(self._index[id(p)] for p in module.parameters(recurse=False)
                          if id(p) in self._index and self._index[id(p)] in self.offloaded)
-            if not mine:
-                continue
-            m = len(self._mine)
-            self._mine.append(mine)
-            self._names.append(name or type(module).__name__)
-            if type(module) is nn.Linear:
-                module.forward = types.MethodType(zero_linear_forward, module)  # see zero/linear.py
-            self._hooks += [
-                module.register_forward_pre_hook(lambda mod, args, m=m: self._enter(m, Phase.FORWARD)),
-                module.register_forward_hook(lambda mod, args, out, m=m: self._leave(m)),
-                module.register_full_backward_pre_hook(lambda mod, grad_out, m=m: self._enter(m, Phase.BACKWARD)),
-            ]
+            if mine:
+                self._hook_module(name, module, mine)
         for i, p in enumerate(self.params):
             self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
         self._check_live_budget()
+
+    def _hook_module(self, name: str, module: nn.Module, mine: tuple[int, ...]) -> int:
+        m = len(self._mine)
+        self._mine.append(mine)
+        self._external.append(frozenset())
+        self._entry[id(module)] = m
+        self._names.append(name or type(module).__name__)
+        if type(module) is nn.Linear:
+            module.forward = types.MethodType(zero_linear_forward, module)  # see zero/linear.py
+        self._hooks += [
+            module.register_forward_pre_hook(lambda mod, args, m=m: _quietly(self._enter, m, Phase.FORWARD)),
+            module.register_forward_hook(lambda mod, args, out, m=m: _quietly(self._leave, m)),
+            module.register_full_backward_pre_hook(lambda mod, grad_out, m=m: self._enter(m, Phase.BACKWARD)),
+        ]
+        return m
+
+    def add_external(self, module: nn.Module, name: str, i: int, gather_now: bool = False) -> None:
+        """Parameter i, read in module's forward but not its own, is gathered with module's from now on
+        ([Note: how a read is detected] in zero/external.py); gather_now: it is read now, inside that
+        forward, and is gathered at once."""
+        m = self._entry.get(id(module))
+        if m is None:
+            m = self._hook_module(name, module, ())
+        if i not in self._mine[m]:
+            self._mine[m] += (i,)
+        self._external[m] |= {i}
+        self.externals.setdefault(id(module), set()).add(i)
+        self._check_live_budget()
+        if gather_now:
+            self._gather(i, self._mine[m])
+
+    def release_externals(self) -> None:
+        """After a forward with no backward to follow: the external parameters it gathered go."""
+        for ext in self._external:
+            for i in ext:
+                if self.residence.users(i) > 0:
+                    self._drop(i)
 
     def _check_live_budget(self) -> None:
         largest = max((sum(self.sizes[i] for i in mine) for mine in self._mine), default=0)
@@ -157,7 +194,10 @@ class Coordinator:
         start = self._started.pop(m, None)
         if start is not None:
             self.timeline.complete(f"forward {self._names[m]}", Track.COMPUTE, start)
-        unused = [i for i in self._mine[m] if self.residence.leave(i)]
+        # an external parameter stays until its gradient is made (autograd may read it in backward); a
+        # forward without grad lets it go like the module's own
+        ext = self._external[m] if torch.is_grad_enabled() else frozenset()
+        unused = [i for i in self._mine[m] if i not in ext and self.residence.leave(i)]
         trace, position = self.cursor.trace, self._position
         if trace is None or position is None:
             released = unused  # off the trace: nothing is known to come back soon
@@ -321,6 +361,7 @@ class Coordinator:
     def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             self.on_grad(i, p)
-            if i in self.offloaded and self.residence.users(i) > 0:
-                self._drop(i)  # autograd reads this parameter no more in this backward
+            if i in self.offloaded and self.residence.users(i) > 0 and not any(i in e for e in self._external):
+                self._drop(i)  # autograd reads this parameter no more in this backward (an external one
+                # may still be read, by code autograd does not know of: it goes at the backward's end)
         return hook

@@ -21,6 +21,7 @@ from torch import nn
 from infinity import metrics
 from infinity.checkpoint.load import load
 from infinity.checkpoint.model_file import save_16bit_model
+from infinity.checkpoint.pretrained_folder import save_pretrained
 from infinity.checkpoint.save import save
 from infinity.config import Config
 from infinity.errors import UsageError
@@ -54,6 +55,7 @@ class Engine:
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.run = run = Run(model, settings, lambda i, p: self._hook(i, p), setup)
+        run.engine = self  # a run rebuilt around new shapes (zero/resize.py) replaces it through rebuild_run
         self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
         # The run's other parts are engine.run's (names, shards, homes, coordinator, ranks, ...); checkpoints
         # see the engine through self.checkpointable, the protocol's view (zero/checkpoint_view.py).
@@ -74,7 +76,7 @@ class Engine:
         self._check_usable()
         if torch.is_grad_enabled():
             self.phase.to(TrainingState.FORWARD)
-        with self.timeline.span("forward", Track.COMPUTE):
+        with self.timeline.span("forward", Track.COMPUTE), self.run.external.watching():  # zero/external.py
             return self.module(*args, **kwargs)
 
     forward = __call__
@@ -91,7 +93,7 @@ class Engine:
         with warnings.catch_warnings(), self.latching_failure(self.is_gradient_accumulation_boundary()):
             warnings.filterwarnings("ignore", message=EXPECTED_HOOK_WARNING, category=UserWarning)
             try:
-                with self.timeline.span("backward", Track.COMPUTE):
+                with self.timeline.span("backward", Track.COMPUTE), self.run.external.explaining():
                     scaled.backward()
                     self.run.coordinator.release_all()
             except BaseException:
@@ -181,6 +183,22 @@ class Engine:
             return False
         return save_16bit_model(self.checkpointable, Path(save_dir), save_filename, exclude_frozen_parameters)
 
+    def save_pretrained(self, save_directory: str | os.PathLike[str], max_shard_size: int | str = "50GB") -> None:
+        """Writes a folder that Transformers' plain from_pretrained loads: safetensors shards of at most
+        max_shard_size, the model's config.json and generation_config.json, one parameter in host memory at a
+        time (infinity/checkpoint/pretrained_folder.py).  With several ranks every rank must call it; rank 0
+        writes."""
+        self._between_steps("save_pretrained")
+        save_pretrained(self.checkpointable, Path(save_directory), max_shard_size)
+
+    def __getattr__(self, name: str) -> Any:
+        """What the engine lacks is the module's (engine.generate, engine.num_parameters), as DeepSpeed's
+        engine forwards it."""
+        module = self.__dict__.get("module")
+        if module is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(module, name)
+
     def save_checkpoint(self, save_dir: str, tag: str | None = None,
                         client_state: dict[str, Any] | None = None) -> bool:
         """Writes this rank's folder save_dir/tag/rank_<r> (tag: global_step<N>) durably, streaming NVMe-resident
@@ -218,6 +236,18 @@ class Engine:
         finally:
             if exporter is not None:
                 exporter.stop()
+
+    def rebuild_run(self) -> Run:
+        """A new run over the model, after the old one closed (zero/resize.py: a parameter's shape changed)."""
+        old = self.run
+        setup = old.setup.rebind({id(p): n for n, p in zip(old.names, old.params)}, self.module)
+        self.run = run = Run(self.module, self.settings, lambda i, p: self._hook(i, p), setup)
+        run.engine = self
+        self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
+        self.optimizer, self.checkpointable = run.optimizer, CheckpointView(self)
+        if self.timeline.enabled:
+            run.trace_to(self.timeline)
+        return run
 
     # ---- phases the checkpoint view (zero/checkpoint_view.py) shares -----------------------
     @contextlib.contextmanager

@@ -15,8 +15,17 @@ so the values written are bit for bit those of a build without the context.  Pea
 module with its direct children, not the model.  Parameters of at most stage3_param_persistence_threshold
 elements are not written: they stay as built, and the engine keeps them on the compute tier.
 
-A weight changed after its parent's constructor returned (say by `model.apply(init_fn)` on the
-finished model) would change an empty placeholder: do such initialisation inside the constructors.
+[Note: initialisation after a parameter left]  Code that touches a parameter after it left, still inside
+the context (Transformers' post_init, which initialises every module's weights after the constructors; or
+`model.apply(init_fn)` before the context closes), finds its values: every torch function called inside
+the context that is given such a parameter (as `init.normal_(w)`, `w.data`, `w.shape` are) first reads it
+back whole (zero_init_access.py).  It stays open (whole) until the next torch function that touches another
+parameter, a module's constructor returning, or the context's end; then it is written back and emptied.
+One that some other tensor still views (`d = w.data; d.normal_()`) stays open until that view is gone, so
+no write is lost.  The random draws are the plain build's, in the same order: the values are bit for bit
+the plain build's, and host memory holds the parameters one torch function touches (plus those still
+viewed), not the model.  A parameter is written a second time if touched after it left.  After the
+context, a changed placeholder is an error for the engine to catch (GatheredParameters changes it).
 
 [Note: several ranks]  Under torchrun (WORLD_SIZE above 1) Init starts the process group
 (init_distributed) and each rank writes only its piece of each parameter (zero/shard.py), into its own
@@ -48,6 +57,7 @@ from infinity.zero.placement import open_manager
 from infinity.zero.ranks import Ranks, init_distributed
 from infinity.zero.settings import EngineSettings, dtype_of
 from infinity.zero.gather import piece_of
+from infinity.zero.zero_init_access import OpenOnUse
 from infinity.shard import shard_of
 
 log = logging.getLogger("infinity.zero")
@@ -97,6 +107,53 @@ class InitRun:
         setattr(p, ATTR, Placed(self, key, p.shape))
         p.data = torch.empty(0, dtype=self.dtype, device=p.device)
 
+    def owns(self, p: torch.Tensor) -> bool:
+        """Whether p is a parameter this run placed (and emptied)."""
+        record = placed(p)
+        return record is not None and record.run is self and p.numel() == 0
+
+    def read_whole(self, p: torch.Tensor) -> torch.Tensor:
+        """Placed parameter p's whole values, read back from its partition (with several ranks every rank's
+        piece all-gathered: a collective, every rank reads the same parameters in the same order)."""
+        record = _placed_here(self, p)
+        manager = self._manager()
+        piece = manager.fetch(record.key).wait().reshape(-1).clone()
+        manager.release(record.key)
+        if self.ranks.several:
+            shard = shard_of(record.key, record.shape, self.ranks.world, self.ranks.rank)
+            whole = piece.new_empty(shard.length * self.ranks.world)
+            self.ranks.all_gather_start(whole, piece[:shard.length].contiguous(),
+                                        f"zero.Init's parameter {record.key!r}").wait()
+            piece = whole
+        return piece[: record.shape.numel()].view(record.shape)
+
+    def rewrite(self, p: torch.Tensor, values: torch.Tensor, source: int = 0) -> None:
+        """Writes values as placed parameter p's (rank source's values, with several ranks); a new shape
+        gets a new partition (the old extent stays unused)."""
+        record = _placed_here(self, p)
+        manager = self._manager()
+        values = values.detach().to(self.dtype).contiguous()
+        if self.ranks.several:
+            self.ranks.broadcast(values, f"zero.Init's parameter {record.key!r}", source)
+        flat = values.reshape(-1)
+        key = record.key
+        if values.shape != record.shape:
+            key = f"param/init-{self.count}"
+            self.count += 1
+        if self.ranks.several:
+            flat = piece_of(flat, shard_of(key, values.shape, self.ranks.world, self.ranks.rank))
+        if key != record.key:
+            manager.add(key, flat.numel(), self.dtype, region="param",
+                        pool=self._staging_for(flat.numel() * flat.element_size()))
+        manager.write_through(key, flat)
+        setattr(p, ATTR, Placed(self, key, values.shape))
+
+    def _manager(self) -> MemoryManager:
+        if self.manager is None:
+            raise UsageError("these parameters were built under a zero.Init whose swap files were already taken "
+                             "by an engine: read or change them through infinity.zero.GatheredParameters")
+        return self.manager
+
     def _staging_for(self, nbytes: int) -> BufferPool:
         """One host buffer as large as the largest parameter so far (replaced when a larger one comes)."""
         if self._staging is None or self._staging.buffer_bytes < nbytes:
@@ -143,6 +200,8 @@ class Init:
         self._stack: list[nn.Module] = []
         self._wrapped: list[tuple[type, Callable[..., None]]] = []
         self._subclass_hook: Any = None
+        self._opened: OpenOnUse | None = None
+        self.reopened_peak_bytes = 0  # the most bytes of parameters read back at once after they left
 
     def __enter__(self) -> "Init":
         if not self.enabled or self.settings is None or self.settings.param_tier is not Tier.NVME:
@@ -156,11 +215,19 @@ class Init:
             self._wrap(cls)
         self._subclass_hook = nn.Module.__dict__.get("__init_subclass__")
         nn.Module.__init_subclass__ = classmethod(lambda cls, **kw: self._wrap(cls))  # type: ignore[assignment]
+        self._opened = OpenOnUse(self.run)  # [Note: initialisation after a parameter left]
+        self._opened.__enter__()
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
         if self.run is None:
             return
+        if self._opened is not None:
+            opened, self._opened = self._opened, None
+            opened.__exit__(kind, *exc)
+            if kind is None:
+                opened.close()
+            self.reopened_peak_bytes = opened.peak_bytes
         for cls, original in reversed(self._wrapped):
             cls.__init__ = original  # type: ignore[misc]
         self._wrapped.clear()
@@ -203,10 +270,19 @@ class Init:
         run = self.run
         if run is None:
             return
+        if self._opened is not None:
+            self._opened.flush()
         finished = [module] if not self._stack else list(module.children())
         for m in finished:
             for p in m.parameters():
                 run.place(p)
+
+
+def _placed_here(run: InitRun, p: torch.Tensor) -> Placed:
+    record = placed(p)
+    if record is None or record.run is not run:
+        raise UsageError("this parameter was not placed by this zero.Init")
+    return record
 
 
 def _module_classes() -> list[type]:

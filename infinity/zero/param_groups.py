@@ -32,6 +32,20 @@ class OptimizerSetup:
     groups: list[dict[str, Any]]  # torch-style parameter groups (the note above)
     client: torch.optim.Optimizer | None = None  # the client's optimizer whose param_groups these are
 
+    def rebind(self, names: dict[int, str], model: nn.Module) -> "OptimizerSetup":
+        """The same groups (the same dicts) over model's parameters as they are now: a parameter the model
+        replaced (zero/resize.py) takes its old one's place, found by name (names: old parameter id -> name).
+        A parameter new to the model joins the first group."""
+        now = dict(model.named_parameters())
+        placed: set[int] = set()
+        for group in self.groups:
+            group["params"] = [now[names[id(p)]] if id(p) in names and names[id(p)] in now else p
+                               for p in group["params"]]
+            placed.update(id(p) for p in group["params"])
+        if self.groups:
+            self.groups[0]["params"] += [p for p in now.values() if p.requires_grad and id(p) not in placed]
+        return self
+
     def group_of(self, params: list[nn.Parameter]) -> list[int]:
         """The group index of each of params (trained parameters, each in exactly one group)."""
         index = {id(p): g for g, group in enumerate(self.groups) for p in group["params"]}

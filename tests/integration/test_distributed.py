@@ -26,8 +26,9 @@ def free_port() -> int:
 
 
 def launch(tmp_path: Path, world: int, tier: str, steps: int = STEPS, fault: tuple[str, ...] = (),
-           waited: int | None = None, timeout: float = 240, **env_extra: str) -> list[subprocess.CompletedProcess]:
-    """world processes of dist_worker.py, as torchrun would start them (RANK, WORLD_SIZE, MASTER_*).
+           waited: int | None = None, timeout: float = 240, worker: Path = WORKER,
+           **env_extra: str) -> list[subprocess.CompletedProcess]:
+    """world processes of worker (dist_worker.py), as torchrun would start them (RANK, WORLD_SIZE, MASTER_*).
     Waits for the first `waited` ranks (all by default) and kills the rest; timeout only guards the test."""
     port = free_port()
     procs = []
@@ -37,7 +38,7 @@ def launch(tmp_path: Path, world: int, tier: str, steps: int = STEPS, fault: tup
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
                    **env_extra}
-            args = [sys.executable, str(WORKER), str(tmp_path / "run"), str(tmp_path / "nvme"), tier, str(steps)]
+            args = [sys.executable, str(worker), str(tmp_path / "run"), str(tmp_path / "nvme"), tier, str(steps)]
             procs.append(subprocess.Popen(args + list(fault), env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))
         done = []

@@ -4,4 +4,6 @@ Each module adds its public names to __all__ below.
 """
 from __future__ import annotations
 
-__all__: list[str] = []
+from infinity.integrations.transformers.pretrained import LoadingInfo, from_pretrained
+
+__all__: list[str] = ["LoadingInfo", "from_pretrained"]
