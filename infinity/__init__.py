@@ -16,6 +16,7 @@ from infinity.errors import (
     EngineFailed,
     ExternalParameterError,
     InfinityError,
+    LossScaleAtMinimum,
     NativeUnavailable,
     NvmePathError,
     RankFailed,
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "CheckpointError", "Config", "ConfigError",
-    "EngineFailed", "ExporterError", "ExternalParameterError", "InfinityError", "MetricsPortInUse", "NativeUnavailable", "NvmePathError",
+    "EngineFailed", "ExporterError", "ExternalParameterError", "InfinityError", "LossScaleAtMinimum", "MetricsPortInUse", "NativeUnavailable", "NvmePathError",
     "ShortTransferError", "TrainingArgs", "UsageError", "RankFailed", "__version__", "init_distributed",
     "initialize", "zero",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import signal as _signal
 from dataclasses import dataclass
 
 
@@ -125,6 +126,16 @@ class ExternalParameterError(UsageError):
                          f"torch said: {cause}")
 
 
+class LossScaleAtMinimum(InfinityError):
+    """An fp16 step overflowed with the loss scale already at fp16.min_loss_scale and hysteresis spent: the
+    scale cannot shrink, so the run stops (DeepSpeed raises "Current loss scale already at minimum")."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+        super().__init__(f"fp16 gradients overflowed with the loss scale at its minimum ({scale:g}); the run stops, "
+                         "as DeepSpeed's does. Lower fp16.min_loss_scale, lower the learning rate, or train in bf16")
+
+
 class RankFailed(InfinityError):
     """A collective between the data-parallel ranks failed: a peer died, or did not answer within the
     process group's timeout.  Names the operation, what it carried and this rank."""
@@ -144,3 +155,19 @@ class CheckpointError(InfinityError):
     def __init__(self, path: str, message: str, fix: str = ""):
         self.path, self.fix = path, fix
         super().__init__(f"checkpoint {path}: {message}" + (f"; {fix}" if fix else ""))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run (what `timeout`, systemd, Kubernetes and Slurm send is SIGTERM).
+    A KeyboardInterrupt, so every cleanup that runs for Ctrl-C runs for both; the command line tools exit
+    with exit_code, 128 + the signal's number (130, 143), as a shell reports a process the signal ended."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.signal_name = _signal.Signals(signum).name
+        self.during = ""  # what it interrupted ("step 3 of 20"), where the catcher knows
+        super().__init__(self.signal_name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from infinity.outputs import write_output
+
 
 class Track(enum.Enum):
     """Which row a span is drawn on (one per kind and thread; async I/O gets its own rows)."""
@@ -151,7 +153,7 @@ class Timeline:
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Writes the Chrome trace event JSON; returns the path."""
         out = Path(path)
-        out.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
+        write_output(out, json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))  # never via a symlink
         return out
 
     def _row(self, name: str) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from infinity.bench.sizes import parse_size
-from infinity.config.aio import AioConfig
+from infinity.config.aio import AioConfig, Backend, events_problem
 from infinity.config import Problems
 from infinity.errors import ConfigError
 from infinity.io.handle import Op
@@ -75,9 +75,22 @@ def parse_axes(block_size: str = DEFAULT_BLOCK_SIZES, queue_depth: str = DEFAULT
                          ("intra_op_parallelism", axes.thread_counts)):
         for value in values:
             _check_with_aio_config(name, value, problems)
+    if not problems:
+        _check_events(axes, problems)
     if problems:
         raise ConfigError(problems.items, source="command line")
     return axes
+
+
+def _check_events(axes: SweepAxes, problems: Problems) -> None:
+    """The largest setting's libaio events against what the machine has free (aio.events_problem), so a
+    sweep never starts a setting that would fail, or starve every other program, part way."""
+    largest = AioConfig(queue_depth=max(axes.queue_depths), intra_op_parallelism=max(axes.thread_counts),
+                        backend=Backend.LIBAIO)
+    problem = events_problem(largest, prefix="aio")
+    if problem is not None:
+        problems.add("--thread_count × --queue_depth", problem.message,
+                     problem.fix.replace("lower them", "lower the largest --thread_count and --queue_depth"))
 
 
 def _check_with_aio_config(name: str, value: int, problems: Problems) -> None:

@@ -15,7 +15,6 @@ from infinity.errors import CapacityError, ConfigError, NvmePathError, Problem
 from infinity.io.files import check_nvme_path, direct_io_refusal
 
 DEFAULT_IO_SIZE = 1 << 30
-FILE_PREFIX = "infinity-bench-"
 
 
 class FioPolicy(enum.Enum):
@@ -33,11 +32,6 @@ class SweepPlan:
     ops: OpSelection = OpSelection.BOTH
     repeat: int = 1
     fio: FioPolicy = FioPolicy.SKIP
-
-    @property
-    def file_path(self) -> str:
-        """The one file every run of this process reads and writes."""
-        return os.path.join(self.nvme_path, f"{FILE_PREFIX}{os.getpid()}.dat")
 
     def run_count(self, with_fio: bool) -> int:
         """Timed transfers in the sweep (fio runs once per setting and operation)."""

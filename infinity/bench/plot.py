@@ -18,6 +18,7 @@ from infinity.bench.sweep import Measurement, SweepOutcome
 from infinity.config.aio import AioConfig
 from infinity.errors import ConfigError, Problem
 from infinity.io.handle import Op
+from infinity.outputs import replacing
 
 log = logging.getLogger("infinity.bench")
 
@@ -60,10 +61,16 @@ def write_heatmap(outcome: SweepOutcome, path: str | os.PathLike[str], best: Bes
     plt = _pyplot()
     fig = heatmap_figure(outcome, best)
     try:
-        fig.savefig(os.fspath(path), dpi=100)
+        with replacing(path) as out:  # a symlink at the name is replaced, never followed
+            fig.savefig(out, dpi=100, format=_format_of(path))
     finally:
         plt.close(fig)
     log.info("heat map written to %s", os.fspath(path))
+
+
+def _format_of(path: str | os.PathLike[str]) -> str:
+    """The image format matplotlib would take from path's extension (png when there is none)."""
+    return os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
 
 
 def heatmap_figure(outcome: SweepOutcome, best: Best | None = None) -> Any:

@@ -20,7 +20,8 @@ from infinity.bench.fio import FioError, fio_binary, run_fio
 from infinity.bench.plan import FioPolicy, SweepPlan
 from infinity.bench.sizes import format_size
 from infinity.config.aio import AioConfig, Backend
-from infinity.io import Access, AioFile, DirectPolicy, open_file, open_handle
+from infinity.bench.bench_file import BenchFile, create_bench_file
+from infinity.io import AioFile, DirectPolicy, open_handle
 from infinity.io.handle import IoHandle, Op
 from infinity.memory.host_buffer import HostBuffer
 
@@ -74,10 +75,11 @@ def run_sweep(plan: SweepPlan, progress: Progress | None = None) -> SweepOutcome
         notes.append("fio is not on PATH, so there is no fio column; install fio (apt-get install fio) to compare")
     report = progress or (lambda label: None)
     buffer = HostBuffer(plan.io_size, zero=False)
-    file: AioFile | None = None
+    bench: BenchFile | None = None
     try:
         fill_pattern(buffer.tensor)
-        file = open_file(plan.file_path, Access.READ_WRITE)
+        bench = create_bench_file(plan.nvme_path)
+        file = bench.file
         _lay_out(file, buffer, plan)
         measurements: list[Measurement] = []
         for setting in plan.axes.settings():
@@ -86,9 +88,8 @@ def run_sweep(plan: SweepPlan, progress: Progress | None = None) -> SweepOutcome
                 measured = _with_fio(measured, fio, plan, file, report, notes)
             measurements += measured
     finally:
-        if file is not None:
-            file.close()
-        _remove(plan.file_path)
+        if bench is not None:
+            bench.close()  # and removes it
         buffer.release()
     return SweepOutcome(tuple(measurements), probe, plan.io_size, tuple(notes), fio)
 
@@ -115,7 +116,7 @@ def _lay_out(file: AioFile, buffer: HostBuffer, plan: SweepPlan) -> None:
     slower than the rest (0.55-0.78 of fio's figure at 256K qd 8 on ext4 here, against about 1 once
     allocated).  Swap files are overwritten in place at every step after the first, so overwrites are
     the figure that matters; a read-only sweep needs the file anyway.]"""
-    log.info("writing %s of %s before the sweep", format_size(plan.io_size), plan.file_path)
+    log.info("writing %s of %s before the sweep", format_size(plan.io_size), file.path)
     with open_handle(AioConfig(backend=Backend.LIBAIO), direct=DirectPolicy.REQUIRE) as handle:
         handle.pwrite(buffer.tensor, file, 0)
 
@@ -157,7 +158,7 @@ def _with_fio(measured: list[Measurement], fio: str, plan: SweepPlan, file: AioF
         if m.op is Op.READ:
             file.drop_cached_pages()
         try:
-            out.append(replace(m, fio_gbps=run_fio(fio, m.aio, m.op, plan.file_path, plan.io_size)))
+            out.append(replace(m, fio_gbps=run_fio(fio, m.aio, m.op, file.path, plan.io_size)))
         except FioError as err:
             notes.append(f"{m.opname} {describe(m.aio)}: {err}")
             out.append(m)
@@ -178,12 +179,3 @@ def describe(setting: AioConfig) -> str:
 def _lowest(ratios: Iterable[float]) -> float:
     values = list(ratios)
     return math.nan if any(math.isnan(v) for v in values) else min(values)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        log.warning("could not remove the bench file %s: %s; remove it by hand", path, err)

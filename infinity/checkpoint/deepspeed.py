@@ -20,7 +20,7 @@ The import builds, from those files, the checkpoint this engine would have saved
 (infinity's own format, in a hidden folder beside the DeepSpeed one), and loads it through the ordinary load
 path, which checks it as any other; then removes it.  Parameters take DeepSpeed's fp32 master weights (cast
 to the compute dtype), the optimizer its fp32 states and per-sub-group step counts, the engine DeepSpeed's
-global_steps (micro_steps: global_steps x gradient_accumulation_steps), the buffers the module state's, each parameter group the lr
+global_steps, skipped_steps and global_samples (micro_steps: global_steps x gradient_accumulation_steps), the buffers the module state's, each parameter group the lr
 DeepSpeed's optimizer had (when the two have as many groups), and a client LR scheduler (initialize's
 lr_scheduler=) the state_dict DeepSpeed saved of its scheduler.
 DeepSpeed's files are read with torch.load's mmap, one rank's file at a time per state, never unpickling
@@ -93,6 +93,8 @@ class DeepSpeedSave:
         for group in model_states["param_shapes"]:
             self.shapes.update({name: torch.Size(shape) for name, shape in group.items()})
         self.global_steps = int(model_states.get("global_steps", 0))
+        self.skipped_steps = int(model_states.get("skipped_steps", 0))
+        self.global_samples = int(model_states.get("global_samples", 0))
         self.lr_scheduler = model_states.get("lr_scheduler")  # the client scheduler's state_dict, or None
         self.module = model_states.get("module") or {}
         self.client_state = {k: v for k, v in model_states.items() if k not in DS_KEYS}
@@ -177,7 +179,8 @@ class Imported:
         self.client_scheduler = _Saved(saved) if isinstance(saved, dict) else None
         self._check_names()
         gas = int(getattr(engine.settings, "gradient_accumulation_steps", 1))
-        self.counters = _Counters(ds.global_steps, ds.global_steps * gas)
+        self.counters = _Counters({"global_steps": ds.global_steps, "micro_steps": ds.global_steps * gas,
+                                   "skipped_steps": ds.skipped_steps, "global_samples": ds.global_samples})
         self.global_steps = ds.global_steps
         self.lr = engine.lr
         self._copy_buffers()
@@ -232,8 +235,8 @@ class _Saved:
 
 
 class _Counters:
-    def __init__(self, global_steps: int, micro_steps: int):
-        self.values = {"global_steps": global_steps, "micro_steps": micro_steps}
+    def __init__(self, values: dict[str, int]):
+        self.values = values
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.values)

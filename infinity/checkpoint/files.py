@@ -112,7 +112,8 @@ def write_bytes(folder: Path, name: str, data: bytes) -> FileEntry:
     """Writes data to folder/name durably (no folder fsync: the caller does it once at the end)."""
     final = folder / name
     temp = temp_path(final)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    temp.unlink(missing_ok=True)  # a killed save's, or a planted symlink: removed, and the new one never follows one
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:

@@ -14,8 +14,9 @@ Layout::
                                     Adagrad "sum" (a torch optimizer's own state names)
         rng.safetensors             "torch_cpu" (uint8), "torch_cuda/<i>" per CUDA device (uint8),
                                     "numpy_keys" (uint32, 624): the random generators' states
-        state.json                  scalars: global_steps, micro_steps, lr, per-parameter optimizer
-                                    step counters, loss scaler, python and numpy random scalars,
+        state.json                  scalars: global_steps, micro_steps, skipped_steps, global_samples
+                                    (the last two absent before issue 21: read as 0), lr, per-parameter
+                                    optimizer step counters, loss scaler, python and numpy random scalars,
                                     param_groups (each group's parameter names and hyperparameters),
                                     lr_scheduler (a client scheduler's state_dict, or null)
         client_state.pt             torch.save of the client_state dict; loads with

@@ -59,7 +59,7 @@ def write(folder: Path, name: str, specs: Sequence[StoredTensor], handle: IoHand
     temp = files.temp_path(final)
     temp.unlink(missing_ok=True)
     head = header(specs, metadata or {})
-    out = open_file(temp, Access.WRITE)
+    out = open_file(temp, Access.NEW)
     out.label = "checkpoint"
     try:
         with StreamDigest(head) as digest:

@@ -11,25 +11,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import logging
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from infinity.bench import (OpSelection, SweepPlan, check_plan, choose_best, parse_axes, parse_size, run_sweep,
-                            table, to_json, warnings)
+from infinity.bench import OpSelection, SweepPlan, check_plan, parse_axes, parse_size
+from infinity.bench.bench_file import FILE_PREFIX, FILE_SUFFIX
 from infinity.bench.axes import DEFAULT_BLOCK_SIZES, DEFAULT_QUEUE_DEPTHS, DEFAULT_THREAD_COUNTS
 from infinity.bench.fio import fio_binary
 from infinity.bench.interrupt import DeferredInterrupt
 from infinity.bench.plan import FioPolicy, check_output_file, check_plot_available
 from infinity.bench.progress import ProgressBar
-from infinity.bench.report import summary
 from infinity.bench.sizes import format_size
-from infinity.errors import ConfigError, InfinityError, Problem
+from infinity.cli.interrupts import raise_on_signals
+from infinity.errors import ConfigError, InfinityError, Interrupted, Problem
+from infinity.outputs import write_output
 
 PROG = "infinity-bench"
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130  # SIGTERM: 143 (errors.Interrupted)
 
 
 @dataclass(frozen=True)
@@ -88,14 +92,18 @@ def plan_from_args(ns: argparse.Namespace) -> tuple[SweepPlan, Outputs]:
 
 
 def sweep_and_report(plan: SweepPlan, outputs: Outputs) -> None:
+    from infinity.bench import choose_best, run_sweep, table, to_json, warnings  # torch: after the flags' checks
+    from infinity.bench.report import summary
+
     settings = len(plan.axes.settings())
     print(f"{PROG}: {settings} settings × {', '.join(op.name.lower() for op in plan.ops.ops)} of "
           f"{format_size(plan.io_size)} each on {plan.nvme_path} (O_DIRECT, libaio), repeat {plan.repeat}")
     bar = ProgressBar(plan.run_count(with_fio=plan.fio is FioPolicy.COMPARE and fio_binary() is not None),
                       sys.stderr)
 
-    def say_stopping() -> None:
-        print(f"\n{PROG}: stopping after the run in progress (Ctrl-C again to stop now)", file=sys.stderr)
+    def say_stopping(signum: int) -> None:
+        if signum == signal.SIGINT:  # someone at the terminal: say why it takes up to one more run
+            print(f"\n{PROG}: stopping after the run in progress (Ctrl-C again to stop now)", file=sys.stderr)
 
     def step(label: str) -> None:
         bar.advance(label)
@@ -111,9 +119,7 @@ def sweep_and_report(plan: SweepPlan, outputs: Outputs) -> None:
     for line in warnings(outcome):
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     if outputs.json_path:
-        with open(outputs.json_path, "w") as out:
-            json.dump(to_json(outcome, best), out, indent=2)
-            out.write("\n")
+        write_output(outputs.json_path, json.dumps(to_json(outcome, best), indent=2) + "\n")  # never via a symlink
     if outputs.plot_path:
         from infinity.bench.plot import write_heatmap
 
@@ -141,22 +147,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse's own errors (exit 2, message printed) and --help (exit 0)
         return exit_.code if isinstance(exit_.code, int) else EXIT_INVALID
     try:
+        with raise_on_signals(PROG):  # SIGINT and SIGTERM alike; the sweep defers them to a run's end
+            return _plan_and_sweep(ns)
+    except KeyboardInterrupt as stop:  # Interrupted (SIGINT, SIGTERM), or a KeyboardInterrupt raised in-process
+        stop = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
+        print(f"{PROG}: {stopped(stop.signal_name, ns.nvme_path)}", file=sys.stderr)
+        return stop.exit_code
+
+
+def _plan_and_sweep(ns: argparse.Namespace) -> int:
+    try:
         plan, outputs = plan_from_args(ns)
     except InfinityError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_INVALID
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
     try:
         with serving_metrics(ns.metrics_port):
             sweep_and_report(plan, outputs)
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; the bench file was removed", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except (InfinityError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def stopped(signal_name: str, nvme_path: str) -> str:
+    """The one line printed when a signal stopped the bench: what was interrupted, and what was removed."""
+    left = sorted(glob.glob(os.path.join(glob.escape(nvme_path), f"{FILE_PREFIX}{os.getpid()}-*{FILE_SUFFIX}")))
+    if left:
+        return (f"the sweep was interrupted by {signal_name}; its bench file could not be removed: {', '.join(left)}; "
+                "remove it by hand")
+    return f"the sweep was interrupted by {signal_name}; its bench file in {nvme_path} (if it had made one) was removed"
 
 
 if __name__ == "__main__":

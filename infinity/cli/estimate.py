@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Sequence
 
@@ -54,8 +55,8 @@ def model_size(ns: argparse.Namespace) -> ModelSize:
 
 
 def run(ns: argparse.Namespace) -> str:
-    if ns.step_seconds is not None and ns.step_seconds <= 0:
-        raise ConfigError([Problem("--step-seconds", f"must be above 0, got {ns.step_seconds}",
+    if ns.step_seconds is not None and not 0 < ns.step_seconds < math.inf:  # NaN fails this too
+        raise ConfigError([Problem("--step-seconds", f"must be a finite number above 0, got {ns.step_seconds}",
                                    "give the time of one training step in seconds")], source="command line")
     config = Config.load(ns.config) if ns.config else None
     result = estimate(model_size(ns), Cluster(ns.num_gpus, ns.num_nodes), config, ns.step_seconds)

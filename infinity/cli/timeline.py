@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from infinity.outputs import write_output
 from infinity.timeline_svg import render
 
 PROG = "infinity-timeline"
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {svg}: the folder {svg.resolve().parent} does not exist; create it or name a file in an "
               "existing folder", file=sys.stderr)
         return EXIT_INVALID
-    svg.write_text(render(events, title=ns.title or trace.name))
+    write_output(svg, render(events, title=ns.title or trace.name))  # replaces a symlink there, never follows it
     print(f"{PROG}: wrote {svg}", file=sys.stderr)
     return EXIT_OK
 

@@ -11,15 +11,17 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 from infinity.bench.progress import Cadence, ProgressBar
+from infinity.cli.interrupts import (as_interrupted, raise_on_signals, run_forwarding_signals, swap_folders_left,
+                                     train_stopped)
 from infinity.config import shipped
 from infinity.errors import InfinityError
+from infinity.outputs import write_output
 from infinity.models.gpt import GptSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -71,7 +73,8 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
             rest.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "infinity.cli.train", *rest]
-    return subprocess.run(command, check=False).returncode
+    status, stopped = run_forwarding_signals(command)  # SIGTERM to this process reaches every rank, which
+    return status if stopped is None else stopped.exit_code  # cleans up; rank 0 said so (torchrun adds its own)
 
 
 def job_from_args(ns: argparse.Namespace):  # -> TrainJob (imported late: torch loads slowly)
@@ -110,12 +113,16 @@ def train(ns: argparse.Namespace):  # -> RunSummary
         for stats in run(job):
             steps.append(stats)
             bar.advance(describe(stats))
+    except KeyboardInterrupt as stop:  # SIGINT or SIGTERM (cli/interrupts.py): run() has closed the engine
+        stopped = as_interrupted(stop)
+        stopped.during = f"step {len(steps) + 1} of {job.steps}"
+        raise stopped from None
     finally:
         bar.close()
     result = summarize(steps, ranks=int(os.environ.get("WORLD_SIZE", "1") or 1))
     if ns.json and _rank() == 0:
-        Path(ns.json).write_text(json.dumps({"summary": asdict(result), "steps": [asdict(s) for s in steps]},
-                                            indent=2))
+        write_output(ns.json, json.dumps({"summary": asdict(result), "steps": [asdict(s) for s in steps]},
+                                         indent=2))  # replaces a symlink at the name, never follows it
     return result
 
 
@@ -126,7 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.nproc > 1 and "RANK" not in os.environ:
         return launch(ns.nproc, sys.argv[1:] if argv is None else list(argv))
     try:
-        result = train(ns)
+        with raise_on_signals("infinity-train"):
+            result = train(ns)
+    except KeyboardInterrupt as stop:
+        paths = nvme_paths(ns)
+        if _rank() == 0 or swap_folders_left(paths):  # rank 0 speaks for the run; another rank only of a failure
+            print(f"infinity-train: {train_stopped(as_interrupted(stop), paths)}", file=sys.stderr)
+        return as_interrupted(stop).exit_code
     except ValueError as err:
         print(f"infinity-train: {err}", file=sys.stderr)
         return EXIT_INVALID
@@ -137,6 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK  # rank 0 speaks for the run
     print(result.line())
     return EXIT_OK
+
+
+def nvme_paths(ns: argparse.Namespace) -> list[str]:
+    """The folders the run's swap files go under: --nvme_path, or the config's offload blocks on nvme."""
+    if ns.nvme_path:
+        return [ns.nvme_path]
+    from infinity.config import Config, OffloadDevice
+    try:
+        zero = Config.load(ns.config).zero_optimization
+    except InfinityError:
+        return []
+    return [b.nvme_path for b in (zero.offload_param, zero.offload_optimizer)
+            if b.device is OffloadDevice.NVME and b.nvme_path]
 
 
 def _rank() -> int:

@@ -13,6 +13,7 @@ import operator
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Mapping
 
+from infinity.config.deepspeed_keys import foreign, names_under
 from infinity.config._values import Problems, as_bool, as_choice, as_count, as_number, as_text, did_you_mean
 from infinity.errors import ConfigError
 
@@ -111,6 +112,7 @@ class Reader:
     problems: Problems
     sources: dict[str, Source] = field(default_factory=dict)
     overridden: frozenset[str] = frozenset()
+    foreign: dict[str, str] = field(default_factory=dict)  # DeepSpeed keys with no effect here: path -> why
 
     def given(self, path: str) -> Source:
         return Source.OVERRIDE if path in self.overridden else Source.FILE
@@ -131,7 +133,12 @@ def parse_block(cls: type, raw: Any, prefix: str, reader: Reader, **extra: Any) 
         path = _join(prefix, key)
         name = by_alias.get(key, key)
         if name not in by_name:
-            reader.problems.add(path, "unknown key", did_you_mean(key, list(by_name) + list(by_alias)))
+            why = foreign(path)
+            if why is not None:
+                reader.foreign[path] = why
+            else:
+                reader.problems.add(path, "unknown key",
+                                    did_you_mean(key, list(by_name) + list(by_alias) + names_under(prefix)))
             continue
         if name != key:
             if name in raw:

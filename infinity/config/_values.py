@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from typing import Any
 
 from infinity.errors import Problem
 
 log = logging.getLogger("infinity.config")
+
+MAX_COUNT = 2 ** 63 - 1
+"""The largest whole number a config or a flag may give: int64, the widest that torch's sizes and the native
+engine's fields take.  [Note: NaN, infinity and 1e30]  JSON readers turn `NaN` and `Infinity` into floats and
+1e400 into infinity; none is a count or a rate, and a finite count past int64 would fail deep inside torch
+or the C side as an OverflowError.  So each is a problem here, naming the key."""
 
 
 class Problems:
@@ -35,10 +42,19 @@ def as_count(value: Any, key: str, problems: Problems, minimum: int | None = Non
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         problems.add(key, f"must be a whole number, got {value!r}", "write an integer such as 1048576 or 1e6")
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.add(key, f"must be a finite whole number, got {value!r} (NaN, Infinity and numbers past 1e308 "
+                     "read as such)", "write an integer such as 1048576 or 1e6")
+        return None
     if isinstance(value, float) and not value.is_integer():
-        problems.add(key, f"must be a whole number, got {value!r}", f"use {int(value)} or {int(value) + 1}")
+        below = math.floor(value)
+        problems.add(key, f"must be a whole number, got {value!r}", f"use {below} or {below + 1}")
         return None
     count = int(value)
+    if abs(count) > MAX_COUNT:
+        problems.add(key, f"must be at most {MAX_COUNT} (2^63 - 1, the largest count torch and the native engine "
+                     f"take), got {value!r}", f"set {key} to a smaller number")
+        return None
     if minimum is not None and count < minimum:
         problems.add(key, f"must be at least {minimum}, got {count}", f"set {key} to {minimum} or more")
         return None
@@ -65,11 +81,19 @@ def did_you_mean(key: str, known: list[str] | tuple[str, ...]) -> str:
 
 
 def as_number(value: Any, key: str, problems: Problems) -> float | None:
-    """A real number (int or float); None (and a problem) when it is not one."""
+    """A finite real number (int or float); None (and a problem) when it is not one."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         problems.add(key, f"must be a number, got {value!r}", "write a number such as 0.001 or 1e-8")
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past what a float holds
+        number = math.inf
+    if not math.isfinite(number):
+        problems.add(key, f"must be a finite number, got {value!r} (NaN, Infinity and numbers past 1e308 read as "
+                     "such)", "write a number such as 0.001 or 1e-8")
+        return None
+    return number
 
 
 def as_text(value: Any, key: str, problems: Problems) -> str | None:

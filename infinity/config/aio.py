@@ -8,11 +8,21 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from infinity.config._values import Problems, as_bool, as_count, did_you_mean
-from infinity.errors import ConfigError
+from infinity.errors import ConfigError, Problem
 
 log = logging.getLogger("infinity.config")
 
 DIRECT_ALIGNMENT = 4096
+
+# [Note: upper bounds]  Each worker thread of the native engine owns a libaio context of queue_depth events,
+# and the kernel grants at most /proc/sys/fs/aio-max-nr events to the whole machine: a handle of 100000
+# threads takes nearly all of them (every other program's io_setup then fails with EAGAIN) and minutes of
+# system time to start and stop.  So the settings are bounded up front, before any thread starts: these
+# ceilings by aio's own rules (check_values), the events by what the machine has free (events_problem).
+MAX_THREADS = 64  # intra_op_parallelism: one thread and io context each; drives saturate far below
+MAX_QUEUE_DEPTH = 4096  # events per thread; NVMe drives queue at most a few thousand commands
+MAX_BLOCK_SIZE = 1 << 30  # bytes per request; the kernel moves at most 2 GiB - 4 KiB in one
+AIO_MAX_NR, AIO_NR = "/proc/sys/fs/aio-max-nr", "/proc/sys/fs/aio-nr"
 # Older or tool-written spellings of intra_op_parallelism: the Transformers guide writes
 # thread_count; DeepSpeed's own NVMe tuner prints num_threads (which DeepSpeed then ignores).
 THREAD_ALIASES = ("thread_count", "num_threads")
@@ -83,11 +93,18 @@ def check_values(values: Mapping[str, Any], problems: Problems, prefix: str) -> 
     if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0 or bs % DIRECT_ALIGNMENT:
         problems.add(f"{prefix}.block_size", f"must be a positive multiple of {DIRECT_ALIGNMENT}, got {bs!r}",
                      "use a size such as 262144 (256K) or 1048576 (1M)")
-    for name in ("queue_depth", "intra_op_parallelism"):
+    elif bs > MAX_BLOCK_SIZE:
+        problems.add(f"{prefix}.block_size", f"must be at most {MAX_BLOCK_SIZE} (1G; the kernel moves at most "
+                     f"2 GiB - 4 KiB per request), got {bs!r}", "use a size such as 1048576 (1M) or 4194304 (4M)")
+    for name, most in (("queue_depth", MAX_QUEUE_DEPTH), ("intra_op_parallelism", MAX_THREADS)):
         value = values[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.add(f"{prefix}.{name}", f"must be an integer of at least 1, got {value!r}",
                          f"set {prefix}.{name} to 1 or more")
+        elif value > most:
+            problems.add(f"{prefix}.{name}", f"must be at most {most}, got {value!r}",
+                         f"set {prefix}.{name} to {most} or less (1 to 8 is what NVMe drives need; infinity-bench "
+                         "finds the best)")
     if not isinstance(values["backend"], Backend):
         problems.add(f"{prefix}.backend", f"must be a Backend, got {values['backend']!r}",
                      f"one of {', '.join(b.value for b in Backend)}")
@@ -97,6 +114,35 @@ def check_values(values: Mapping[str, Any], problems: Problems, prefix: str) -> 
     if values["use_gds"]:
         problems.add(f"{prefix}.use_gds", "GPUDirect Storage is not supported by infinity",
                      f"set {prefix}.use_gds to false")
+
+
+def aio_events() -> tuple[int, int] | None:
+    """(aio-max-nr, aio-nr): the machine's limit on libaio events and those taken now; None where /proc
+    does not say (not Linux)."""
+    try:
+        with open(AIO_MAX_NR) as limit, open(AIO_NR) as taken:
+            return int(limit.read()), int(taken.read())
+    except (OSError, ValueError):
+        return None
+
+
+def events_problem(config: AioConfig, prefix: str = "aio") -> Problem | None:
+    """A problem when config's engine would take more libaio events (intra_op_parallelism × queue_depth,
+    as io_setup counts them) than the machine has free now; None when it fits, uses no libaio (posix), or
+    the machine does not say."""
+    counts = aio_events()
+    if counts is None or config.backend is Backend.POSIX:
+        return None
+    limit, taken = counts
+    need, free = config.intra_op_parallelism * config.queue_depth, max(0, limit - taken)
+    if need <= free:
+        return None
+    raise_to = -(-(taken + need) // 65536) * 65536
+    return Problem(f"{prefix}.intra_op_parallelism × {prefix}.queue_depth",
+                   f"{config.intra_op_parallelism} × {config.queue_depth} = {need} libaio events, but this machine "
+                   f"has {free} free ({AIO_MAX_NR} {limit} minus {AIO_NR} {taken} taken by running programs)",
+                   f"lower them until their product is at most {free}, or raise the machine's limit (as root: "
+                   f"sysctl -w fs.aio-max-nr={raise_to})")
 
 
 def parse_aio(block: Mapping[str, Any], problems: Problems, prefix: str = "aio") -> AioConfig | None:

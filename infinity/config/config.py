@@ -51,7 +51,7 @@ class Config(Block):
         None, Kind.COUNT, at_least=1, auto="per_device_train_batch_size × gradient_accumulation_steps × world_size")
     train_micro_batch_size_per_gpu: int | Auto = spec(1, Kind.COUNT, at_least=1, auto="per_device_train_batch_size")
     gradient_accumulation_steps: int | Auto = spec(1, Kind.COUNT, at_least=1, auto="gradient_accumulation_steps")
-    gradient_clipping: float | Auto = spec(0.0, Kind.NUMBER, at_least=0.0, auto="max_grad_norm")
+    gradient_clipping: float | Auto = spec(1.0, Kind.NUMBER, at_least=0.0, auto="max_grad_norm")  # DeepSpeed's default
     steps_per_print: int = spec(10, Kind.COUNT, at_least=1)
     wall_clock_breakdown: bool = spec(False, Kind.BOOL)
     fp16: Fp16Config = spec(Fp16Config, Kind.BLOCK, block=Fp16Config)
@@ -63,6 +63,8 @@ class Config(Block):
     checkpoint: CheckpointConfig = spec(CheckpointConfig, Kind.BLOCK, block=CheckpointConfig)
     prometheus: PrometheusConfig = spec(PrometheusConfig, Kind.BLOCK, block=PrometheusConfig)
     sources: Mapping[str, Source] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+    # DeepSpeed keys given that have no effect here (infinity/config/deepspeed_keys.py): path -> why.
+    foreign: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,7 +77,7 @@ class Config(Block):
     def load(cls, source: ConfigSource, *, overrides: Mapping[str, Any] | None = None,
              args: TrainingArgs | None = None) -> "Config":
         """Reads, validates and (when `args` is given) resolves "auto".  Raises one ConfigError with
-        every problem.  Keys that change nothing on this build are logged once, here."""
+        every problem.  Keys that change nothing on this build are logged here, one warning each."""
         data, label = read_source(source)
         hoisting = Problems()
         data = _hoist_nested_aio(data, hoisting)  # before the overrides, so that aio.* reaches it
@@ -83,10 +85,8 @@ class Config(Block):
         config = build(data, label, overridden, problems=hoisting)
         if args is not None:
             config = config.resolve(args)
-        effects = rules.no_effect(config)
-        if effects:
-            log.warning("accepted, but no effect on this build: %s",
-                        "; ".join(f"{key} ({why})" for key, why in effects))
+        for key, why in rules.no_effect(config):  # one warning per key
+            log.warning("%s: accepted, but no effect on this build (%s)", key, why)
         return config
 
     def resolve(self, args: TrainingArgs, unfilled: Unfilled = Unfilled.ERROR) -> "Config":
@@ -100,7 +100,7 @@ class Config(Block):
         problems += auto.mismatches(data, by_source[Source.FILE] + by_source[Source.OVERRIDE], args)
         sources = {**self.sources, **{path: Source.AUTO for path in filled}}
         try:
-            resolved = build(data, "config", sources=sources)
+            resolved = build(data, "config", sources=sources, foreign=self.foreign)
         except ConfigError as err:
             problems += list(err.problems)
             resolved = None
@@ -128,7 +128,8 @@ class Config(Block):
 
 
 def build(data: Mapping[str, Any], label: str, overridden: frozenset[str] = frozenset(),
-          sources: dict[str, Source] | None = None, problems: Problems | None = None) -> Config:
+          sources: dict[str, Source] | None = None, problems: Problems | None = None,
+          foreign: Mapping[str, str] | None = None) -> Config:
     """A Config from a JSON object, or one ConfigError with every problem of it (those already in
     `problems` included): parse problems first, then the cross-field rules (run by Config itself)
     on what did parse."""
@@ -137,7 +138,8 @@ def build(data: Mapping[str, Any], label: str, overridden: frozenset[str] = froz
     try:
         # reader.sources fills in while the parse runs; the Config keeps a read-only view of it.
         seen = MappingProxyType(reader.sources if sources is None else sources)
-        config = parse_block(Config, data, "", reader, sources=seen)
+        config = parse_block(Config, data, "", reader, sources=seen,
+                             foreign=MappingProxyType(reader.foreign if foreign is None else dict(foreign)))
     except ConfigError as err:
         problems.items.extend(err.problems)
         config = None
@@ -176,12 +178,24 @@ def read_source(source: ConfigSource) -> tuple[dict[str, Any], str]:
     else:
         label = str(source)
         try:
-            text = Path(source).read_text()
+            raw = Path(source).read_bytes()
         except OSError as err:
             raise ConfigError([Problem(label, f"cannot be read: {err.strerror or err}",
                                        "check the path of the config file, or name a shipped config: "
                                        + ", ".join(shipped.names()))], source=label) from err
+        text = _utf8(raw, label)
     return _parse_json(text, label), label
+
+
+def _utf8(raw: bytes, label: str) -> str:
+    """A config file's text: JSON files are UTF-8, and anything else is a problem naming the file and byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError([Problem(label, f"is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start} "
+                                   "cannot start or continue a UTF-8 character); a JSON config is UTF-8",
+                                   "save it as UTF-8, or check that the path names the config and not a "
+                                   "binary file")], source=label) from None
 
 
 def _parse_json(text: str, label: str) -> dict[str, Any]:

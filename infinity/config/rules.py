@@ -10,6 +10,7 @@ from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from infinity.config._schema import Source, spec_fields, spec_of
+from infinity.config.aio import events_problem
 from infinity.config.training import SCHEDULER_KEYS, OptimizerType
 from infinity.config.zero import ADAM_SWAPPED_STATES, OffloadDevice
 from infinity.errors import Problem
@@ -110,8 +111,19 @@ def _prometheus(config: "Config") -> Iterator[Problem]:
         yield Problem("prometheus.bind_address", "is empty", 'use "127.0.0.1", or "0.0.0.0" for every interface')
 
 
+def _aio_events(config: "Config") -> Iterator[Problem]:
+    """The libaio events the engine will take against those the machine has free (aio.events_problem);
+    only when something goes to NVMe, since nothing else starts the engine."""
+    zero = config.zero_optimization
+    on_nvme = OffloadDevice.NVME in (zero.offload_param.device, zero.offload_optimizer.device)
+    if on_nvme and not _rejected(config, "aio"):
+        problem = events_problem(config.aio)
+        if problem is not None:
+            yield problem
+
+
 RULES: tuple[Callable[["Config"], Iterator[Problem]], ...] = (
-    _nvme_paths, _stages, _optimizer_buffers, _precision, _scheduler, _prometheus)
+    _nvme_paths, _stages, _optimizer_buffers, _precision, _scheduler, _prometheus, _aio_events)
 
 _COMMUNICATION = "DeepSpeed communication knob; infinity does not bucket or overlap collectives this way"
 _CHECKPOINT = "infinity always writes one durable checkpoint folder per rank"
@@ -135,6 +147,7 @@ def no_effect(config: "Config") -> list[tuple[str, str]]:
     given = {k for k, s in config.sources.items() if s in (Source.FILE, Source.OVERRIDE, Source.AUTO)
              and _value_at(config, k) != _default_at(default, k)}
     found = {k: why for k, why in INERT.items() if k in given}
+    found.update(config.foreign)
     zero = config.zero_optimization
     for name in ("offload_param", "offload_optimizer"):
         block = getattr(zero, name)

@@ -16,6 +16,13 @@ class Precision(enum.Enum):
     BF16 = "bf16"
 
 
+class Unscale(enum.Enum):
+    """`fp16.unscale_with`: which scale a step's gradients are divided by (infinity/zero/loss_scale.py)."""
+
+    UPDATED_SCALE = "updated_scale"  # DeepSpeed's: the scale after this step's update (doubled at a growth step)
+    STEP_SCALE = "step_scale"  # the scale this step's loss was multiplied with
+
+
 @dataclass(frozen=True)
 class Fp16Config(Block):
     """`fp16`: half precision with a loss scaler (loss_scale 0 means dynamic)."""
@@ -30,6 +37,7 @@ class Fp16Config(Block):
     hysteresis: int = spec(2, Kind.COUNT, at_least=1)
     consecutive_hysteresis: bool = spec(False, Kind.BOOL)
     min_loss_scale: float = spec(1.0, Kind.NUMBER, above=0.0)
+    unscale_with: Unscale = spec(Unscale.UPDATED_SCALE, Kind.CHOICE, choices=Unscale)  # infinity's own key
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ class SchedulerType(enum.Enum):
     WARMUP_LR = "WarmupLR"
     WARMUP_DECAY_LR = "WarmupDecayLR"
     WARMUP_COSINE_LR = "WarmupCosineLR"
+    ONE_CYCLE = "OneCycle"
+    LR_RANGE_TEST = "LRRangeTest"
 
 
 class WarmupType(enum.Enum):
@@ -90,32 +100,62 @@ class WarmupType(enum.Enum):
     LINEAR = "linear"
 
 
+class FirstStep(enum.Enum):
+    """`scheduler.first_step`: DeepSpeed's first optimizer step uses the lr its scheduler's constructor set
+    and step k the value of iteration k - 1 (the first value spent twice); "schedule": step k uses k's."""
+
+    DEEPSPEED = "deepspeed"
+    SCHEDULE = "schedule"
+
+
 @dataclass(frozen=True)
 class SchedulerParams(Block):
-    """`scheduler.params`: the union of the three schedulers' keys; `rules` checks which type takes which."""
+    """`scheduler.params`: the union of the five schedulers' keys; `rules` checks which type takes which.
+    Defaults left out here are DeepSpeed's constructors' (infinity.zero.from_config)."""
 
     KEY: ClassVar[str] = "scheduler.params"
 
     warmup_min_lr: float | Auto | None = spec(None, Kind.NUMBER, at_least=0.0, auto="warmup_min_lr")
     warmup_max_lr: float | Auto | None = spec(None, Kind.NUMBER, at_least=0.0, auto="learning_rate")
-    warmup_num_steps: int | Auto | None = spec(None, Kind.COUNT, at_least=0, auto="warmup_steps")
+    warmup_num_steps: int | Auto | None = spec(None, Kind.COUNT, at_least=1, auto="warmup_steps")
     warmup_type: WarmupType | None = spec(None, Kind.CHOICE, choices=WarmupType)
     total_num_steps: int | Auto | None = spec(None, Kind.COUNT, at_least=1, auto="max_steps")
     warmup_min_ratio: float | None = spec(None, Kind.NUMBER, at_least=0.0, at_most=1.0)
     cos_min_ratio: float | None = spec(None, Kind.NUMBER, at_least=0.0, at_most=1.0)
     last_batch_iteration: int | None = spec(None, Kind.COUNT, at_least=-1)
+    cycle_min_lr: float | None = spec(None, Kind.NUMBER, at_least=0.0)
+    cycle_max_lr: float | None = spec(None, Kind.NUMBER, at_least=0.0)
+    decay_lr_rate: float | None = spec(None, Kind.NUMBER, at_least=0.0)
+    cycle_first_step_size: int | None = spec(None, Kind.COUNT, at_least=1)
+    cycle_second_step_size: int | None = spec(None, Kind.COUNT, at_least=0)
+    cycle_first_stair_count: int | None = spec(None, Kind.COUNT, at_least=0)
+    cycle_second_stair_count: int | None = spec(None, Kind.COUNT, at_least=0)
+    decay_step_size: int | None = spec(None, Kind.COUNT, at_least=0)
+    cycle_momentum: bool | None = spec(None, Kind.BOOL)
+    cycle_min_mom: float | None = spec(None, Kind.NUMBER, at_least=0.0, below=1.0)
+    cycle_max_mom: float | None = spec(None, Kind.NUMBER, at_least=0.0, below=1.0)
+    decay_mom_rate: float | None = spec(None, Kind.NUMBER, at_least=0.0)
+    lr_range_test_min_lr: float | None = spec(None, Kind.NUMBER, above=0.0)
+    lr_range_test_step_size: int | None = spec(None, Kind.COUNT, at_least=1)
+    lr_range_test_step_rate: float | None = spec(None, Kind.NUMBER)
+    lr_range_test_staircase: bool | None = spec(None, Kind.BOOL)
 
 
+_WARMUP = frozenset({"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "last_batch_iteration"})
+_CYCLE = frozenset({"cycle_min_lr", "cycle_max_lr", "decay_lr_rate", "cycle_first_step_size", "cycle_second_step_size",
+                    "cycle_first_stair_count", "cycle_second_stair_count", "decay_step_size", "cycle_momentum",
+                    "cycle_min_mom", "cycle_max_mom", "decay_mom_rate", "last_batch_iteration"})
+_RANGE = frozenset({"lr_range_test_min_lr", "lr_range_test_step_size", "lr_range_test_step_rate",
+                    "lr_range_test_staircase", "last_batch_iteration"})
 # Which scheduler.params keys each scheduler takes, and which of those it cannot do without.
 SCHEDULER_KEYS: dict[SchedulerType, tuple[frozenset[str], frozenset[str]]] = {
-    SchedulerType.WARMUP_LR: (frozenset({"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type",
-                                         "last_batch_iteration"}), frozenset()),
-    SchedulerType.WARMUP_DECAY_LR: (frozenset({"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type",
-                                               "last_batch_iteration", "total_num_steps"}),
-                                    frozenset({"total_num_steps"})),
+    SchedulerType.WARMUP_LR: (_WARMUP, frozenset()),
+    SchedulerType.WARMUP_DECAY_LR: (_WARMUP | {"total_num_steps"}, frozenset({"total_num_steps"})),
     SchedulerType.WARMUP_COSINE_LR: (frozenset({"warmup_min_ratio", "warmup_num_steps", "warmup_type",
                                                 "last_batch_iteration", "total_num_steps", "cos_min_ratio"}),
                                      frozenset({"total_num_steps"})),
+    SchedulerType.ONE_CYCLE: (_CYCLE, frozenset({"cycle_min_lr", "cycle_max_lr"})),
+    SchedulerType.LR_RANGE_TEST: (_RANGE, frozenset()),
 }
 
 
@@ -125,6 +165,7 @@ class SchedulerConfig(Block):
 
     type: SchedulerType = spec(SchedulerType.WARMUP_LR, Kind.CHOICE, choices=SchedulerType)
     params: SchedulerParams = spec(SchedulerParams, Kind.BLOCK, block=SchedulerParams)
+    first_step: FirstStep = spec(FirstStep.DEEPSPEED, Kind.CHOICE, choices=FirstStep)
 
 
 class TagValidation(enum.Enum):

@@ -21,6 +21,9 @@ class Access(enum.Enum):
     READ = os.O_RDONLY
     WRITE = os.O_WRONLY | os.O_CREAT  # never truncates: callers write extents of a file
     READ_WRITE = os.O_RDWR | os.O_CREAT
+    # A new file, read and written: an existing name, a planted symlink included, is refused (EEXIST) and
+    # never followed or overwritten.  Every file infinity creates in a folder a user names uses this.
+    NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
 @dataclass
@@ -61,21 +64,41 @@ class AioFile:
 
 
 def open_file(path: str | os.PathLike[str], access: Access = Access.READ_WRITE) -> AioFile:
-    """Opens path twice: buffered, and with O_DIRECT where the file system allows it."""
+    """Opens path twice: buffered, and with O_DIRECT where the file system allows it.  With Access.NEW an
+    existing name (a file or a symlink) is an AioError (EEXIST) naming it."""
     path = os.fspath(path)
     try:
         buffered = os.open(path, access.value | os.O_CLOEXEC, FILE_MODE)
     except OSError as err:
-        fix = "check the path; reads need an existing file" if err.errno == errno.ENOENT else ""
-        raise AioError(err.errno or errno.EIO, "open", path, 0, 0, fix=fix) from None
+        raise AioError(err.errno or errno.EIO, "open", path, 0, 0, fix=_open_fix(err.errno, access, path)) from None
     try:
-        direct = os.open(path, (access.value & ~os.O_CREAT) | os.O_DIRECT | os.O_CLOEXEC)
+        direct = _reopen_direct(path, buffered, access)
     except OSError as err:
         if err.errno != errno.EINVAL:
             os.close(buffered)
             raise AioError(err.errno or errno.EIO, "open (O_DIRECT)", path, 0, 0) from None
         direct = -1
     return AioFile(path, access, buffered, direct, logical_block_size(path))
+
+
+def _open_fix(err: int | None, access: Access, path: str) -> str:
+    if err == errno.ENOENT:
+        return "check the path; reads need an existing file"
+    if access is Access.NEW and err in (errno.EEXIST, errno.ELOOP):
+        return (f"something (a file or a symlink) already has this name; infinity never follows or overwrites "
+                f"it: remove {path} if it is yours, or check who put it there")
+    return ""
+
+
+def _reopen_direct(path: str, fd: int, access: Access) -> int:
+    """An O_DIRECT descriptor of the very file fd has open: through /proc/self/fd/N where /proc is mounted,
+    so that a rename or a symlink put at path between the two opens cannot send it elsewhere (else path
+    itself, not following a symlink when the access says so)."""
+    flags = (access.value & ~(os.O_CREAT | os.O_EXCL)) | os.O_DIRECT | os.O_CLOEXEC
+    proc = f"/proc/self/fd/{fd}"
+    if os.path.exists(proc):
+        return os.open(proc, flags & ~os.O_NOFOLLOW)  # the magic link is the point here
+    return os.open(path, flags)
 
 
 def check_nvme_path(folder: str | os.PathLike[str], need_bytes: int = 0, key: str = "nvme_path") -> str:

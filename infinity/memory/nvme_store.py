@@ -1,9 +1,18 @@
 """Swap files on NVMe: key -> aligned extent of a region file, in a per-run, per-rank folder.
 
-Layout: <nvme_path>/infinity-swap/rank-<rank>/run-<pid>/<region>.swp, folders 0700, files 0600.
+Layout: <nvme_path>/infinity-swap/rank-<rank>/run-<pid>-<random>/<region>.swp, folders 0700, files 0600.
 Each region (say "param" or "optimizer") is one file; extents are laid end to end, each starting on
 an ALIGNMENT boundary so every transfer of a whole extent can use O_DIRECT.  The run folder is
-removed at close; folders of runs whose process is gone are removed when the next store opens.
+removed at close; folders of dead runs are removed when the next store opens.
+
+[Note: live or dead, by a lock]  Each run folder holds a file `lock` whose flock the store holds for
+its life (infinity/io/lock.py): a folder whose lock nobody holds is a dead run's, whatever its PID,
+so a restarted container whose trainer is PID 1 again, two containers sharing one nvme_path, and two
+engines in one process (a student and a frozen reference model) each get a folder of their own and
+never take a live one for dead.  A folder is made under a hidden name (.new-run-...) and renamed to
+run-... only once its lock is held, so a scan never sees a live run's folder without its lock.  The
+folders infinity makes are fresh (mkdtemp: O_EXCL semantics, 0700) and every file in them is created
+with O_EXCL | O_NOFOLLOW; infinity-swap and rank-<rank> must be real folders owned by this user.
 
 [Note: the files stay open for the run]
 Each region file is opened once, when its first extent is laid out, and every transfer goes through
@@ -18,19 +27,26 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from infinity import metrics
-from infinity.errors import CapacityError, InfinityError
+from infinity.errors import CapacityError, InfinityError, NvmePathError
 from infinity.io.align import DEFAULT_ALIGNMENT, round_up
 from infinity.io.files import Access, AioFile, check_nvme_path, open_file
+from infinity.io.lock import Liveness, RunLock, claim
 
 log = logging.getLogger("infinity.memory")
 
 ALIGNMENT = DEFAULT_ALIGNMENT
 SWAP_DIR = "infinity-swap"
+LOCK_FILE = "lock"
+RUN_PREFIX, NEW_PREFIX = "run-", ".new-run-"  # a run's folder, and the same while it is being made
+_LEGACY_RUN = re.compile(r"run-(\d+)$")  # run-<pid>: the folders of an infinity without run locks
 
 
 @dataclass(frozen=True)
@@ -54,11 +70,9 @@ def whole_blocks(nbytes: int) -> int:
 class NvmeStore:
     def __init__(self, nvme_path: str | os.PathLike[str], rank: int = 0, key: str = "nvme_path"):
         root = Path(check_nvme_path(nvme_path, key=key))
-        self.rank_dir = root / SWAP_DIR / f"rank-{rank}"
-        self.rank_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.rank_dir = own_folder(own_folder(root / SWAP_DIR, key) / f"rank-{rank}", key)
         remove_dead_runs(self.rank_dir)
-        self.folder = self.rank_dir / f"run-{os.getpid()}"
-        self.folder.mkdir(mode=0o700)
+        self.folder, self._lock = new_run_folder(self.rank_dir)
         self._extents: dict[str, Extent] = {}
         self._ends: dict[str, int] = {}  # region -> bytes laid out so far
         self._files: dict[str, AioFile] = {}  # path -> the open region file (see the note above)
@@ -72,7 +86,7 @@ class NvmeStore:
             raise InfinityError(f"swap extent {key!r} is already allocated")
         path = str(self.folder / f"{region}.swp")
         if region not in self._ends:
-            self._files[path] = open_file(path, Access.READ_WRITE)  # created 0600
+            self._files[path] = open_file(path, Access.NEW)  # created 0600, in this run's own fresh folder
             self._files[path].label = region  # metrics count its transfers by the kind of data it holds
             self._ends[region] = 0
         extent = Extent(path, self._ends[region], nbytes, whole_blocks(nbytes))
@@ -126,6 +140,7 @@ class NvmeStore:
             f.close()
         self._files.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+        self._lock.release()
         self._extents.clear()
         self._ends.clear()
 
@@ -136,22 +151,71 @@ class NvmeStore:
         self.close()
 
 
+def own_folder(path: Path, key: str) -> Path:
+    """path, made (0700) when missing; refused when it is a symlink, not a folder, or another user's, since
+    whoever owns it could swap a run's folders for their own."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise NvmePathError(str(path), f"cannot be created: {err.strerror}",
+                            f"fix the permissions of {path.parent} or point {key} at a writable folder",
+                            key=key) from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise NvmePathError(str(path), "is a symlink or not a folder; infinity never follows one for its swap files",
+                            f"remove {path} (infinity makes it again) or point {key} elsewhere", key=key)
+    if st.st_uid != os.geteuid():
+        raise NvmePathError(str(path), f"belongs to user {st.st_uid}, not to this run's user {os.geteuid()}, who "
+                            "could then change this run's swap files", f"remove {path} (infinity makes it again) "
+                            f"or point {key} at a folder of this user", key=key)
+    return path
+
+
+def new_run_folder(rank_dir: Path) -> tuple[Path, RunLock]:
+    """A fresh folder run-<pid>-<random> (0700) under rank_dir, and its lock, held (see the note above)."""
+    making = Path(tempfile.mkdtemp(prefix=f"{NEW_PREFIX}{os.getpid()}-", dir=rank_dir))
+    try:
+        lock = RunLock.create(making / LOCK_FILE)
+    except BaseException:
+        shutil.rmtree(making, ignore_errors=True)
+        raise
+    folder = rank_dir / making.name[len(NEW_PREFIX) - len(RUN_PREFIX):]
+    os.rename(making, folder)  # the flock belongs to the open file and goes with it
+    lock.path = str(folder / LOCK_FILE)
+    return folder, lock
+
+
 def remove_dead_runs(rank_dir: Path) -> list[Path]:
-    """Removes run-<pid> folders whose process no longer exists; returns what it removed."""
+    """Removes the folders of runs that ended without cleaning up: those whose lock nobody holds, and
+    run-<pid> folders of an infinity without locks whose process is gone.  Folders of live runs (of this
+    process too), symlinks and other users' entries are left alone.  Returns what it removed."""
     removed = []
-    for run in rank_dir.glob("run-*"):
+    for run in sorted(rank_dir.glob(f"{RUN_PREFIX}*")) + sorted(rank_dir.glob(f"{NEW_PREFIX}*")):
         try:
-            pid = int(run.name.split("-", 1)[1])
-        except ValueError:
+            st = os.lstat(run)
+        except FileNotFoundError:  # another run starting now removed it first
             continue
-        if pid != os.getpid() and not _alive(pid):
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        liveness, lock = claim(run / LOCK_FILE)
+        legacy = _LEGACY_RUN.match(run.name)
+        dead = liveness is Liveness.DEAD or (liveness is Liveness.NO_LOCK and legacy is not None and
+                                             not _alive(int(legacy.group(1))))
+        if dead:
             shutil.rmtree(run, ignore_errors=True)
             log.info("removed swap files of an earlier run that did not exit cleanly: %s", run)
             removed.append(run)
+        if lock is not None:
+            lock.release()
     return removed
 
 
 def _alive(pid: int) -> bool:
+    """For run-<pid> folders without a lock only: this process never makes one, so its own PID is not alive."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -68,6 +68,17 @@ class Run:
         self.shards: list[Shard] = [shard_of(n, s, self.world, self.rank, replicated=i in self.persistent)
                                     for i, (n, s) in enumerate(zip(self.names, self.shapes))]
         check_placement(settings, self.shards, bool(self.params))
+        try:
+            self._wire(model, on_grad, setup)
+        except BaseException:
+            for m in self._managers.values():
+                m.close()  # a run refused part way (a full drive, say) leaves no swap files behind
+            raise
+
+    def _wire(self, model: nn.Module, on_grad: Callable[[int, torch.Tensor], None],
+              setup: OptimizerSetup | None) -> None:
+        """The parts that open swap stores (zero.Init's, taken over, included); __init__ closes them on error."""
+        settings = self.settings
         self._adopted = self._adopt_init()
         self._agree_on_initial_values()
         self.setup = setup if setup is not None else optimizer_setup(model, settings)
@@ -92,8 +103,6 @@ class Run:
             self.coordinator.install()
         except BaseException:
             self.coordinator.remove()
-            for m in self._managers.values():
-                m.close()  # a refused config leaves no swap files behind
             raise
         self._lend_staging_buffers()
         claim(self)  # GatheredParameters finds a parameter's run through it
@@ -128,10 +137,13 @@ class Run:
             m.handle.timeline = timeline
 
     # ---- the optimizer step ----------------------------------------------------------
-    def step_optimizer(self, loss_scale: float) -> bool:
+    def step_optimizer(self, unscale: Callable[[bool], float]) -> bool:
         """The optimizer step at a window's end (the caller latches its failures); True on an fp16 overflow
-        (the step skipped).  The step's parameter writes are all on NVMe when it returns."""
+        (the step skipped).  unscale, given the overflow verdict, returns the loss scale the gradients are
+        divided by (the engine updates its scaler there, as DeepSpeed does before it unscales).  The step's
+        parameter writes are all on NVMe when it returns."""
         overflow = self.gradients.agree()
+        loss_scale = unscale(overflow)
         self._hold = frozenset() if overflow else frozenset(self.coordinator.first_reads(self._holdable()))
         if not overflow:
             self.optimizer.step(self.gradients.coef(loss_scale, self.settings.gradient_clipping),

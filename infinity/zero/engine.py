@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import warnings
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from infinity import metrics
+from infinity.checkpoint.format import LATEST
 from infinity.checkpoint.load import load
 from infinity.checkpoint.model_file import save_16bit_model
 from infinity.checkpoint.pretrained_folder import save_pretrained
@@ -31,6 +33,7 @@ from infinity.timeline import NO_TIMELINE, Timeline, Track
 from infinity.zero.build import Run
 from infinity.zero.checkpoint_view import CheckpointView
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING
+from infinity.zero.deepspeed_api import DeepSpeedApi
 from infinity.zero.hooks import GradientHook
 from infinity.zero.loss_scale import LossScaler
 from infinity.zero.param_groups import OptimizerSetup, set_lr, step_client_scheduler
@@ -42,7 +45,7 @@ log = logging.getLogger("infinity.zero")
 GATHER_KEY = "zero_optimization.stage3_gather_16bit_weights_on_model_save"
 
 
-class Engine:
+class Engine(DeepSpeedApi):
     def __init__(self, model: nn.Module, settings: EngineSettings, config: Config | None = None,
                  exporter: Any = None, setup: OptimizerSetup | None = None, client_scheduler: Any = None):
         """config: the Config settings came from (initialize passes it); exporter: the metrics exporter
@@ -56,12 +59,15 @@ class Engine:
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.run = run = Run(model, settings, lambda i, p: self._hook(i, p), setup)
         run.engine = self  # a run rebuilt around new shapes (zero/resize.py) replaces it through rebuild_run
-        self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
+        self._hook = GradientHook(self.phase, run.gradients, self._takes_gradients, self._fail)
+        self._grad_norm: float | None = None  # get_global_grad_norm()
+        self._step_applied, self._no_sync = False, False
+        self.lr_scheduler: Any = None  # initialize() sets its scheduler here, as DeepSpeed's engine holds it
         # The run's other parts are engine.run's (names, shards, homes, coordinator, ranks, ...); checkpoints
         # see the engine through self.checkpointable, the protocol's view (zero/checkpoint_view.py).
         self.module, self.settings, self.optimizer = model, run.settings, run.optimizer
         self.checkpointable = CheckpointView(self)
-        self.lr = self._lr()
+        self._follow_schedule()
 
     @property
     def global_steps(self) -> int:
@@ -100,38 +106,43 @@ class Engine:
                 if self.phase.state is TrainingState.BACKWARD:
                     self.phase.to(before)  # no gradient reached the optimizer: as if it had not run
                 raise
-        self.counters.micro_steps += 1
         self.phase.backwards += 1
         self.phase.to(TrainingState.ACCUMULATING)
         return loss
 
-    def step(self) -> None:
-        """The optimizer step, at the end of each gradient-accumulation window."""
+    def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
+        """The optimizer step, at the end of each gradient-accumulation window.  As DeepSpeed's, every call
+        counts a micro-step, and global_steps counts every window's step, skipped fp16 steps included."""
         self._check_usable()
+        if self._no_sync:
+            raise UsageError("step() was called inside engine.no_sync(); call it after the block (DeepSpeed refuses "
+                             "it there too)")
         if not self.phase.backwards:
             raise UsageError("step() was called without a backward() since the last step; call "
                              "engine.backward(loss) first")
         after = TrainingState.FORWARD if self.phase.forward_open else TrainingState.IDLE
         self.phase.to(TrainingState.STEPPING)
         self.phase.backwards = 0
-        if self.micro_steps % self.settings.gradient_accumulation_steps:  # inside the window
+        boundary = self.is_gradient_accumulation_boundary()
+        self.counters.micro_steps += 1
+        self._step_applied = False
+        if not boundary:  # inside the window
             self.run.coordinator.read_ahead_of_next_step()
             self.phase.to(after if after is TrainingState.FORWARD else TrainingState.ACCUMULATING)
             return
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
         with self.latching_failure(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
-            overflow = self.run.step_optimizer(self.scaler.scale if self.scaler is not None else 1.0)
-            if not overflow:
-                self.counters.global_steps += 1
-                step_client_scheduler(self.client_scheduler)
+            overflow = self.run.step_optimizer(self._unscale)
+        self.counters.count_step(overflow, self.train_batch_size())
+        self._step_applied = not overflow
+        if not overflow:
+            step_client_scheduler(self.client_scheduler)
         report = self.run.finish_step(self.global_steps, started, waited)
         metrics.record_step(report)
         self.timeline.mark(f"step {self.global_steps}", **report.to_dict())
         self.run.after_step()
-        if self.scaler is not None:
-            self.scaler.update(overflow)
         self.run.gradients.reset()
-        self.lr = self._lr()
+        self._follow_schedule()
         self.phase.to(after)
 
     def train(self, mode: bool = True) -> "Engine":
@@ -148,10 +159,9 @@ class Engine:
     def gradient_accumulation_steps(self) -> int:
         return self.settings.gradient_accumulation_steps
 
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return int(self.config.train_micro_batch_size_per_gpu) if self.config is not None else 1
-
     def is_gradient_accumulation_boundary(self) -> bool:
+        """Whether the next step() ends the accumulation window (micro_steps counts step() calls, as
+        DeepSpeed's: between backward and step of the window's last micro-batch this is True)."""
         return (self.micro_steps + 1) % self.settings.gradient_accumulation_steps == 0
 
     def step_report(self) -> StepReport | None:
@@ -209,13 +219,26 @@ class Engine:
             save(self.checkpointable, save_dir, tag, client_state)
         return True
 
-    def load_checkpoint(self, load_dir: str, tag: str | None = None) -> tuple[str, Any]:
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, custom_load_fn: Any = None) -> tuple[str | None, Any]:
         """Restores everything save_checkpoint wrote for this rank (tag None: the one `latest` names), after
-        checking sizes, checksums, the world size and the model; returns (the tag's folder, client_state)."""
+        checking sizes, checksums, the world size and the model; returns (the tag's folder, client_state).
+        With no `latest` file (tag None) or no folder for the tag: a warning and (None, None), as DeepSpeed.
+        Only the whole state is restored: load_optimizer_states=False, load_lr_scheduler_states=False and
+        load_module_only=True are UsageErrors (docs/engine.md)."""
         self._between_steps("load_checkpoint")
+        _check_partial_load(load_optimizer_states, load_lr_scheduler_states, load_module_only, custom_load_fn)
+        if not load_module_strict:
+            log.warning("load_checkpoint(load_module_strict=False): infinity always checks that the checkpoint "
+                        "holds this model's parameters exactly")
+        missing = _missing_checkpoint(Path(load_dir), tag)
+        if missing:
+            log.warning("load_checkpoint: %s; nothing was loaded (None, None), as DeepSpeed returns", missing)
+            return None, None
         with self.settled("load_checkpoint()"):
             loaded = load(self.checkpointable, load_dir, tag)
-        self.lr = self._lr()
+        self._follow_schedule()
         return loaded
 
     def zero_grad(self) -> None:
@@ -243,7 +266,7 @@ class Engine:
         setup = old.setup.rebind({id(p): n for n, p in zip(old.names, old.params)}, self.module)
         self.run = run = Run(self.module, self.settings, lambda i, p: self._hook(i, p), setup)
         run.engine = self
-        self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
+        self._hook = GradientHook(self.phase, run.gradients, self._takes_gradients, self._fail)
         self.optimizer, self.checkpointable = run.optimizer, CheckpointView(self)
         if self.timeline.enabled:
             run.trace_to(self.timeline)
@@ -295,5 +318,58 @@ class Engine:
         """The first parameter group's lr, after the config's schedule (if any) set every group's."""
         schedule = self.settings.schedule
         if schedule is not None:
-            set_lr(self.run.param_groups, schedule.lr(self.global_steps))
+            set_lr(self.run.param_groups, schedule.lr(self.applied_steps))
         return float(self.run.param_groups[0]["lr"]) if self.run.param_groups else self.settings.adam.lr
+
+    @property
+    def applied_steps(self) -> int:
+        """Optimizer steps that changed the parameters: the schedule's position (DeepSpeed does not step its
+        scheduler on a skipped step)."""
+        return self.counters.global_steps - self.counters.skipped_steps
+
+    def _follow_schedule(self) -> None:
+        """The next step's lr, and OneCycle's betas (set on the optimizer, as DeepSpeed's scheduler does)."""
+        self.lr = self._lr()
+        schedule = self.settings.schedule
+        betas = schedule.betas(self.applied_steps) if schedule is not None else None
+        if betas is not None:
+            for group in self.run.param_groups:  # every group's, as DeepSpeed's OneCycle sets them
+                if "betas" in group:
+                    group["betas"] = betas
+
+    def _unscale(self, overflow: bool) -> float:
+        """Given the step's overflow verdict: updates the loss scale and returns what the gradients are divided
+        by (zero/loss_scale.py's note), and keeps the step's gradient norm for get_global_grad_norm()."""
+        scaler = self.scaler
+        step_scale = scaler.scale if scaler is not None else 1.0
+        if scaler is not None:
+            scaler.update(overflow)
+        divide_by = scaler.unscale_by(step_scale) if scaler is not None else 1.0
+        self._grad_norm = math.inf if overflow else math.sqrt(self.run.gradients.sumsq) / divide_by
+        return divide_by
+
+    def _takes_gradients(self) -> bool:
+        """Whether the gradient hook sends gradients on now: at the window's end, outside no_sync()."""
+        return self.is_gradient_accumulation_boundary() and not self._no_sync
+
+
+def _check_partial_load(optimizer_states: bool, lr_scheduler_states: bool, module_only: bool,
+                        custom_load_fn: Any) -> None:
+    """infinity restores a checkpoint whole; DeepSpeed's keywords for part of it are refused by name."""
+    asked = [name for name, partial in (("load_optimizer_states=False", not optimizer_states),
+                                        ("load_lr_scheduler_states=False", not lr_scheduler_states),
+                                        ("load_module_only=True", module_only),
+                                        ("custom_load_fn", custom_load_fn is not None)) if partial]
+    if asked:
+        raise UsageError(f"load_checkpoint({', '.join(asked)}): infinity restores a checkpoint whole (weights, "
+                         "optimizer states, counters, schedule); to start from the weights alone, write them with "
+                         "engine.save_16bit_model and load them into the model before initialize")
+
+
+def _missing_checkpoint(load_dir: Path, tag: str | None) -> str | None:
+    """Why there is nothing to load (DeepSpeed then warns and returns (None, None)), or None."""
+    if tag is None and not (load_dir / LATEST).is_file():
+        return f"no {LATEST!r} file in {load_dir} (pass tag= to load a particular checkpoint)"
+    if tag is not None and not (load_dir / tag).exists():
+        return f"no checkpoint {tag!r} in {load_dir}"
+    return None

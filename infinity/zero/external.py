@@ -104,7 +104,7 @@ class ExternalParameters(TorchFunctionMode):
                 if i is None:
                     continue
                 if func in SHAPE_READS:
-                    if p.numel() == 0:
+                    if p.data.numel() == 0:
                         return SHAPE_READS[func](self.shapes[i], args)
                     continue
                 if not self._held(i):
@@ -150,7 +150,7 @@ def _empty_params_in_frame(frame: types.FrameType, index: dict[int, int]) -> lis
         for obj in level:
             if isinstance(obj, nn.Parameter):
                 i = index.get(id(obj))
-                if i is not None and obj.numel() == 0:
+                if i is not None and obj.data.numel() == 0:
                     found.append(i)
                 continue
             for name in code_names:

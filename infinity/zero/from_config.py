@@ -1,30 +1,39 @@
 """EngineSettings from a validated Config: the one place that reads the config for the engine."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from infinity.config import Config
-from infinity.config.training import OptimizerConfig, OptimizerType, SchedulerConfig, SchedulerType
+from infinity.config import Source
+from infinity.config.training import (OptimizerConfig, OptimizerType, SchedulerConfig, SchedulerParams,
+                                      SchedulerType, WarmupType)
 from infinity.config.zero import OffloadDevice
 from infinity.errors import ConfigError, Problem
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
 from infinity.swap.rules import OptimizerKind
 from infinity.zero.loss_scale import LossScaleSettings
-from infinity.zero.lr_schedule import Decay, LrSchedule, Warmup
+from infinity.zero.lr_schedule import (Curve, LrSchedule, LRRangeTest, OneCycle, Warmup, WarmupCosineLR,
+                                      WarmupDecayLR, WarmupLR, warmup_steps)
+from infinity.zero.ranks import current
 from infinity.zero.settings import EngineSettings, ModelSave
 
 TIERS = {OffloadDevice.NONE: Tier.COMPUTE, OffloadDevice.CPU: Tier.HOST, OffloadDevice.NVME: Tier.NVME}
 
 # DeepSpeed's defaults for keys its schedulers take but a config may leave out.
 WARMUP_STEPS = 1000
-WARMUP_MAX_LR = 0.001  # WarmupLR and WarmupDecayLR set the lr themselves; they do not read optimizer.params.lr
+WARMUP_DECAY_MAX_LR = 0.001  # WarmupDecayLR's default warmup_max_lr (WarmupLR's is the optimizer's lr)
 COS_MIN_RATIO = 0.0001
 
 
-def settings_from_config(config: Config, rank: int = 0) -> EngineSettings:
-    """The engine's settings; a ConfigError when a key is still "auto" or no optimizer is named."""
+def settings_from_config(config: Config, rank: int = 0, world: int | None = None) -> EngineSettings:
+    """The engine's settings; a ConfigError when a key is still "auto", no optimizer is named or the batch
+    sizes disagree.  world: the data-parallel world size (None: torch.distributed's, 1 without it)."""
     zero = config.zero_optimization
     param, opt = zero.offload_param, zero.offload_optimizer
     adam = _adam(_check_ready(config))
+    batches = batch_sizes(config, current().world if world is None else world)
     return EngineSettings(
         param_tier=TIERS[param.device], optimizer_tier=TIERS[opt.device],
         param_nvme_path=param.nvme_path, optimizer_nvme_path=opt.nvme_path,
@@ -35,13 +44,15 @@ def settings_from_config(config: Config, rank: int = 0) -> EngineSettings:
         sub_group_size=zero.sub_group_size,
         pipeline=Pipeline(read=opt.pipeline_read, write=opt.pipeline_write),
         aio=config.aio, precision=config.precision, adam=adam, optimizer_kind=_kind(config.optimizer),
-        schedule=_schedule(config.scheduler, adam.lr),
-        gradient_accumulation_steps=int(config.gradient_accumulation_steps),
+        schedule=_schedule(config.scheduler, adam),
+        gradient_accumulation_steps=batches.gradient_accumulation_steps,
+        train_batch_size=batches.train_batch_size, micro_batch_size=batches.micro_batch_size,
         gradient_clipping=float(config.gradient_clipping),
         loss_scale=LossScaleSettings(static_scale=config.fp16.loss_scale,
                                      initial_scale_power=config.fp16.initial_scale_power,
                                      window=config.fp16.loss_scale_window, hysteresis=config.fp16.hysteresis,
-                                     min_scale=config.fp16.min_loss_scale),
+                                     consecutive_hysteresis=config.fp16.consecutive_hysteresis,
+                                     min_scale=config.fp16.min_loss_scale, unscale=config.fp16.unscale_with),
         persistence_threshold=int(zero.stage3_param_persistence_threshold) if zero.stage == 3 else 0,
         model_persistence_threshold=zero.stage3_model_persistence_threshold,
         prefetch_bucket_size=int(zero.stage3_prefetch_bucket_size),
@@ -50,6 +61,39 @@ def settings_from_config(config: Config, rank: int = 0) -> EngineSettings:
         rank=rank,
         model_save=_model_save(config),
     )
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    train_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def batch_sizes(config: Config, world: int) -> BatchSizes:
+    """DeepSpeed's rules (runtime/config.py, _set_batch_related_parameters): the keys left out are derived
+    from those given, and train_batch_size must equal micro × accumulation × world.  With neither
+    train_batch_size nor the micro size given (DeepSpeed refuses that), the micro size is 1."""
+    given = {k: int(getattr(config, k)) for k in BATCH_KEYS  # type: ignore[arg-type]
+             if config.sources.get(k, Source.DEFAULT) is not Source.DEFAULT and getattr(config, k) is not None}
+    train, micro, gas = (given.get(k) for k in BATCH_KEYS)
+    if train is not None and micro is not None and gas is None:
+        gas = max(train // micro // world, 1)
+    elif train is not None and micro is None:
+        gas = gas or 1
+        micro = max(train // world // gas, 1)
+    micro, gas = micro or 1, gas or 1
+    if train is None:
+        train = micro * gas * world
+    if train != micro * gas * world:
+        raise ConfigError([Problem("train_batch_size", f"{train} is not train_micro_batch_size_per_gpu {micro} × "
+                                   f"gradient_accumulation_steps {gas} × world size {world} = {micro * gas * world}",
+                                   "make the three agree, or leave one of them out to have it derived "
+                                   "(DeepSpeed refuses this config too)")], source="batch sizes")
+    return BatchSizes(train, micro, gas)
 
 
 def _model_save(config: Config) -> ModelSave:
@@ -85,20 +129,42 @@ def _kind(block: OptimizerConfig | None) -> OptimizerKind:
     return OptimizerKind(block.type.value)
 
 
-def _schedule(block: SchedulerConfig | None, lr: float) -> LrSchedule | None:
+def _schedule(block: SchedulerConfig | None, adam: AdamSettings) -> LrSchedule | None:
+    """The config's schedule, with DeepSpeed's constructor defaults for the keys it leaves out."""
     if block is None:
         return None
     p = block.params
-    warmup = Warmup(p.warmup_type.value) if p.warmup_type is not None else Warmup.LOG
-    steps = int(p.warmup_num_steps) if p.warmup_num_steps is not None else WARMUP_STEPS
-    total = int(p.total_num_steps) if p.total_num_steps is not None else None
-    if block.type is SchedulerType.WARMUP_COSINE_LR:
-        low = p.warmup_min_ratio if p.warmup_min_ratio is not None else 0.0
-        floor = p.cos_min_ratio if p.cos_min_ratio is not None else COS_MIN_RATIO
-        return LrSchedule(max_lr=lr, min_lr=lr * low, warmup_steps=steps, warmup=warmup, total_steps=total,
-                          decay=Decay.COSINE, floor_lr=lr * floor)
-    decay = Decay.LINEAR if block.type is SchedulerType.WARMUP_DECAY_LR else Decay.NONE
-    high = float(p.warmup_max_lr) if p.warmup_max_lr is not None else WARMUP_MAX_LR
-    low = float(p.warmup_min_lr) if p.warmup_min_lr is not None else 0.0
-    return LrSchedule(max_lr=high, min_lr=low, warmup_steps=steps, warmup=warmup, total_steps=total, decay=decay)
+    start = p.last_batch_iteration if p.last_batch_iteration is not None else -1
+    return LrSchedule(_curve(block.type, p, adam.lr), base_lr=adam.lr, base_betas=adam.betas,
+                      last_batch_iteration=start, first_step=block.first_step)
 
+
+def _curve(kind: SchedulerType, p: SchedulerParams, lr: float) -> Curve:
+    def given(value: Any, default: Any) -> Any:
+        return value if value is not None else default
+
+    warmup = Warmup(warmup_steps(int(given(p.warmup_num_steps, WARMUP_STEPS))),
+                    given(p.warmup_type, WarmupType.LOG))
+    low = float(given(p.warmup_min_lr, 0.0))
+    if kind is SchedulerType.WARMUP_LR:  # without warmup_max_lr, DeepSpeed warms up to the optimizer's lr
+        return WarmupLR(min_lr=low, max_lr=float(given(p.warmup_max_lr, lr)), warmup=warmup)
+    if kind is SchedulerType.WARMUP_DECAY_LR:  # ... but WarmupDecayLR's own default is 0.001
+        return WarmupDecayLR(min_lr=low, max_lr=float(given(p.warmup_max_lr, WARMUP_DECAY_MAX_LR)), warmup=warmup,
+                             total_steps=int(p.total_num_steps))  # type: ignore[arg-type]
+    if kind is SchedulerType.WARMUP_COSINE_LR:
+        return WarmupCosineLR(base_lr=lr, total_steps=int(p.total_num_steps),  # type: ignore[arg-type]
+                              warmup_min_ratio=given(p.warmup_min_ratio, 0.0),
+                              cos_min_ratio=given(p.cos_min_ratio, COS_MIN_RATIO), warmup=warmup)
+    if kind is SchedulerType.LR_RANGE_TEST:
+        return LRRangeTest(min_lr=given(p.lr_range_test_min_lr, 1e-3), step_size=given(p.lr_range_test_step_size, 2000),
+                           step_rate=given(p.lr_range_test_step_rate, 1.0),
+                           staircase=given(p.lr_range_test_staircase, False))
+    first = float(given(p.cycle_first_step_size, 2000))
+    first_stairs = given(p.cycle_first_stair_count, 0)
+    return OneCycle(min_lr=float(p.cycle_min_lr), max_lr=float(p.cycle_max_lr),  # type: ignore[arg-type]
+                    decay_lr_rate=given(p.decay_lr_rate, 0.0), first_step_size=first,
+                    second_step_size=float(given(p.cycle_second_step_size, first)),
+                    first_stair_count=first_stairs, second_stair_count=given(p.cycle_second_stair_count, first_stairs),
+                    decay_step_size=given(p.decay_step_size, 0), cycle_momentum=given(p.cycle_momentum, True),
+                    min_mom=given(p.cycle_min_mom, 0.8), max_mom=given(p.cycle_max_mom, 0.9),
+                    decay_mom_rate=given(p.decay_mom_rate, 0.0))

@@ -96,7 +96,7 @@ class GatheredParameters:
     def _read(self, p: nn.Parameter) -> torch.Tensor | None:
         record = placed(p)
         if record is not None and record.run.manager is not None:
-            return record.run.read_whole(p) if p.numel() == 0 else None
+            return record.run.read_whole(p) if p.data.numel() == 0 else None
         mine = owner(p)
         if mine is None:
             return None

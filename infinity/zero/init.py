@@ -110,7 +110,7 @@ class InitRun:
     def owns(self, p: torch.Tensor) -> bool:
         """Whether p is a parameter this run placed (and emptied)."""
         record = placed(p)
-        return record is not None and record.run is self and p.numel() == 0
+        return record is not None and record.run is self and p.data.numel() == 0
 
     def read_whole(self, p: torch.Tensor) -> torch.Tensor:
         """Placed parameter p's whole values, read back from its partition (with several ranks every rank's
@@ -187,7 +187,12 @@ class Init:
     changes nothing (the model is built as usual and placed by initialize)."""
 
     def __init__(self, config: ConfigSource | Config | None = None, *, enabled: bool = True,
-                 config_dict_or_path: ConfigSource | None = None):
+                 config_dict_or_path: ConfigSource | None = None, remote_device: str | None = None,
+                 pin_memory: bool = False, **deepspeed_keywords: Any):
+        """DeepSpeed's keywords are accepted: remote_device and pin_memory (where the parameters go and
+        whether host buffers are pinned follow the config's offload_param; a remote_device that differs is
+        warned about), module, data_parallel_group, mem_efficient_linear, dtype, mpu and the rest (no effect
+        here: the model is placed by initialize, its dtype is the config's precision)."""
         source = config if config is not None else config_dict_or_path
         if source is None and enabled:
             raise UsageError("zero.Init needs config= (a path, JSON string, dict or infinity.Config)")
@@ -196,6 +201,9 @@ class Init:
         if enabled:
             cfg = source if isinstance(source, Config) else Config.load(source)  # type: ignore[arg-type]
             self.settings = settings_from_config(cfg)
+            _check_remote_device(remote_device, cfg)
+        if deepspeed_keywords:
+            log.info("zero.Init: DeepSpeed keywords with no effect here: %s", sorted(deepspeed_keywords))
         self.run: InitRun | None = None
         self._stack: list[nn.Module] = []
         self._wrapped: list[tuple[type, Callable[..., None]]] = []
@@ -293,3 +301,11 @@ def _module_classes() -> list[type]:
         seen.append(cls)
         stack.extend(c for c in cls.__subclasses__() if c not in seen)
     return seen
+
+
+def _check_remote_device(remote_device: str | None, config: Config) -> None:
+    """DeepSpeed places parameters on remote_device during Init; infinity on offload_param.device, always."""
+    device = config.zero_optimization.offload_param.device.value
+    if remote_device is not None and str(remote_device).lower() != device:
+        log.warning("zero.Init(remote_device=%r): parameters go where zero_optimization.offload_param.device says "
+                    "(%s); set it to %r in the config to place them there", remote_device, device, remote_device)

@@ -83,9 +83,10 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         raise
     loader = None
     if training_data is not None:
-        loader = torch.utils.data.DataLoader(training_data, batch_size=int(loaded.train_micro_batch_size_per_gpu),
+        loader = torch.utils.data.DataLoader(training_data, batch_size=engine.train_micro_batch_size_per_gpu(),
                                              shuffle=True, collate_fn=collate_fn)
     scheduler = client_scheduler or (LrSchedulerView(engine) if engine.settings.schedule is not None else None)
+    engine.lr_scheduler = scheduler
     return engine, view, loader, scheduler
 
 
@@ -137,7 +138,9 @@ class LrSchedulerView:
 
     @property
     def last_batch_iteration(self) -> int:
-        return self._engine.global_steps - 1
+        """DeepSpeed's scheduler's: -1 before the first step, then one more per applied optimizer step."""
+        schedule = self._engine.settings.schedule
+        return schedule.iteration(self._engine.applied_steps) if schedule is not None else -1
 
     def get_lr(self) -> list[float]:
         return self._engine.get_lr()

@@ -52,6 +52,8 @@ class EngineSettings:
     optimizer_kind: OptimizerKind = OptimizerKind.ADAM  # the config's optimizer.type (Adam/AdamW: adam.decoupled)
     schedule: LrSchedule | None = None  # None: adam.lr throughout
     gradient_accumulation_steps: int = 1
+    train_batch_size: int | None = None  # None: micro_batch_size × gradient_accumulation_steps × world
+    micro_batch_size: int = 1  # train_micro_batch_size_per_gpu
     gradient_clipping: float = 0.0
     loss_scale: LossScaleSettings = field(default_factory=LossScaleSettings)
     persistence_threshold: int = 0  # parameters of at most this many elements stay on the compute tier

@@ -61,14 +61,26 @@ class Phase:
 
 
 class Counters:
-    """The engine's step counters: optimizer steps taken, and backward passes (micro-steps) run."""
+    """The engine's step counters, as DeepSpeed's engine keeps them: optimizer steps (skipped fp16 steps
+    included), step() calls (micro-steps), skipped steps, and samples."""
 
     def __init__(self) -> None:
         self.global_steps = 0
         self.micro_steps = 0
+        self.skipped_steps = 0
+        self.global_samples = 0
+
+    def count_step(self, skipped: bool, samples: int) -> None:
+        """One optimizer step at a window's end."""
+        self.global_steps += 1
+        self.skipped_steps += skipped
+        self.global_samples += samples
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_steps": self.global_steps, "micro_steps": self.micro_steps}
+        return {"global_steps": self.global_steps, "micro_steps": self.micro_steps,
+                "skipped_steps": self.skipped_steps, "global_samples": self.global_samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checkpoints written before skipped_steps and global_samples were kept read as none skipped."""
         self.global_steps, self.micro_steps = int(state["global_steps"]), int(state["micro_steps"])
+        self.skipped_steps, self.global_samples = int(state.get("skipped_steps", 0)), int(state.get("global_samples", 0))

@@ -98,7 +98,7 @@ def test_a_deepspeed_save_resumes_as_torch_goes_on(tmp_path, world):
     try:
         folder, client_state = engine.load_checkpoint(str(tmp_path / "ds"))
         assert folder.endswith("global_step5") and client_state == {"epoch": 2}
-        assert engine.global_steps == 5 and not (tmp_path / "ds" / ".infinity-import").exists()
+        assert engine.global_steps == 5 and engine.global_samples == 40 and not (tmp_path / "ds" / ".infinity-import").exists()
         losses = []
         for x, y in batches()[5:]:
             loss = engine(x, y)

@@ -79,7 +79,7 @@ def test_parameters_leave_the_compute_tier(tmp_path, batches):
     # max_reuse_distance 0: forward's copies are not kept for backward (the default keeps this small model whole)
     engine = Engine(fresh_model(), settings(tmp_path, Tier.NVME, Tier.NVME, max_reuse_distance=0))
     try:
-        assert all(p.numel() == 0 for p in engine.run.params)  # nothing resident before the first forward
+        assert all(p.data.numel() == 0 for p in engine.run.params)  # nothing resident before the first forward
         train(engine, batches[:2])
         report = engine.memory_report()
         total = report.nvme_bytes
@@ -114,11 +114,13 @@ def test_fp16_skips_a_step_on_overflow(tmp_path, batches):
         loss = engine(x, y)
         engine.backward(loss * 1e30)  # overflows fp16 gradients
         engine.step()
-        assert engine.scaler.skipped_steps == 1 and engine.global_steps == 2
+        # As DeepSpeed's, global_steps counts the skipped step; skipped_steps counts it apart
+        assert engine.scaler.skipped_steps == 1 == engine.skipped_steps and engine.global_steps == 3
+        assert not engine.was_step_applied() and engine.get_global_grad_norm() == float("inf")
         after = final_weights(engine)
         assert all(torch.equal(before[n], after[n]) for n in before)  # the step was skipped
         train(engine, batches[3:5])
-        assert engine.global_steps == 4 and engine.scaler.scale <= scale
+        assert engine.global_steps == 5 and engine.scaler.scale <= scale and engine.was_step_applied()
     finally:
         engine.close()
 

@@ -1,0 +1,49 @@
+"""Two engines in one process on one nvme_path: a student that trains and a reference model held fixed (run
+forward only, under no_grad, never stepped), both built under zero.Init, as a distillation or a DPO
+recipe does.  Each has its own run folder, locked for its life; neither takes the other's for dead."""
+from __future__ import annotations
+
+import torch
+
+import infinity
+from infinity.io.lock import Liveness, claim
+from infinity.models.gpt import Gpt
+
+from test_initialize import close_to, config
+from training_reference import SPEC, make_batches, plain_torch_run
+
+
+def test_a_student_and_a_fixed_reference_model_share_one_nvme_path(tmp_path):
+    batches = make_batches()[:4]
+    want_losses, _ = plain_torch_run(batches)
+    cfg = config(tmp_path)
+    torch.manual_seed(1)
+    plain_reference = Gpt(SPEC)
+    torch.manual_seed(0)
+    with infinity.zero.Init(config=cfg):
+        student = Gpt(SPEC)
+    torch.manual_seed(1)
+    with infinity.zero.Init(config=cfg):
+        reference = Gpt(SPEC)
+    student_engine, *_ = infinity.initialize(model=student, config=cfg)
+    try:
+        reference_engine, *_ = infinity.initialize(model=reference, config=cfg)  # main: FileExistsError
+        try:
+            runs = sorted((tmp_path / "infinity-swap" / "rank-0").iterdir())
+            assert len(runs) == 2 and all(claim(run / "lock")[0] is Liveness.LIVE for run in runs)
+            losses, reference_losses, want_reference = [], [], []
+            for x, y in batches:
+                with torch.no_grad():
+                    reference_losses.append(reference_engine(x, y).item())
+                    want_reference.append(plain_reference(x, y).item())
+                loss = student_engine(x, y)
+                student_engine.backward(loss)
+                student_engine.step()
+                losses.append(loss.item())
+        finally:
+            reference_engine.close()
+    finally:
+        student_engine.close()
+    assert close_to(losses, want_losses)
+    assert reference_losses == want_reference  # bit for bit: the reference never changed
+    assert list((tmp_path / "infinity-swap" / "rank-0").iterdir()) == []
