@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from infinity.checkpoint.format import (SAFETENSORS_DTYPES, BufferEntry, OptimizerState, ParamEntry, dtype_name,
-                                        element_size, optimizer_tensor, stored_numel)
+from infinity.checkpoint.format import (SAFETENSORS_DTYPES, BufferEntry, ParamEntry, dtype_name, element_size,
+                                        optimizer_tensor, stored_numel)
 from infinity.errors import CheckpointError
 from infinity.memory.stream import HostPart
 from infinity.checkpoint.protocol import Checkpointable
@@ -20,7 +20,7 @@ class Contents:
     params: tuple[ParamEntry, ...]
     buffers: tuple[BufferEntry, ...]
     model: tuple[StoredTensor, ...]  # parameters' parts in engine order, then buffers
-    optimizer: tuple[StoredTensor, ...]  # every master, then every exp_avg, then every exp_avg_sq
+    optimizer: tuple[StoredTensor, ...]  # every master, then each optimizer state's (Adam: exp_avg, exp_avg_sq)
 
     @property
     def largest(self) -> int:
@@ -43,8 +43,8 @@ def contents_of(engine: Checkpointable) -> Contents:
         buffers.append(entry)
         model.append(StoredTensor(name, tensor.dtype, entry.stored, HostPart(tensor)))
     optimizer = [StoredTensor(optimizer_tensor(state, p.name), torch.float32, stored_numel(p.real, 4),
-                            engine.optimizer_part(i, state.value))
-                 for state in OptimizerState for i, p in enumerate(params)]
+                            engine.optimizer_part(i, state))
+                 for state in engine.optimizer_states for i, p in enumerate(params)]
     return Contents(params, tuple(buffers), tuple(model), tuple(optimizer))
 
 

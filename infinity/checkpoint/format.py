@@ -8,13 +8,17 @@ Layout::
         model.safetensors           the rank's part of every trainable parameter, compute dtype
                                     (tensor name: the parameter's name), then every persistent buffer
                                     and frozen parameter whole (tensor name: its state_dict key)
-        optimizer.safetensors       fp32 "master/<name>", then every "exp_avg/<name>", then every
-                                    "exp_avg_sq/<name>", for each trainable parameter in engine order
+        optimizer.safetensors       fp32 "master/<name>" for each trainable parameter in engine order, then
+                                    each of the optimizer's states the same way: Adam "exp_avg/<name>",
+                                    then "exp_avg_sq/<name>"; Lion "exp_avg"; SGD "momentum_buffer";
+                                    Adagrad "sum" (a torch optimizer's own state names)
         rng.safetensors             "torch_cpu" (uint8), "torch_cuda/<i>" per CUDA device (uint8),
                                     "numpy_keys" (uint32, 624): the random generators' states
         state.json                  scalars: global_steps, micro_steps, skipped_steps, global_samples
                                     (the last two absent before issue 21: read as 0), lr, per-parameter
-                                    optimizer step counters, loss scaler, python and numpy random scalars
+                                    optimizer step counters, loss scaler, python and numpy random scalars,
+                                    param_groups (each group's parameter names and hyperparameters),
+                                    lr_scheduler (a client scheduler's state_dict, or null)
         client_state.pt             torch.save of the client_state dict; loads with
                                     torch.load(weights_only=True)
         manifest.json               written last: a Manifest (below) listing every other file's size
@@ -84,7 +88,8 @@ CONSOLIDATE_HINT = ("merge its rank shards into one state dict with `infinity-co
 
 
 class OptimizerState(enum.Enum):
-    """The fp32 vectors the optimizer keeps per parameter part, in the order the file holds them."""
+    """Adam's fp32 vectors per parameter part, in the order the file holds them (other optimizers hold
+    master and their own states: the engine's optimizer_states)."""
 
     MASTER = "master"
     EXP_AVG = "exp_avg"
@@ -121,9 +126,9 @@ def stored_numel(real: int, elem_size: int) -> int:
     return round_up(real * elem_size, ALIGNMENT) // elem_size
 
 
-def optimizer_tensor(state: OptimizerState, name: str) -> str:
+def optimizer_tensor(state: OptimizerState | str, name: str) -> str:
     """The name of parameter name's state in optimizer.safetensors ("exp_avg/blocks.0.qkv.weight")."""
-    return f"{state.value}/{name}"
+    return f"{state.value if isinstance(state, OptimizerState) else state}/{name}"
 
 
 def tag_dir(ckpt_dir: str | os.PathLike[str], tag: str) -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 
 from infinity.checkpoint import state, tensors
 from infinity.checkpoint.contents import Contents, contents_of
+from infinity.checkpoint.deepspeed import import_deepspeed, is_deepspeed
 from infinity.checkpoint.format import (CLIENT_STATE_FILE, CONSOLIDATE_HINT, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
                                         STATE_FILE, Manifest, RankFiles, rank_dir, resolve_tag, tag_dir)
 from infinity.checkpoint.files import saving_dir
@@ -30,9 +31,12 @@ SHOWN = 8  # differences listed in a model mismatch
 
 def load(engine: Checkpointable, load_dir: str | Path, tag: str | None,
          streaming: Streaming = Streaming()) -> tuple[str, Any]:
-    """(the checkpoint's tag folder, its client_state) after restoring everything this rank saved."""
+    """(the checkpoint's tag folder, its client_state) after restoring everything this rank saved.  A DeepSpeed
+    ZeRO-3 save is imported (checkpoint/deepspeed.py)."""
     ckpt_dir = Path(load_dir)
     tag = resolve_tag(ckpt_dir, tag)
+    if is_deepspeed(tag_dir(ckpt_dir, tag)):
+        return import_deepspeed(engine, ckpt_dir, tag, load)
     folder = rank_dir(ckpt_dir, tag, engine.rank)
     try:
         files = open_folder(ckpt_dir, tag, folder, engine.world, engine.rank)
@@ -45,6 +49,7 @@ def load(engine: Checkpointable, load_dir: str | Path, tag: str | None,
     check_model(manifest, contents, folder)
     files.verify([STATE_FILE, RNG_FILE, CLIENT_STATE_FILE])  # sizes of all, checksums of the small ones
     client, saved, rng = files.client_state(), files.state(), files.rng()
+    state.check_groups(engine, saved, str(folder))
     with engine.latching_failure(), io_handle(engine, ckpt_dir) as handle:
         staging = tensors.staging_buffers(contents.largest, streaming.chunk_bytes, streaming.count)
         tensors.read(folder / OPTIMIZER_FILE, manifest.file(OPTIMIZER_FILE),

@@ -66,11 +66,24 @@ class Checkpointable(Protocol):
     def loss_scaler(self) -> Stateful | None:
         """The fp16 loss scaler (None unless fp16)."""
 
+    @property
+    def client_scheduler(self) -> Stateful | None:
+        """The client's LR scheduler (initialize's lr_scheduler=; None without one)."""
+
     def param_part(self, i: int) -> Part:
         """Where this rank's part of parameter i rests between uses (what model.safetensors holds)."""
 
+    @property
+    def optimizer_states(self) -> tuple[str, ...]:
+        """The fp32 vectors the optimizer keeps per parameter: "master", then its own (Adam: "exp_avg",
+        "exp_avg_sq")."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's torch-style parameter groups ("params" and hyperparameters)."""
+
     def optimizer_part(self, i: int, state: str) -> Part:
-        """Where this rank's optimizer state (master, exp_avg, exp_avg_sq) of parameter i rests."""
+        """Where this rank's optimizer state (one of optimizer_states) of parameter i rests."""
 
     def optimizer_steps(self) -> dict[str, float]:
         """The optimizer's step counter of each parameter's sub-group, by parameter name."""

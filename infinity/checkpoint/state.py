@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import io
 import json
+import logging
 import random
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 
 from infinity.checkpoint.protocol import Checkpointable
 from infinity.errors import CheckpointError
+
+log = logging.getLogger("infinity.checkpoint")
 
 
 def engine_state(engine: Checkpointable) -> dict[str, Any]:
@@ -27,10 +30,58 @@ def engine_state(engine: Checkpointable) -> dict[str, Any]:
         "lr": engine.lr,
         # The optimizer's step counter of each parameter's sub-group (all equal unless a run changed them).
         "optimizer_step": engine.optimizer_steps(),
+        "param_groups": groups_state(engine),
+        "lr_scheduler": scheduler_state(engine.client_scheduler),
         "loss_scaler": None if scaler is None else scaler.state_dict(),  # scale, good_steps, hysteresis, skipped_steps
         "python_random": [version, list(internal), gauss],
         "numpy_random": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
+
+
+def groups_state(engine: Checkpointable) -> list[dict[str, Any]]:
+    """Each parameter group: its trained parameters' names and its hyperparameters that JSON holds (numbers,
+    strings, booleans, None, and lists of those, as betas), as torch's optimizer state_dict keeps them."""
+    names = {id(p): n for n, p in zip(engine.names, engine.params)}
+    return [{"params": [names[id(p)] for p in group["params"] if id(p) in names],
+             **{k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k != "params" and _plain(v)}}
+            for group in engine.param_groups]
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any] | None:
+    """The client scheduler's state_dict when JSON holds it (torch's schedulers' do: numbers, lists and
+    None where a lambda was); otherwise None, with a warning that it is not saved."""
+    if scheduler is None:
+        return None
+    values = scheduler.state_dict()
+    try:
+        json.dumps(values)
+    except (TypeError, ValueError):
+        log.warning("save_checkpoint: the lr_scheduler's state_dict holds values JSON cannot (%s); it is not "
+                    "saved: restore the scheduler yourself (client_state)", type(scheduler).__name__)
+        return None
+    return values
+
+
+def check_groups(engine: Checkpointable, state: dict[str, Any], where: str) -> None:
+    """The saved parameter groups hold the same parameters as the engine's (restore then puts their
+    hyperparameters back, as torch's load_state_dict does).  Checkpoints before parameter groups have none."""
+    if "param_groups" not in state:
+        return
+    saved = state["param_groups"]
+    names = {id(p): n for n, p in zip(engine.names, engine.params)}
+    mine = [[names[id(p)] for p in group["params"] if id(p) in names] for group in engine.param_groups]
+    theirs = [group["params"] for group in saved]
+    if mine != theirs:
+        raise CheckpointError(where, f"was saved with {len(theirs)} parameter groups of {[len(g) for g in theirs]} "
+                              f"parameters; this run has {len(mine)} of {[len(g) for g in mine]} (or the same "
+                              "sizes holding other parameters)", "build the engine with the parameter groups the "
+                              "run was saved with (initialize's model_parameters or optimizer)")
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -47,9 +98,16 @@ def restore(engine: Checkpointable, state: dict[str, Any], rng: dict[str, torch.
     """Puts state.json's and rng.safetensors' values back into the engine and the random generators."""
     engine.counters.load_state_dict(state)
     engine.load_optimizer_steps(state["optimizer_step"], where)
+    for group, values in zip(engine.param_groups, state.get("param_groups", [])):  # check_groups passed
+        for k, v in values.items():
+            if k != "params":
+                group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
     scaler = engine.loss_scaler
     if scaler is not None and state["loss_scaler"] is not None:
         scaler.load_state_dict(state["loss_scaler"])
+    scheduler = engine.client_scheduler
+    if scheduler is not None and state.get("lr_scheduler") is not None:
+        scheduler.load_state_dict(state["lr_scheduler"])
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy_random"]

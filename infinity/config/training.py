@@ -50,15 +50,18 @@ class Bf16Config(Block):
 
 
 class OptimizerType(enum.Enum):
-    """Optimizers whose states the optimizer swapper knows how to stream."""
+    """Optimizers whose states the optimizer swapper knows how to stream (DeepSpeed's CPU optimizers)."""
 
     ADAM = "Adam"
     ADAMW = "AdamW"
+    LION = "Lion"  # DeepSpeed's CPU Lion (params: lr, betas, weight_decay)
+    ADAGRAD = "Adagrad"  # torch's Adagrad, as DeepSpeed's CPU Adagrad (params: lr, eps, weight_decay)
 
 
 @dataclass(frozen=True)
 class AdamParams(Block):
-    """`optimizer.params` for Adam and AdamW."""
+    """`optimizer.params` for Adam and AdamW (Lion reads lr, betas and weight_decay; Adagrad lr, eps and
+    weight_decay)."""
 
     KEY: ClassVar[str] = "optimizer.params"
 

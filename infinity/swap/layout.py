@@ -5,7 +5,14 @@ A parameter's slice of a sub-group starts at a multiple of PAD elements (4096
 bytes of fp32), so a parameter's gradient or updated weights can be written to
 or read from its own part of a swap file with O_DIRECT, and the slice of the
 flat vector in a HostBuffer is aligned too.  The padding elements are zeros
-in weights, gradients and both moments; AdamW leaves zeros at zero.
+in weights, gradients and the optimizer's states (the swapper puts the weights' padding back to zero after
+each update: optimizer.update_group).
+
+[Note: one parameter group per sub-group]  A sub-group's update runs with one set of hyperparameters
+(lr, weight decay, betas, ...: its parameter group's), so a sub-group never mixes parameter groups.
+Parameters are laid out group by group (in engine order within each group), so that interleaved groups,
+as "no weight decay on biases and norms" makes them, still fill whole sub-groups rather than one each.
+A slice keeps its parameter's engine index, so the flat order need not be the engine's.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ class Slice:
 class Group:
     index: int
     slices: tuple[Slice, ...]
+    param_group: int = 0  # the parameter group whose hyperparameters update this sub-group
 
     @property
     def numel(self) -> int:
@@ -48,19 +56,24 @@ class Group:
         return self.numel * FP32
 
 
-def plan_groups(sizes: list[tuple[str, int]], sub_group_size: int) -> tuple[Group, ...]:
-    """Groups of whole parameters, each of at most sub_group_size elements unless one parameter is larger."""
+def plan_groups(sizes: list[tuple[str, int]], sub_group_size: int,
+                param_groups: list[int] | None = None) -> tuple[Group, ...]:
+    """Groups of whole parameters, each of at most sub_group_size elements unless one parameter is larger,
+    and each of one parameter group (param_groups[i]: parameter i's; None: all in group 0).  See the note
+    on one parameter group per sub-group."""
+    of = param_groups if param_groups is not None else [0] * len(sizes)
     groups: list[Group] = []
     current: list[Slice] = []
-    used = 0
-    for index, (name, numel) in enumerate(sizes):
-        if current and used + numel > sub_group_size:
-            groups.append(Group(len(groups), tuple(current)))
+    used, group_of_current = 0, None
+    for index in sorted(range(len(sizes)), key=lambda i: of[i]):  # stable: engine order within a group
+        name, numel = sizes[index]
+        if current and (used + numel > sub_group_size or of[index] != group_of_current):
+            groups.append(Group(len(groups), tuple(current), group_of_current or 0))
             current, used = [], 0
         current.append(Slice(name, index, len(groups), padded_offset(current), numel))
-        used += numel
+        used, group_of_current = used + numel, of[index]
     if current:
-        groups.append(Group(len(groups), tuple(current)))
+        groups.append(Group(len(groups), tuple(current), group_of_current or 0))
     return tuple(groups)
 
 

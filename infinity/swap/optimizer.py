@@ -1,15 +1,16 @@
-"""AdamW over flat fp32 sub-groups, with the states on NVMe (pipelined) or in host memory.
+"""The optimizer over flat fp32 sub-groups, with the states on NVMe (pipelined) or in host memory.
 
-The update itself is torch's fused CPU Adam (torch.optim.adam.adam, fused=True, with decoupled weight
-decay for AdamW, L2 for Adam with adam_w_mode false) on one flat vector per sub-group: fp32 master
-weights, gradient, exp_avg and exp_avg_sq.  No hand-written Adam.
+The update itself is an update rule's (rules.py: torch's fused CPU Adam/AdamW, DeepSpeed's Lion, or a
+torch optimizer class) on one flat vector per sub-group: fp32 master weights, gradient, and the rule's
+states (Adam: exp_avg and exp_avg_sq).  Each sub-group holds parameters of one parameter group (layout.py),
+whose hyperparameters (torch's param_groups dicts: "lr", "weight_decay", ...) are read at every step.
 
 [Note: the NVMe pipeline]
-Sub-group i needs four buffers (master, grad, exp_avg, exp_avg_sq).  With pipeline_read the reads of
+Sub-group i needs one buffer per swapped vector (Adam: master, grad, exp_avg, exp_avg_sq: four).  With pipeline_read the reads of
 i+1 start before i is updated; with pipeline_write the writes of i are left in flight while i+1
 updates.  Before reads start, writes of earlier sub-groups are completed until four buffers are free,
-so the pipeline is as deep as the pool allows (4 buffers: none, 8: reads overlap, 12: reads and writes
-overlap) and never waits on a buffer nobody will release.  At most three sub-groups are ever in flight
+so the pipeline is as deep as the pool allows (with Adam 4 buffers: none, 8: reads overlap, 12: reads and
+writes overlap) and never waits on a buffer nobody will release.  At most three sub-groups are ever in flight
 (i-1 writing, i updating, i+1 reading), and never more than there are: `pool_buffers` sizes the pool as
 offload_optimizer.buffer_count × min(1 + pipeline_read + pipeline_write, sub-groups).  Buffers beyond
 that would only ever stage gradients during backward (put_grad), which needs one.
@@ -21,24 +22,22 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, MutableMapping, Sequence
 
 import torch
-from torch.optim.adam import adam
 
 from infinity.errors import CapacityError
 from infinity.memory.manager import MemoryManager
 from infinity.memory.pool import BufferPool
-from infinity.config.zero import ADAM_SWAPPED_STATES
 from infinity.memory.stream import HostPart, SwapPart
 from infinity.swap.layout import FP32, Group, Slice, padded
+from infinity.swap.rules import AdamRule, UpdateRule
 from infinity.timeline import NO_TIMELINE, Track
 
 log = logging.getLogger("infinity.swap")
 
-STATES = ("master", "exp_avg", "exp_avg_sq")
-KINDS = STATES + ("grad",)
-BUFFERS_PER_GROUP = ADAM_SWAPPED_STATES  # one buffer for each of KINDS (the number is config/zero.py's)
+MASTER, GRAD = "master", "grad"
+ParamGroups = Sequence[MutableMapping[str, Any]]  # torch-style parameter groups: hyperparameters by name
 
 # Called with a slice and its updated fp32 master values (padded to 4096 bytes); returns the keys of
 # write_part transfers that read from those values, to be flushed before the buffer is reused.
@@ -56,6 +55,13 @@ class AdamSettings:
     weight_decay: float = 0.01
     decoupled: bool = True  # AdamW's decoupled weight decay; False: Adam with L2 added to the gradient
 
+    def group(self) -> dict[str, Any]:
+        """These values as one parameter group's hyperparameters."""
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def rule(self) -> AdamRule:
+        return AdamRule(self.decoupled)
+
 
 @dataclass(frozen=True)
 class Pipeline:
@@ -69,11 +75,23 @@ def pool_buffers(buffer_count: int, pipeline: Pipeline, groups: int) -> int:
     return buffer_count * min(1 + int(pipeline.read) + int(pipeline.write), max(groups, 1))
 
 
-def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 step: torch.Tensor, settings: AdamSettings, lr: float) -> None:
-    adam([master], [grad], [exp_avg], [exp_avg_sq], [], [step], foreach=False, fused=True, amsgrad=False,
-         beta1=settings.betas[0], beta2=settings.betas[1], lr=lr, weight_decay=settings.weight_decay,
-         eps=settings.eps, maximize=False, decoupled_weight_decay=settings.decoupled)
+def swapped(rule: UpdateRule) -> tuple[str, ...]:
+    """The vectors a sub-group swaps: the master weights and the rule's states, then the gradient."""
+    return (MASTER,) + rule.states + (GRAD,)
+
+
+def buffers_per_group(rule: UpdateRule) -> int:
+    """Buffers one sub-group in flight takes (Adam: ADAM_SWAPPED_STATES, config/zero.py's number)."""
+    return len(swapped(rule))
+
+
+def update_group(rule: UpdateRule, g: Group, v: dict[str, torch.Tensor], step: torch.Tensor,
+                 group: MutableMapping[str, Any]) -> None:
+    """The rule's step over sub-group g's vectors v, and its padding put back to zero (rules need not keep it:
+    Lion moves a zero by lr)."""
+    rule.update(v[MASTER], v[GRAD], {name: v[name] for name in rule.states}, step, group)
+    for s in g.slices:
+        v[MASTER][s.end:s.offset + padded(s.numel)].zero_()
 
 
 def prepare_grad(g: Group, grad: torch.Tensor, written: set[int], coef: float) -> None:
@@ -91,22 +109,27 @@ def key(group: int, kind: str) -> str:
 
 
 class NvmeOptimizer:
-    """Sub-group states in swap files; steps stream them through the optimizer's buffer pool."""
+    """Sub-group states in swap files; steps stream them through the optimizer's buffer pool.
+    param_groups[g.param_group] holds sub-group g's hyperparameters."""
 
     def __init__(self, manager: MemoryManager, groups: tuple[Group, ...], pool: BufferPool,
-                 settings: AdamSettings, pipeline: Pipeline):
+                 rule: UpdateRule, param_groups: ParamGroups, pipeline: Pipeline):
         self.manager, self.groups, self.pool = manager, groups, pool
-        self.settings, self.pipeline = settings, pipeline
+        self.rule, self.param_groups, self.pipeline = rule, param_groups, pipeline
+        self.kinds = swapped(rule)
+        self.states = (MASTER,) + rule.states  # what checkpoints hold per parameter
         self.io_wait_s = 0.0  # seconds steps have waited on their reads and writes, all steps together
         self.timeline = NO_TIMELINE
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in groups]
         self._written: list[set[int]] = [set() for _ in groups]  # slices that got a gradient this step
-        if pool.buffer_count < BUFFERS_PER_GROUP:  # a pool built by hand; config/rules.py checks buffer_count
-            raise CapacityError("optimizer buffer pool", BUFFERS_PER_GROUP, pool.buffer_count,
+        self.per_group = buffers_per_group(rule)
+        if pool.buffer_count < self.per_group:  # config/rules.py checks buffer_count against Adam's four
+            raise CapacityError("optimizer buffer pool", self.per_group, pool.buffer_count,
                                 f"set zero_optimization.offload_optimizer.buffer_count to at least "
-                                f"{BUFFERS_PER_GROUP}; the engine multiplies it by the sub-groups in flight")
+                                f"{self.per_group} ({rule.name} swaps {', '.join(self.kinds)}); the engine "
+                                f"multiplies it by the sub-groups in flight")
         for g in groups:
-            for kind in KINDS:
+            for kind in self.kinds:
                 manager.add(key(g.index, kind), g.numel, torch.float32, region=kind, pool=pool)
 
     def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
@@ -155,7 +178,7 @@ class NvmeOptimizer:
             self.manager.drop(k)
 
     def state_part(self, s: Slice, state: str) -> SwapPart:
-        """Where slice s's state (master, exp_avg or exp_avg_sq) lives: its part of the sub-group's swap file."""
+        """Where slice s's state (master or one of the rule's) lives: its part of the sub-group's swap file."""
         return SwapPart(self.manager, key(s.group, state), s.offset * FP32)
 
     def put_grad(self, s: Slice, grad: torch.Tensor) -> None:
@@ -169,9 +192,8 @@ class NvmeOptimizer:
         for written in self._written:
             written.clear()
 
-    def step(self, lr: float, grad_coef: float, write_params: ParamWriter,
-             flush_params: ParamFlush | None = None) -> None:
-        """One AdamW step of every sub-group; grad_coef unscales and clips the gradients."""
+    def step(self, grad_coef: float, write_params: ParamWriter, flush_params: ParamFlush | None = None) -> None:
+        """One step of every sub-group; grad_coef unscales and clips the gradients."""
         self._flush_params = flush_params or self.manager.flush
         with self._waiting("wait gradients"):
             self.manager.flush()  # every gradient is on NVMe before any is read back
@@ -183,7 +205,7 @@ class NvmeOptimizer:
             following = g.index + 1
             ahead = self.pipeline.read and self._start_reads(following, writing)
             with self.timeline.span(f"update {g.index}", Track.OPTIMIZER, elements=g.numel):
-                self._update(g, views, lr, grad_coef)
+                self._update(g, views, grad_coef)
             param_keys = write_params_of(g, views["master"], write_params)
             self._start_writes(g)
             writing.append((g.index, param_keys))
@@ -199,23 +221,23 @@ class NvmeOptimizer:
         """Starts reading sub-group index, completing earlier writes for room; False if it could not."""
         if index >= len(self.groups):
             return False
-        while self.pool.buffer_count - self.pool.in_use < BUFFERS_PER_GROUP and writing:
+        while self.pool.buffer_count - self.pool.in_use < self.per_group and writing:
             self._finish_writes(writing.popleft())
-        if self.pool.buffer_count - self.pool.in_use < BUFFERS_PER_GROUP:
+        if self.pool.buffer_count - self.pool.in_use < self.per_group:
             return False
-        for kind in KINDS:
+        for kind in self.kinds:
             self.manager.start_read(key(index, kind))
         return True
 
     def _finish_reads(self, g: Group) -> dict[str, torch.Tensor]:
-        return {kind: self.manager.finish_read(key(g.index, kind)) for kind in KINDS}
+        return {kind: self.manager.finish_read(key(g.index, kind)) for kind in self.kinds}
 
-    def _update(self, g: Group, v: dict[str, torch.Tensor], lr: float, grad_coef: float) -> None:
-        prepare_grad(g, v["grad"], self._written[g.index], grad_coef)
-        adamw_update(v["master"], v["grad"], v["exp_avg"], v["exp_avg_sq"], self.steps[g.index], self.settings, lr)
+    def _update(self, g: Group, v: dict[str, torch.Tensor], grad_coef: float) -> None:
+        prepare_grad(g, v[GRAD], self._written[g.index], grad_coef)
+        update_group(self.rule, g, v, self.steps[g.index], self.param_groups[g.param_group])
 
     def _start_writes(self, g: Group) -> None:
-        for kind in STATES:
+        for kind in self.states:
             self.manager.stage(key(g.index, kind))  # updated in place: newer than the file
             self.manager.start_write(key(g.index, kind))
         self.manager.drop(key(g.index, "grad"))  # read, never changed on NVMe's behalf: no write back
@@ -234,7 +256,7 @@ class NvmeOptimizer:
     def _complete_writes(self, item: tuple[int, set[str]]) -> None:
         index, param_keys = item
         self._flush_params(param_keys)  # parameter writes read from the master buffer
-        for kind in STATES:
+        for kind in self.states:
             self.manager.finish_write(key(index, kind))
             self.manager.drop(key(index, kind))
 
@@ -242,12 +264,13 @@ class NvmeOptimizer:
 class HostOptimizer:
     """Sub-group states in host memory (offload_optimizer none or cpu)."""
 
-    def __init__(self, groups: tuple[Group, ...], settings: AdamSettings):
-        self.groups, self.settings = groups, settings
+    def __init__(self, groups: tuple[Group, ...], rule: UpdateRule, param_groups: ParamGroups):
+        self.groups, self.rule, self.param_groups = groups, rule, param_groups
+        self.states = (MASTER,) + rule.states  # what checkpoints hold per parameter
         self.io_wait_s = 0.0  # host memory: never waits
         self.timeline = NO_TIMELINE
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in groups]
-        self.flat = [{kind: torch.zeros(g.numel) for kind in KINDS} for g in groups]
+        self.flat = [{kind: torch.zeros(g.numel) for kind in swapped(rule)} for g in groups]
         self._written: list[set[int]] = [set() for _ in groups]
 
     def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
@@ -271,7 +294,7 @@ class HostOptimizer:
                     flat[state][sl.offset:sl.offset + values.numel()].copy_(values.reshape(-1))
 
     def state_part(self, s: Slice, state: str) -> HostPart:
-        """Slice s's state (master, exp_avg or exp_avg_sq): a view of its sub-group's flat vector."""
+        """Slice s's state (master or one of the rule's): a view of its sub-group's flat vector."""
         return HostPart(self.flat[s.group][state][s.offset:s.end])
 
     def put_grad(self, s: Slice, grad: torch.Tensor) -> None:
@@ -282,13 +305,11 @@ class HostOptimizer:
         for written in self._written:
             written.clear()
 
-    def step(self, lr: float, grad_coef: float, write_params: ParamWriter,
-             flush_params: ParamFlush | None = None) -> None:
+    def step(self, grad_coef: float, write_params: ParamWriter, flush_params: ParamFlush | None = None) -> None:
         for g, v in zip(self.groups, self.flat):
-            prepare_grad(g, v["grad"], self._written[g.index], grad_coef)
-            adamw_update(v["master"], v["grad"], v["exp_avg"], v["exp_avg_sq"], self.steps[g.index],
-                         self.settings, lr)
-            write_params_of(g, v["master"], write_params)
+            prepare_grad(g, v[GRAD], self._written[g.index], grad_coef)
+            update_group(self.rule, g, v, self.steps[g.index], self.param_groups[g.param_group])
+            write_params_of(g, v[MASTER], write_params)
 
 
 def write_params_of(g: Group, master: torch.Tensor, write_params: ParamWriter) -> set[str]:

@@ -18,6 +18,7 @@ from infinity.memory.pool import BufferPool
 from infinity.memory.report import MemoryReport
 from infinity.swap.layout import Slice, plan_groups
 from infinity.swap.optimizer import HostOptimizer, NvmeOptimizer
+from infinity.zero.param_groups import OptimizerSetup, optimizer_setup
 from infinity.schedule import persistent_set
 from infinity.swap.params import AfterWrite, ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import Coordinator
@@ -40,9 +41,11 @@ OPTIMIZER_PATH = "zero_optimization.offload_optimizer.nvme_path"
 
 class Run:
     """The wired parts of one run (what Engine.__init__ built before).  on_grad(i, p) is called by the
-    coordinator's hooks as each parameter's gradient is made."""
+    coordinator's hooks as each parameter's gradient is made.  setup: the optimizer's rule and parameter groups
+    (zero/param_groups.py; None: the config's optimizer over one group of every parameter)."""
 
-    def __init__(self, model: nn.Module, settings: EngineSettings, on_grad: Callable[[int, torch.Tensor], None]):
+    def __init__(self, model: nn.Module, settings: EngineSettings, on_grad: Callable[[int, torch.Tensor], None],
+                 setup: OptimizerSetup | None = None):
         self.ranks = current()  # torch.distributed's (one process: world 1)
         self.world, self.rank = self.ranks.world, self.ranks.rank
         if self.ranks.several and settings.rank != self.rank:
@@ -66,18 +69,22 @@ class Run:
                                     for i, (n, s) in enumerate(zip(self.names, self.shapes))]
         check_placement(settings, self.shards, bool(self.params))
         try:
-            self._wire(model, on_grad)
+            self._wire(model, on_grad, setup)
         except BaseException:
             for m in self._managers.values():
                 m.close()  # a run refused part way (a full drive, say) leaves no swap files behind
             raise
 
-    def _wire(self, model: nn.Module, on_grad: Callable[[int, torch.Tensor], None]) -> None:
+    def _wire(self, model: nn.Module, on_grad: Callable[[int, torch.Tensor], None],
+              setup: OptimizerSetup | None) -> None:
         """The parts that open swap stores (zero.Init's, taken over, included); __init__ closes them on error."""
         settings = self.settings
         self._adopted = self._adopt_init()
         self._agree_on_initial_values()
-        self.groups = plan_groups([(sh.name, sh.length) for sh in self.shards], settings.sub_group_size)
+        self.setup = setup if setup is not None else optimizer_setup(model, settings)
+        self.param_groups = self.setup.groups  # torch-style dicts whose hyperparameters each step reads
+        self.groups = plan_groups([(sh.name, sh.length) for sh in self.shards], settings.sub_group_size,
+                                  self.setup.group_of(self.params))
         self.optimizer = self._build_optimizer()
         self.reporter = StepReporter(settings.report_every, self.rank)
         self.gradients = Gradients(self.shards, self.ranks, self.optimizer, self._slice, self.reporter.clock,
@@ -130,7 +137,7 @@ class Run:
             m.handle.timeline = timeline
 
     # ---- the optimizer step ----------------------------------------------------------
-    def step_optimizer(self, lr: float, unscale: Callable[[bool], float]) -> bool:
+    def step_optimizer(self, unscale: Callable[[bool], float]) -> bool:
         """The optimizer step at a window's end (the caller latches its failures); True on an fp16 overflow
         (the step skipped).  unscale, given the overflow verdict, returns the loss scale the gradients are
         divided by (the engine updates its scaler there, as DeepSpeed does before it unscales).  The step's
@@ -139,7 +146,7 @@ class Run:
         loss_scale = unscale(overflow)
         self._hold = frozenset() if overflow else frozenset(self.coordinator.first_reads(self._holdable()))
         if not overflow:
-            self.optimizer.step(lr, self.gradients.coef(loss_scale, self.settings.gradient_clipping),
+            self.optimizer.step(self.gradients.coef(loss_scale, self.settings.gradient_clipping),
                                 self._write_param, self._flush_params)
         else:
             self.optimizer.discard_grads()
@@ -317,10 +324,10 @@ class Run:
         s = self.settings
         self._slice = {sl.index: sl for g in self.groups for sl in g.slices}
         if s.optimizer_tier is not Tier.NVME:
-            return HostOptimizer(self.groups, s.adam)
+            return HostOptimizer(self.groups, self.setup.rule, self.param_groups)
         self._optimizer_pool = optimizer_pool(s, self.groups, self._pin())
-        return NvmeOptimizer(self._manager(str(s.optimizer_nvme_path), OPTIMIZER_PATH), self.groups, self._optimizer_pool, s.adam,
-                             s.pipeline)
+        return NvmeOptimizer(self._manager(str(s.optimizer_nvme_path), OPTIMIZER_PATH), self.groups,
+                             self._optimizer_pool, self.setup.rule, self.param_groups, s.pipeline)
 
     def _build_param_homes(self) -> tuple[list[ParamHome], set[int]]:
         """The home of each parameter, and which are offloaded (gathered for each use by the coordinator).

@@ -4,7 +4,7 @@ parts (zero/build.py's Run), the engine's counters, learning rate and loss scale
 settled() and latching_failure() blocks, which follow its TrainingState."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 
@@ -28,6 +28,7 @@ class CheckpointView:
                                                                           run.shapes, run.shards)
         self.ranks, self.rank, self.world, self.settings = run.ranks, run.rank, run.world, run.settings
         self.config, self.counters, self.loss_scaler = engine.config, engine.counters, engine.scaler
+        self.client_scheduler = engine.client_scheduler
         self.dtype: torch.dtype = dtype_of(run.settings.precision)
 
     @property
@@ -42,6 +43,14 @@ class CheckpointView:
         """[Note: one place]  Where this rank's part of parameter i (shards[i]) rests between uses: what
         checkpoints save and load.  With a world of one rank the part is the whole parameter."""
         return self._run.homes[i].part(i)
+
+    @property
+    def optimizer_states(self) -> tuple[str, ...]:
+        return self._run.optimizer.states
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._run.param_groups
 
     def optimizer_part(self, i: int, state: str) -> Part:
         return self._run.optimizer.state_part(self._run.slices[i], state)

@@ -86,8 +86,8 @@ class DeepSpeedApi:
         return self.zero_optimization_stage() > 0
 
     def get_mom(self) -> list[Any]:
-        """Adam's betas per parameter group, as DeepSpeed returns them for Adam-type optimizers."""
-        return [tuple(self.run.optimizer.settings.betas)]
+        """Each parameter group's betas (Adam, Lion) or momentum (SGD, RMSprop), as DeepSpeed returns them."""
+        return [tuple(g["betas"]) if "betas" in g else g.get("momentum") for g in self.run.param_groups]
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

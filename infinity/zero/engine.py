@@ -8,7 +8,6 @@ are given the engine's CheckpointView (zero/checkpoint_view.py), which implement
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from infinity.zero.coordinator import EXPECTED_HOOK_WARNING
 from infinity.zero.deepspeed_api import DeepSpeedApi
 from infinity.zero.hooks import GradientHook
 from infinity.zero.loss_scale import LossScaler
+from infinity.zero.param_groups import OptimizerSetup, set_lr, step_client_scheduler
 from infinity.zero.settings import EngineSettings, ModelSave, Precision
 from infinity.zero.state import Counters, Phase, TrainingState
 from infinity.zero.step_report import StepReport
@@ -47,14 +47,17 @@ GATHER_KEY = "zero_optimization.stage3_gather_16bit_weights_on_model_save"
 
 class Engine(DeepSpeedApi):
     def __init__(self, model: nn.Module, settings: EngineSettings, config: Config | None = None,
-                 exporter: Any = None):
+                 exporter: Any = None, setup: OptimizerSetup | None = None, client_scheduler: Any = None):
         """config: the Config settings came from (initialize passes it); exporter: the metrics exporter
-        initialize started, which close() stops."""
+        initialize started, which close() stops; setup: the optimizer's rule and parameter groups
+        (zero/param_groups.py; None: the config's over one group); client_scheduler: a torch LR scheduler
+        over those groups, stepped after each applied optimizer step."""
+        self.client_scheduler = client_scheduler
         self.config, self.exporter = config, exporter
         self.counters, self.phase = Counters(), Phase()
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
-        self.run = run = Run(model, settings, lambda i, p: self._hook(i, p))
+        self.run = run = Run(model, settings, lambda i, p: self._hook(i, p), setup)
         run.engine = self  # a run rebuilt around new shapes (zero/resize.py) replaces it through rebuild_run
         self._hook = GradientHook(self.phase, run.gradients, self._takes_gradients, self._fail)
         self._grad_norm: float | None = None  # get_global_grad_norm()
@@ -130,9 +133,11 @@ class Engine(DeepSpeedApi):
             return
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
         with self.latching_failure(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
-            overflow = self.run.step_optimizer(self.lr, self._unscale)
+            overflow = self.run.step_optimizer(self._unscale)
         self.counters.count_step(overflow, self.train_batch_size())
         self._step_applied = not overflow
+        if not overflow:
+            step_client_scheduler(self.client_scheduler)
         report = self.run.finish_step(self.global_steps, started, waited)
         metrics.record_step(report)
         self.timeline.mark(f"step {self.global_steps}", **report.to_dict())
@@ -149,7 +154,8 @@ class Engine(DeepSpeedApi):
         return self.train(False)
 
     def get_lr(self) -> list[float]:
-        return [self.lr]
+        """Each parameter group's lr, as DeepSpeed's engine returns it."""
+        return [float(group["lr"]) for group in self.run.param_groups]
 
     def gradient_accumulation_steps(self) -> int:
         return self.settings.gradient_accumulation_steps
@@ -257,7 +263,9 @@ class Engine(DeepSpeedApi):
 
     def rebuild_run(self) -> Run:
         """A new run over the model, after the old one closed (zero/resize.py: a parameter's shape changed)."""
-        self.run = run = Run(self.module, self.settings, lambda i, p: self._hook(i, p))
+        old = self.run
+        setup = old.setup.rebind({id(p): n for n, p in zip(old.names, old.params)}, self.module)
+        self.run = run = Run(self.module, self.settings, lambda i, p: self._hook(i, p), setup)
         run.engine = self
         self._hook = GradientHook(self.phase, run.gradients, self._takes_gradients, self._fail)
         self.optimizer, self.checkpointable = run.optimizer, CheckpointView(self)
@@ -308,8 +316,11 @@ class Engine(DeepSpeedApi):
                              f"accumulation window not finished by step()); call it after engine.step()")
 
     def _lr(self) -> float:
+        """The first parameter group's lr, after the config's schedule (if any) set every group's."""
         schedule = self.settings.schedule
-        return schedule.lr(self.applied_steps) if schedule else self.settings.adam.lr
+        if schedule is not None:
+            set_lr(self.run.param_groups, schedule.lr(self.applied_steps))
+        return float(self.run.param_groups[0]["lr"]) if self.run.param_groups else self.settings.adam.lr
 
     @property
     def applied_steps(self) -> int:
@@ -323,7 +334,9 @@ class Engine(DeepSpeedApi):
         schedule = self.settings.schedule
         betas = schedule.betas(self.applied_steps) if schedule is not None else None
         if betas is not None:
-            self.optimizer.settings = dataclasses.replace(self.optimizer.settings, betas=betas)
+            for group in self.run.param_groups:  # every group's, as DeepSpeed's OneCycle sets them
+                if "betas" in group:
+                    group["betas"] = betas
 
     def _unscale(self, overflow: bool) -> float:
         """Given the step's overflow verdict: updates the loss scale and returns what the gradients are divided

@@ -12,6 +12,7 @@ from infinity.config.zero import OffloadDevice
 from infinity.errors import ConfigError, Problem
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
+from infinity.swap.rules import OptimizerKind
 from infinity.zero.loss_scale import LossScaleSettings
 from infinity.zero.lr_schedule import (Curve, LrSchedule, LRRangeTest, OneCycle, Warmup, WarmupCosineLR,
                                       WarmupDecayLR, WarmupLR, warmup_steps)
@@ -42,7 +43,7 @@ def settings_from_config(config: Config, rank: int = 0, world: int | None = None
         pin_memory=param.pin_memory and opt.pin_memory,
         sub_group_size=zero.sub_group_size,
         pipeline=Pipeline(read=opt.pipeline_read, write=opt.pipeline_write),
-        aio=config.aio, precision=config.precision, adam=adam,
+        aio=config.aio, precision=config.precision, adam=adam, optimizer_kind=_kind(config.optimizer),
         schedule=_schedule(config.scheduler, adam),
         gradient_accumulation_steps=batches.gradient_accumulation_steps,
         train_batch_size=batches.train_batch_size, micro_batch_size=batches.micro_batch_size,
@@ -119,6 +120,13 @@ def _adam(block: OptimizerConfig) -> AdamSettings:
     return AdamSettings(lr=float(p.lr), betas=(float(p.betas[0]), float(p.betas[1])),  # type: ignore[index]
                         eps=float(p.eps), weight_decay=float(p.weight_decay),
                         decoupled=block.type is OptimizerType.ADAMW or p.adam_w_mode)
+
+
+def _kind(block: OptimizerConfig | None) -> OptimizerKind:
+    """Adam and AdamW are one kind (AdamSettings.decoupled tells them apart)."""
+    if block is None or block.type in (OptimizerType.ADAM, OptimizerType.ADAMW):
+        return OptimizerKind.ADAM
+    return OptimizerKind(block.type.value)
 
 
 def _schedule(block: SchedulerConfig | None, adam: AdamSettings) -> LrSchedule | None:

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from infinity.swap.optimizer import STATES
 from infinity.swap.params import Tier
 from infinity.zero.init import ATTR, InitRun
 from infinity.zero.settings import dtype_of
@@ -64,7 +63,7 @@ def _save_state(run: Any, changed: dict[int, torch.Tensor], source: int, scratch
         else:
             values = p.detach().to("cpu", copy=True)
         torch.save(values.cpu(), scratch / f"param-{i}.pt")
-    for state in STATES:
+    for state in run.optimizer.states:  # master and the update rule's states
         run.optimizer.read_state(state, lambda s, v, state=state: None if s.index in changed else
                                  torch.save(v.clone(), scratch / f"{state}-{s.index}.pt"))
 
@@ -92,5 +91,5 @@ def _restore_optimizer(run: Any, names: list[str], changed: dict[int, torch.Tens
             return None if i is None else torch.load(scratch / f"{state}-{i}.pt", weights_only=True)
         return load
 
-    for state in STATES:
+    for state in run.optimizer.states:
         run.optimizer.write_state(state, values_of(state))

@@ -13,6 +13,7 @@ from infinity.config.training import Precision
 from infinity.schedule import Budgets
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
+from infinity.swap.rules import OptimizerKind
 from infinity.zero.loss_scale import LossScaleSettings
 from infinity.zero.lr_schedule import LrSchedule
 from infinity.errors import ConfigError
@@ -47,7 +48,8 @@ class EngineSettings:
     pipeline: Pipeline = field(default_factory=Pipeline)
     aio: AioConfig = field(default_factory=AioConfig)
     precision: Precision = Precision.FP32
-    adam: AdamSettings = field(default_factory=AdamSettings)
+    adam: AdamSettings = field(default_factory=AdamSettings)  # the config's optimizer.params (lr, betas, ...)
+    optimizer_kind: OptimizerKind = OptimizerKind.ADAM  # the config's optimizer.type (Adam/AdamW: adam.decoupled)
     schedule: LrSchedule | None = None  # None: adam.lr throughout
     gradient_accumulation_steps: int = 1
     train_batch_size: int | None = None  # None: micro_batch_size × gradient_accumulation_steps × world

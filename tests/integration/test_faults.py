@@ -135,7 +135,7 @@ def test_error_inside_a_step_latches(tmp_path, batches, monkeypatch):
     """A step stopped midway (here the update of the second sub-group raises) leaves half the model
     stepped: the engine refuses to go on rather than train from that state."""
     calls = []
-    real = optimizer_module.adamw_update
+    real = optimizer_module.update_group
 
     def update(*args, **kwargs):
         calls.append(1)
@@ -146,7 +146,7 @@ def test_error_inside_a_step_latches(tmp_path, batches, monkeypatch):
     engine = Engine(fresh_model(), settings(tmp_path))
     try:
         assert len(engine.run.groups) > 2
-        monkeypatch.setattr(optimizer_module, "adamw_update", update)
+        monkeypatch.setattr(optimizer_module, "update_group", update)
         with pytest.raises(RuntimeError, match="injected"):
             train(engine, batches[:1])
         assert_refuses_everything(engine, batches, "RuntimeError: injected failure")

@@ -39,7 +39,7 @@ def run(optimizer, groups, params, grads_per_step, coefs):
     for grads, coef in zip(grads_per_step, coefs):
         for i, g in enumerate(grads):
             optimizer.put_grad(slices[i], g)
-        optimizer.step(SETTINGS.lr, coef, write)
+        optimizer.step(coef, write)
     return out
 
 
@@ -60,7 +60,7 @@ def test_nvme_optimizer_matches_torch_adamw(tmp_path, problem, buffer_count, sub
     with open_handle(AioConfig(), direct=DirectPolicy.REQUIRE) as h:
         manager = MemoryManager(h, NvmeStore(tmp_path), torch.device("cpu"))
         try:
-            opt = NvmeOptimizer(manager, groups, pool, SETTINGS, Pipeline(read=True, write=True))
+            opt = NvmeOptimizer(manager, groups, pool, SETTINGS.rule(), [SETTINGS.group()], Pipeline(read=True, write=True))
             manager.store.reserve()
             out = run(opt, groups, params, grads, coefs)
         finally:
@@ -75,7 +75,7 @@ def test_nvme_optimizer_matches_torch_adamw(tmp_path, problem, buffer_count, sub
 def test_host_optimizer_matches_torch_adamw(problem):
     params, grads, coefs = problem
     groups = plan_groups([(str(i), p.numel()) for i, p in enumerate(params)], 1100)
-    out = run(HostOptimizer(groups, SETTINGS), groups, params, grads, coefs)
+    out = run(HostOptimizer(groups, SETTINGS.rule(), [SETTINGS.group()]), groups, params, grads, coefs)
     for got, want in zip(out, reference_run(params, grads, coefs)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -95,14 +95,14 @@ def test_a_parameter_without_gradient_steps_with_zero_not_last_steps(tmp_path, p
 
     with open_handle(AioConfig()) as h:
         manager = MemoryManager(h, NvmeStore(tmp_path), torch.device("cpu"))
-        opt = NvmeOptimizer(manager, groups, pool, SETTINGS, Pipeline())
+        opt = NvmeOptimizer(manager, groups, pool, SETTINGS.rule(), [SETTINGS.group()], Pipeline())
         manager.store.reserve()  # moments and gradients start as the zeros of the reserved files
         opt.set_master(lambda s: params[s.index])
         for i, g in enumerate(grads[0]):
             opt.put_grad(groups[0].slices[i], g)
-        opt.step(SETTINGS.lr, 1.0, write)
+        opt.step(1.0, write)
         opt.put_grad(groups[0].slices[0], grads[1][0])  # only parameter 0 gets a gradient now
-        opt.step(SETTINGS.lr, 1.0, write)
+        opt.step(1.0, write)
         manager.close()
     for got, want in zip(out, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
