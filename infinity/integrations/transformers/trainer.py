@@ -39,6 +39,7 @@ from infinity.config.config import ConfigSource, read_source
 from infinity.errors import UsageError
 from infinity.zero import Engine, initialize
 from infinity.zero.init import placed
+from infinity.zero.param_groups import set_lr
 
 log = logging.getLogger("infinity.integrations.transformers")
 
@@ -88,7 +89,8 @@ class EngineOptimizer(torch.optim.Optimizer):
         """[Note: the lr Trainer's scheduler set]  With no scheduler block the engine's lr is the config's
         constant; the next step's lr is the group's, which Trainer's scheduler moved after the last step."""
         if self.follows_trainer:
-            self.engine.lr = float(self.param_groups[0]["lr"])
+            self.engine.lr = lr = float(self.param_groups[0]["lr"])
+            set_lr(self.engine.run.param_groups, lr)  # what the engine's step reads (zero/param_groups.py)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients leave the compute tier as they are made; nothing to clear."""
