@@ -94,6 +94,21 @@ class AlignmentError(AioError):
         super().__init__(_errno.EINVAL, op, path, offset, nbytes, detail, fix)
 
 
+class SwapChecksumError(AioError):
+    """Bytes read back from a swap file differ from what was written there (their crc32c, taken as the
+    write was submitted, does not match): a flipped bit on the drive, or something else writing the file.
+    Names the file, the offset, the partition and both checksums."""
+
+    def __init__(self, path: str, offset: int, nbytes: int, partition: str, expected: int, found: int):
+        self.partition, self.expected, self.found = partition, expected, found
+        detail = (f"swap checksum mismatch in partition {partition!r}: crc32c 0x{expected:08x} when written, "
+                  f"0x{found:08x} when read back")
+        fix = ("the drive or file system returned other bytes than were written; the run stops (its swapped "
+               "state is unreliable): restart from the last checkpoint, and check the drive (dmesg, smartctl) "
+               "or point nvme_path at another one")
+        super().__init__(_errno.EIO, "read", path, offset, nbytes, detail, fix)
+
+
 class EngineFailed(InfinityError):
     """An earlier error (a failed transfer, a step stopped midway) left the swapped state unreliable;
     the run refuses to go on.  The first error is the cause (`__cause__`) and is named in the message."""

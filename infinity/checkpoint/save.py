@@ -37,7 +37,7 @@ from infinity.checkpoint.contents import contents_of
 from infinity.checkpoint.format import (CLIENT_STATE_FILE, MANIFEST, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
                                         STATE_FILE, Manifest, check_tag, dtype_name, rank_dir)
 from infinity.config.training import TagValidation
-from infinity.errors import CheckpointError
+from infinity.errors import CheckpointError, InfinityError
 from infinity.checkpoint.protocol import Checkpointable, RankGroup
 from infinity.io import DirectPolicy, IoHandle, open_handle
 
@@ -68,14 +68,22 @@ def save(engine: Checkpointable, save_dir: str | Path, tag: str | None, client_s
     final = rank_dir(ckpt_dir, tag, engine.rank)
     client = state.client_state_bytes(client_state if client_state is not None else {}, str(final))
     save_id = shared_save_id(engine.ranks)
-    files.make_dirs(final.parent)
-    files.remove_leftovers(final)
+    new_tag = not final.parent.exists()
     folder = files.saving_dir(final)
-    files.make_dirs(folder)
     try:
+        files.make_dirs(final.parent)
+        files.remove_leftovers(final)
+        files.make_dirs(folder)
         write_files(engine, folder, tag, save_id, client, Path(ckpt_dir), streaming)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)  # a save that failed (a full disk, say) leaves nothing behind
+    except BaseException as err:
+        shutil.rmtree(folder, ignore_errors=True)  # a save that failed (a full disk, say) leaves nothing behind,
+        if new_tag:  # not even the tag folder it created (unless another rank's save is in it)
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()
+        if isinstance(err, OSError) and not isinstance(err, InfinityError):
+            raise CheckpointError(str(getattr(err, "filename", None) or final),
+                                  f"cannot be written: {err.strerror or err}",
+                                  "save into a writable folder with free space (save_dir)") from err
         raise
     engine.ranks.barrier("checkpoint save: every rank's files written")
     files.exchange_in(folder, final)

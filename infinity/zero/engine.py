@@ -23,7 +23,7 @@ from infinity.checkpoint.load import load
 from infinity.checkpoint.model_file import save_16bit_model
 from infinity.checkpoint.save import save
 from infinity.config import Config
-from infinity.errors import UsageError
+from infinity.errors import InfinityError, UsageError
 from infinity.io.handle import IoStats
 from infinity.memory.report import MemoryReport
 from infinity.timeline import NO_TIMELINE, Timeline, Track
@@ -225,8 +225,11 @@ class Engine:
         self.run.coordinator.settle()
         try:
             yield
-        finally:
-            self.run.coordinator.read_ahead_of_next_step()
+        except BaseException:
+            with contextlib.suppress(InfinityError):  # a failure latched in the block: its error is the one raised
+                self.run.coordinator.read_ahead_of_next_step()
+            raise
+        self.run.coordinator.read_ahead_of_next_step()
 
     @contextlib.contextmanager
     def latching_failure(self, half_done: bool = True) -> Iterator[None]:

@@ -9,7 +9,8 @@ from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
 from infinity.zero.loss_scale import LossScaleSettings
 from infinity.zero.lr_schedule import Decay, LrSchedule, Warmup
-from infinity.zero.settings import EngineSettings, ModelSave
+from infinity.memory.integrity import Integrity
+from infinity.zero.settings import EngineSettings, ModelSave, NonFinite
 
 TIERS = {OffloadDevice.NONE: Tier.COMPUTE, OffloadDevice.CPU: Tier.HOST, OffloadDevice.NVME: Tier.NVME}
 
@@ -48,6 +49,8 @@ def settings_from_config(config: Config, rank: int = 0) -> EngineSettings:
         report_every=1 if config.wall_clock_breakdown else config.steps_per_print,
         rank=rank,
         model_save=_model_save(config),
+        integrity=Integrity.CRC32C if config.swap_checksum else Integrity.NONE,
+        nonfinite=NonFinite.STOP if config.stop_on_nonfinite else NonFinite.WARN,
     )
 
 
