@@ -121,6 +121,17 @@ class EngineFailed(InfinityError):
         return failed
 
 
+class NonFiniteError(InfinityError):
+    """Training produced a NaN or infinite loss or gradient norm and "stop_on_nonfinite" is set: the run
+    stops after that step (which changed no weights when the gradient norm was the non-finite one)."""
+
+    def __init__(self, step: int, named: str):
+        self.step = step
+        super().__init__(f"optimizer step {step}: non-finite {named}; the run stops because stop_on_nonfinite is "
+                         f"set. Lower the learning rate (optimizer.params.lr), set gradient_clipping, or use bf16 or "
+                         f"fp16 with dynamic loss scaling; then restart from the last checkpoint")
+
+
 class UsageError(InfinityError):
     """The engine was driven out of order (step before backward, a parameter added after initialize)."""
 

@@ -3,6 +3,6 @@ from infinity.errors import UsageError
 from infinity.zero.engine import Engine
 from infinity.zero.init import Init
 from infinity.zero.initialize import initialize
-from infinity.zero.settings import EngineSettings, Precision
+from infinity.zero.settings import EngineSettings, NonFinite, Precision
 
-__all__ = ["Engine", "EngineSettings", "Init", "Precision", "UsageError", "initialize"]
+__all__ = ["Engine", "EngineSettings", "Init", "NonFinite", "Precision", "UsageError", "initialize"]

@@ -31,6 +31,7 @@ from infinity.zero.build import Run
 from infinity.zero.checkpoint_view import CheckpointView
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING
 from infinity.zero.hooks import GradientHook
+from infinity.zero.nonfinite import FiniteWatch
 from infinity.zero.loss_scale import LossScaler
 from infinity.zero.settings import EngineSettings, ModelSave, Precision
 from infinity.zero.state import Counters, Phase, TrainingState
@@ -48,6 +49,7 @@ class Engine:
         self.config, self.exporter = config, exporter
         self.counters, self.phase = Counters(), Phase()
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
+        self.finite = FiniteWatch(settings.nonfinite, self.scaler is not None and self.scaler.dynamic)
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.run = run = Run(model, settings, lambda i, p: self._hook(i, p))
         self._hook = GradientHook(self.phase, run.gradients, self.is_gradient_accumulation_boundary, self._fail)
@@ -80,6 +82,7 @@ class Engine:
         self._check_usable()
         gas = self.settings.gradient_accumulation_steps
         scaled = loss.float() / gas
+        self.finite.saw_loss(loss)
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale
         before = self.phase.state
@@ -117,6 +120,9 @@ class Engine:
             overflow = self.run.step_optimizer(self.lr, self.scaler.scale if self.scaler is not None else 1.0)
             if not overflow:
                 self.counters.global_steps += 1
+        window = self.micro_steps // self.settings.gradient_accumulation_steps
+        self.finite.judge(self.run.reporter.clock, window, self.run.gradients.sumsq,
+                          self.scaler.scale if self.scaler is not None else 1.0)
         report = self.run.finish_step(self.global_steps, started, waited)
         metrics.record_step(report)
         self.timeline.mark(f"step {self.global_steps}", **report.to_dict())
@@ -126,6 +132,7 @@ class Engine:
         self.run.gradients.reset()
         self.lr = self._lr()
         self.phase.to(after)
+        self.finite.check(report, window)  # stop_on_nonfinite: the step is over; the run stops here
 
     def train(self, mode: bool = True) -> "Engine":
         self.module.train(mode)
