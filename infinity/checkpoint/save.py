@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -80,10 +81,8 @@ def save(engine: Checkpointable, save_dir: str | Path, tag: str | None, client_s
         if new_tag:  # not even the tag folder it created (unless another rank's save is in it)
             with contextlib.suppress(OSError):
                 final.parent.rmdir()
-        if isinstance(err, OSError) and not isinstance(err, InfinityError):
-            raise CheckpointError(str(getattr(err, "filename", None) or final),
-                                  f"cannot be written: {err.strerror or err}",
-                                  "save into a writable folder with free space (save_dir)") from err
+        if _in_checkpoint(err, final.parent):
+            raise files.write_failure(final, err) from err
         raise
     engine.ranks.barrier("checkpoint save: every rank's files written")
     files.exchange_in(folder, final)
@@ -93,6 +92,15 @@ def save(engine: Checkpointable, save_dir: str | Path, tag: str | None, client_s
     engine.ranks.barrier("checkpoint save: `latest` written")
     log.info("saved checkpoint %s (rank %d of %d) in %s", tag, engine.rank, engine.world, final)
     return final
+
+
+def _in_checkpoint(err: BaseException, tag_folder: Path) -> bool:
+    """Whether err is a failure to write into the checkpoint (not the swap side's, which latches and names
+    its own file)."""
+    if not isinstance(err, OSError):
+        return False
+    path = os.path.abspath(str(getattr(err, "path", None) or err.filename or tag_folder))
+    return not isinstance(err, InfinityError) or path.startswith(os.path.abspath(tag_folder) + os.sep)
 
 
 def write_files(engine: Checkpointable, folder: Path, tag: str, save_id: int, client: bytes, ckpt_dir: Path,
