@@ -138,12 +138,14 @@ class UsageError(InfinityError):
 
 class RankFailed(InfinityError):
     """A collective between the data-parallel ranks failed: a peer died, or did not answer within the
-    process group's timeout.  Names the operation, what it carried and this rank."""
+    process group's timeout.  Names the operation, what it carried and this rank, and (`first`) the rank
+    that failed first and its error, when that rank said so (zero/ranks.py's tell_failure)."""
 
-    def __init__(self, op: str, what: str, rank: int, world: int, cause: BaseException):
-        self.op, self.what, self.rank, self.world = op, what, rank, world
-        super().__init__(f"{op} of {what} failed on rank {rank} of {world}: another rank died or did not answer "
-                         f"within the process group's timeout (infinity.init_distributed(timeout=...)); the run "
+    def __init__(self, op: str, what: str, rank: int, world: int, cause: BaseException, first: str = ""):
+        self.op, self.what, self.rank, self.world, self.first = op, what, rank, world, first
+        why = (f"{first}" if first else "another rank died or did not answer within the process group's timeout "
+               "(infinity.init_distributed(timeout=...))")
+        super().__init__(f"{op} of {what} failed on rank {rank} of {world}: {why}; the run "
                          f"cannot go on: restart every rank from the last checkpoint. Cause: "
                          f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
 

@@ -72,7 +72,7 @@ class Engine:
         self._check_usable()
         if torch.is_grad_enabled():
             self.phase.to(TrainingState.FORWARD)
-        with self.timeline.span("forward", Track.COMPUTE):
+        with self.timeline.span("forward", Track.COMPUTE), self.latching_failure(half_done=False):
             return self.module(*args, **kwargs)
 
     forward = __call__
@@ -247,6 +247,8 @@ class Engine:
         except BaseException as err:
             if half_done:
                 self._fail(err)
+            if isinstance(err, InfinityError):  # the other ranks name this one and its error (zero/ranks.py)
+                self.run.ranks.tell_failure(err)
             raise
 
     # ---- inside ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import nn
 from infinity.config import Config
 from infinity.config.auto import TrainingArgs
 from infinity.config.config import ConfigSource
-from infinity.errors import UsageError
+from infinity.errors import InfinityError, UsageError
 from infinity.exporter import from_config
 from infinity.zero.engine import Engine
 from infinity.zero.from_config import settings_from_config
@@ -59,7 +59,9 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
     exporter = from_config(loaded.prometheus, rank=rank)  # first: the engine's own set-up writes are counted
     try:
         engine = Engine(model, settings_from_config(loaded, rank=rank), config=loaded, exporter=exporter)
-    except BaseException:
+    except BaseException as err:
+        if isinstance(err, InfinityError):
+            ranks.tell_failure(err)  # the other ranks, waiting in a collective, name this one and its error
         if exporter is not None:
             exporter.stop()
         raise
