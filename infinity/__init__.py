@@ -16,9 +16,11 @@ from infinity.errors import (
     EngineFailed,
     InfinityError,
     NativeUnavailable,
+    NonFiniteError,
     NvmePathError,
     RankFailed,
     ShortTransferError,
+    SwapChecksumError,
     UsageError,
 )
 from infinity.exporter import ExporterError, MetricsPortInUse
@@ -28,7 +30,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "CheckpointError", "Config", "ConfigError",
     "EngineFailed", "ExporterError", "InfinityError", "MetricsPortInUse", "NativeUnavailable", "NvmePathError",
-    "ShortTransferError", "TrainingArgs", "UsageError", "RankFailed", "__version__", "init_distributed",
+    "ShortTransferError", "TrainingArgs", "UsageError", "RankFailed", "NonFiniteError", "SwapChecksumError",
+    "__version__", "init_distributed",
     "initialize", "zero",
 ]
 

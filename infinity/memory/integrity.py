@@ -11,15 +11,21 @@ it overlaps (its padding overwrote theirs), so what is recorded always describes
 A range written and never read is never checked; one read in part (a checkpoint of part of an extent)
 is checked only where a recorded range lies wholly inside what was read.
 
-[Note: the cost]  crc32c runs at several GB/s on one core (SSE 4.2) and releases the GIL on large
-buffers; it runs on the thread that submits a write and on the one that completes a read.  Its cost on a
-training step is measured by benchmarks/swap_checksum.py (docs/benchmarks.md); the top-level config key
-"swap_checksum": false turns it off (Integrity.NONE).
+[Note: the cost, off the training thread]  crc32c runs at several GB/s on one core (SSE 4.2) and
+releases the GIL on large buffers.  A swap transfer's checksum runs on the Checksums' own worker thread,
+beside the transfer: a write's from the buffer as the write is submitted (the buffer is left unchanged
+until the write completes anyway), a read's as soon as the read completes (the worker waits for it).  The
+transfer's future is the transfer and its checksum joined (`joined`), so whoever waits for the transfer
+(a flush, finish_read) also waits for its checksum and gets a mismatch as the transfer's error; a read
+ahead is verified while the training thread computes.  The streamed copies of checkpoints check on the
+copy's own thread, chunk by chunk.  The cost on a training step is measured by benchmarks/swap_checksum.py
+(docs/benchmarks.md); the top-level config key "swap_checksum": false turns it off (Integrity.NONE).
 """
 from __future__ import annotations
 
 import enum
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -27,6 +33,7 @@ import crc32c
 import torch
 
 from infinity.errors import SwapChecksumError
+from infinity.io.handle import IoFuture
 from infinity.memory.nvme_store import Extent
 
 
@@ -58,6 +65,38 @@ class Checksums:
         self.integrity = integrity
         self._written: dict[str, list[Written]] = {}
         self._lock = threading.Lock()
+        self._worker: ThreadPoolExecutor | None = None  # started at the first transfer (see the note above)
+
+    def writing(self, key: str, extent: Extent, byte_offset: int, data: torch.Tensor) -> Checked | None:
+        """data (uint8, host) is being written at byte_offset of key's extent: its checksum, computed on the
+        worker and recorded when done (None when checksums are off).  Ranges it overlaps are dropped now."""
+        if not self.enabled:
+            return None
+        self._replace(key, byte_offset, data.numel(), None)
+        return Checked(self._pool().submit(self.wrote, key, extent, byte_offset, data))
+
+    def reading(self, key: str, extent: Extent, read: IoFuture, data: torch.Tensor) -> Checked | None:
+        """data (uint8, host) is being read from the start of key's extent by read: the worker waits for it,
+        then checks it (`check`); None when checksums are off."""
+        if not self.enabled:
+            return None
+
+        def verify() -> None:
+            read.wait()
+            self.check(key, extent, data)
+        return Checked(self._pool().submit(verify))
+
+    def close(self) -> None:
+        """Stops the worker (after what it was given)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infinity-swap-crc")
+            return self._worker
 
     @property
     def enabled(self) -> bool:
@@ -118,6 +157,47 @@ class Checksums:
             kept = [w for w in self._written.get(key, ()) if w.offset + w.nbytes <= offset
                     or w.offset >= offset + nbytes]
             self._written[key] = kept + ([new] if new is not None and new.nbytes else [])
+
+
+class Checked:
+    """A checksum computed or checked on the worker, as an IoFuture (done / wait: its error raised)."""
+
+    def __init__(self, future: Future[None]):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> int:
+        self._future.result()
+        return 0
+
+
+class Joined:
+    """A transfer and its checksum as one IoFuture: done when both are; wait() waits for both, then raises
+    the transfer's error, else the checksum's (a SwapChecksumError), else returns the bytes moved."""
+
+    def __init__(self, transfer: IoFuture, checked: Checked):
+        self.transfer, self.checked = transfer, checked
+
+    def done(self) -> bool:
+        return self.transfer.done() and self.checked.done()
+
+    def wait(self) -> int:
+        try:
+            moved = self.transfer.wait()
+        finally:
+            try:
+                self.checked.wait()
+            except Exception:
+                pass  # the transfer's own error comes first, raised above; a checked failure is raised below
+        self.checked.wait()
+        return moved
+
+
+def joined(transfer: IoFuture, checked: Checked | None) -> IoFuture:
+    """transfer, with its checksum when there is one."""
+    return transfer if checked is None else Joined(transfer, checked)
 
 
 def mismatch(key: str, extent: Extent, w: Written, found: int) -> SwapChecksumError:

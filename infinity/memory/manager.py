@@ -41,7 +41,7 @@ from infinity.io.align import round_up
 from infinity.memory.compute_tier import ComputeTier
 from infinity.memory.entry import Entry, Slot
 from infinity.memory.host_buffer import HostBuffer
-from infinity.memory.integrity import Checksums, Integrity
+from infinity.memory.integrity import Checksums, Integrity, joined
 from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore
 from infinity.memory.record import Record, State
 from infinity.memory.policy import AfterWrite, CacheBudget, ComputeCopy, CopyAhead, HostCache
@@ -396,6 +396,7 @@ class MemoryManager:
                     e.future.wait()
                 except InfinityError:
                     pass
+        self.checksums.close()
         self.store.close()
         metrics.unwatch(self.ledger)  # its swap files are gone: stop exporting its resident bytes
 
@@ -409,13 +410,18 @@ class MemoryManager:
     def _submit(self, read: bool, source: torch.Tensor, e: Entry, byte_offset: int) -> IoFuture:
         """Starts a transfer of e's extent through the store's open file; an error here latches too."""
         submit = self.handle.submit_read if read else self.handle.submit_write
-        if not read:
-            self.checksums.wrote(e.record.key, e.extent, byte_offset, source)
+        key, extent = e.record.key, e.extent
+        crc = None if read else self.checksums.writing(key, extent, byte_offset, source)  # beside the write
         try:
-            return submit(source, self.store.file(e.extent), e.extent.offset + byte_offset)
+            transfer = submit(source, self.store.file(extent), extent.offset + byte_offset)
         except InfinityError as err:
+            if crc is not None:
+                crc.wait()  # it reads source: done with it before the caller reuses it
             self.fail(err)
             raise
+        if read:  # checked on the checksums' worker as soon as it completes (a whole extent from its start)
+            crc = self.checksums.reading(key, extent, transfer, source) if byte_offset == 0 else None
+        return joined(transfer, crc)
 
     def _borrow(self, e: Entry, timeout: float | None) -> Slot:
         if e.kept:
@@ -453,9 +459,7 @@ class MemoryManager:
         if future is None:
             raise InfinityError(f"partition {e.record.key!r}: no {what} in flight")
         try:
-            future.wait()
-            if what == "read":  # its bytes against the checksums of what was written
-                self.checksums.check(e.record.key, e.extent, self._host_bytes(e))
+            future.wait()  # a read's future includes its check against the checksums (integrity.py)
         except InfinityError as err:
             self.fail(err)
             e.record.move_to(failed)

@@ -34,6 +34,7 @@ def flip_byte(engine: Engine, region: str, last: bool) -> tuple[str, str, Extent
     """Flips one bit of a real byte of region's first (or last) extent, through a file descriptor of its
     own, as a drive might; returns (the file, the partition's key, its extent)."""
     (manager,) = engine.run.managers
+    manager.flush()  # the writes of the bytes to flip are on the drive (a backward's gradients are in flight)
     key, extent = manager.store.extents(region)[-1 if last else 0]
     at = extent.offset + extent.nbytes // 2
     fd = os.open(extent.path, os.O_RDWR)
