@@ -181,7 +181,10 @@ class Joined:
         self.transfer, self.checked = transfer, checked
 
     def done(self) -> bool:
-        return self.transfer.done() and self.checked.done()
+        """[Note: the check first]  A read's check waits for the read on the worker thread; a future's done()
+        is not safe while another thread completes it (the native engine releases the request).  Once the
+        check is done the read is finished and its done() answers from Python alone."""
+        return self.checked.done() and self.transfer.done()
 
     def wait(self) -> int:
         try:
