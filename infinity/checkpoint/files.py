@@ -40,9 +40,9 @@ def write_failure(path: Path, err: BaseException, what: str = "save_dir") -> Che
     or torch.save's "[enforce fail ...] file write failed", does not say so)."""
     code = getattr(err, "errno", None)
     cause = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else str(err).splitlines()[0]
-    if isinstance(err, ShortTransferError):
-        cause += f", a short write: {err.actual} of {err.expected} bytes"
-    if code not in (errno.ENOSPC, errno.EDQUOT) and drive_full(path):
+    if isinstance(err, ShortTransferError):  # the file system took part: a full drive, or one of its limits
+        cause, code = cause + f", a short write: {err.actual} of {err.expected} bytes", errno.ENOSPC
+    elif code not in (errno.ENOSPC, errno.EDQUOT) and drive_full(path):
         cause, code = cause + "; its drive is full", errno.ENOSPC
     fixes = {errno.ENOSPC: f"free space on its drive, or choose another {what}",
              errno.EDQUOT: f"raise the disk quota, or choose another {what}",

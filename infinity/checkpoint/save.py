@@ -77,12 +77,14 @@ def save(engine: Checkpointable, save_dir: str | Path, tag: str | None, client_s
         files.make_dirs(folder)
         write_files(engine, folder, tag, save_id, client, Path(ckpt_dir), streaming)
     except BaseException as err:
+        # named first: whether the drive is full is asked before the removal below frees its space
+        failure = files.write_failure(final, err) if _in_checkpoint(err, final.parent) else None
         shutil.rmtree(folder, ignore_errors=True)  # a save that failed (a full disk, say) leaves nothing behind,
         if new_tag:  # not even the tag folder it created (unless another rank's save is in it)
             with contextlib.suppress(OSError):
                 final.parent.rmdir()
-        if _in_checkpoint(err, final.parent):
-            raise files.write_failure(final, err) from err
+        if failure is not None:
+            raise failure from err
         raise
     engine.ranks.barrier("checkpoint save: every rank's files written")
     files.exchange_in(folder, final)
