@@ -18,9 +18,11 @@ from infinity.errors import (
     InfinityError,
     LossScaleAtMinimum,
     NativeUnavailable,
+    NonFiniteError,
     NvmePathError,
     RankFailed,
     ShortTransferError,
+    SwapChecksumError,
     UsageError,
 )
 from infinity.exporter import ExporterError, MetricsPortInUse
@@ -30,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AioConfig", "AioError", "AlignmentError", "Backend", "CapacityError", "CheckpointError", "Config", "ConfigError",
     "EngineFailed", "ExporterError", "ExternalParameterError", "InfinityError", "LossScaleAtMinimum", "MetricsPortInUse", "NativeUnavailable", "NvmePathError",
-    "ShortTransferError", "TrainingArgs", "UsageError", "RankFailed", "__version__", "init_distributed",
+    "ShortTransferError", "TrainingArgs", "UsageError", "RankFailed", "NonFiniteError", "SwapChecksumError", "__version__", "init_distributed",
     "initialize", "zero",
 ]
 

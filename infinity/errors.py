@@ -95,6 +95,21 @@ class AlignmentError(AioError):
         super().__init__(_errno.EINVAL, op, path, offset, nbytes, detail, fix)
 
 
+class SwapChecksumError(AioError):
+    """Bytes read back from a swap file differ from what was written there (their crc32c, taken as the
+    write was submitted, does not match): a flipped bit on the drive, or something else writing the file.
+    Names the file, the offset, the partition and both checksums."""
+
+    def __init__(self, path: str, offset: int, nbytes: int, partition: str, expected: int, found: int):
+        self.partition, self.expected, self.found = partition, expected, found
+        detail = (f"swap checksum mismatch in partition {partition!r}: crc32c 0x{expected:08x} when written, "
+                  f"0x{found:08x} when read back")
+        fix = ("the drive or file system returned other bytes than were written; the run stops (its swapped "
+               "state is unreliable): restart from the last checkpoint, and check the drive (dmesg, smartctl) "
+               "or point nvme_path at another one")
+        super().__init__(_errno.EIO, "read", path, offset, nbytes, detail, fix)
+
+
 class EngineFailed(InfinityError):
     """An earlier error (a failed transfer, a step stopped midway) left the swapped state unreliable;
     the run refuses to go on.  The first error is the cause (`__cause__`) and is named in the message."""
@@ -105,6 +120,17 @@ class EngineFailed(InfinityError):
                      f"again from a checkpoint. Cause: {type(cause).__name__}: {cause}")
         failed.__cause__ = cause
         return failed
+
+
+class NonFiniteError(InfinityError):
+    """Training produced a NaN or infinite loss or gradient norm and "stop_on_nonfinite" is set: the run
+    stops after that step (which changed no weights when the gradient norm was the non-finite one)."""
+
+    def __init__(self, step: int, named: str):
+        self.step = step
+        super().__init__(f"optimizer step {step}: non-finite {named}; the run stops because stop_on_nonfinite is "
+                         f"set. Lower the learning rate (optimizer.params.lr), set gradient_clipping, or use bf16 or "
+                         f"fp16 with dynamic loss scaling; then restart from the last checkpoint")
 
 
 class UsageError(InfinityError):
@@ -138,12 +164,14 @@ class LossScaleAtMinimum(InfinityError):
 
 class RankFailed(InfinityError):
     """A collective between the data-parallel ranks failed: a peer died, or did not answer within the
-    process group's timeout.  Names the operation, what it carried and this rank."""
+    process group's timeout.  Names the operation, what it carried and this rank, and (`first`) the rank
+    that failed first and its error, when that rank said so (zero/ranks.py's tell_failure)."""
 
-    def __init__(self, op: str, what: str, rank: int, world: int, cause: BaseException):
-        self.op, self.what, self.rank, self.world = op, what, rank, world
-        super().__init__(f"{op} of {what} failed on rank {rank} of {world}: another rank died or did not answer "
-                         f"within the process group's timeout (infinity.init_distributed(timeout=...)); the run "
+    def __init__(self, op: str, what: str, rank: int, world: int, cause: BaseException, first: str = ""):
+        self.op, self.what, self.rank, self.world, self.first = op, what, rank, world, first
+        why = (f"{first}" if first else "another rank died or did not answer within the process group's timeout "
+               "(infinity.init_distributed(timeout=...))")
+        super().__init__(f"{op} of {what} failed on rank {rank} of {world}: {why}; the run "
                          f"cannot go on: restart every rank from the last checkpoint. Cause: "
                          f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
 

@@ -43,6 +43,7 @@ TRANSFER_ROUTES = tuple([("nvme", "host", k) for k in KINDS] + [("host", "nvme",
 STEP_PHASES = ("compute", "read_wait", "write_wait", "optimizer")  # they add up to the step
 STALL_PHASES = ("read", "write", "optimizer_io")
 PREFETCH_OUTCOMES = ("hit", "late", "miss")
+NONFINITE_VALUES = ("loss", "grad_norm")  # infinity_nonfinite_steps_total{value}: zero/nonfinite.py's names
 
 # Latency: 25 µs (a 4 KiB read from a fast drive) to 10 s (1 GiB on a slow one).  Sizes: 4 KiB to 1 GiB,
 # powers of 4.  Steps: 50 ms to 1000 s.
@@ -99,6 +100,8 @@ METRICS = {m.name: m for m in (
     Metric("infinity_step_phase_seconds_total", "counter", "Seconds of steps by phase; the phases add up to the "
            "steps' duration", ("phase",)),
     Metric("infinity_step_stall_ratio", "gauge", "Share of the last step the compute tier sat idle waiting on I/O"),
+    Metric("infinity_nonfinite_steps_total", "counter", "Optimizer steps whose loss or gradient norm was NaN or "
+           "infinite, by which", ("value",)),
 )}
 # Series exported at zero before anything happens, so that rate() and dashboards see them from the start.
 DECLARED: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -111,6 +114,7 @@ DECLARED: tuple[tuple[str, tuple[str, ...]], ...] = (
     *[("infinity_stall_seconds_total", (p,)) for p in STALL_PHASES],
     *[("infinity_step_phase_seconds_total", (p,)) for p in STEP_PHASES],
     ("infinity_steps_total", ()), ("infinity_trace_invalidations_total", ()), ("infinity_gathered_ahead_total", ()),
+    *[("infinity_nonfinite_steps_total", (v,)) for v in NONFINITE_VALUES],
 )
 RESERVED_LABELS = frozenset({"rank"} | {label for m in METRICS.values() for label in m.labels} | {"le"})
 
@@ -258,6 +262,8 @@ def record_step(report: Any) -> None:
         c[("infinity_trace_invalidations_total", ())] += report.trace_invalidations
         c[("infinity_gathered_ahead_total", ())] += report.gathered_ahead
         TALLY.gauges[("infinity_step_stall_ratio", ())] = report.stall_ratio
+        for value in report.nonfinite:
+            c[("infinity_nonfinite_steps_total", (value,))] += 1
 
 
 # ---- live objects, read at scrape time ----------------------------------------------------------

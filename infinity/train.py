@@ -70,6 +70,7 @@ class StepStats:
     prefetch_late: int = 0
     prefetch_misses: int = 0
     peak_rss_bytes: int = 0  # the largest peak RSS (ru_maxrss) of any rank so far, at the end of the step
+    nonfinite: tuple[str, ...] = ()  # "loss", "grad_norm": NaN or infinite in this step (StepReport.nonfinite)
 
     @property
     def tokens_per_s(self) -> float:
@@ -290,7 +291,8 @@ def _step(engine: Engine, job: TrainJob, window: list, step: int, tokens: int) -
                      stall_ratio=report.stall_ratio if report else 0.0,
                      prefetch_hits=report.prefetch_hits if report else 0,
                      prefetch_late=report.prefetch_late if report else 0,
-                     prefetch_misses=report.prefetch_misses if report else 0, peak_rss_bytes=peak_rss)
+                     prefetch_misses=report.prefetch_misses if report else 0, peak_rss_bytes=peak_rss,
+                     nonfinite=report.nonfinite if report else ())
 
 
 def _global_batches(job: TrainJob, spec: GptSpec, batch: int, first: int, count: int,

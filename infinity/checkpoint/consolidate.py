@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from infinity.checkpoint.files import write_failure
 from infinity.checkpoint.format import (LATEST, MANIFEST, MODEL_FILE, OPTIMIZER_FILE, OptimizerState, RankFiles,
                                         dtype_of_name, full_parameter, open_all, rank_dir, tag_dir)
 from infinity.checkpoint.state_dict_file import StateDictFormat, write_state_dict
@@ -70,8 +71,11 @@ def consolidate(ckpt_dir: str | os.PathLike[str], out: str | os.PathLike[str], t
     first = ranks[0].manifest
     specs = [TensorSpec(key, dtype.torch, tuple(p.shape)) for p in first.params for key in (p.name, *p.aliases)]
     specs += [TensorSpec(b.name, dtype_of_name(b.dtype), tuple(b.shape)) for b in first.buffers]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_state_dict(out, specs, _tensors(ranks, dtype.torch), how)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_state_dict(out, specs, _tensors(ranks, dtype.torch), how)
+    except (OSError, RuntimeError) as err:  # a full drive, a read-only folder; torch.save's RuntimeError
+        raise write_failure(out, err, "OUT") from err  # the temporary file is gone: no output at all
     done = Consolidated(out, tag, first.world, len(first.params), len(first.buffers), sum(s.nbytes for s in specs))
     log.info("consolidated %s (tag %s, %d ranks): %d parameters, %d buffers, %d bytes", ckpt_dir, tag, done.world,
              done.params, done.buffers, done.nbytes)

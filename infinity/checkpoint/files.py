@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from infinity.checkpoint.format import LATEST, FileEntry, new_checksum
+from infinity.errors import CheckpointError, ShortTransferError
 
 log = logging.getLogger("infinity.checkpoint")
 
@@ -31,6 +32,36 @@ def commit(temp: Path, final: Path, fd: int) -> None:
     """Makes temp's bytes durable (fd: an open descriptor of it) and renames it to final atomically."""
     os.fsync(fd)
     os.replace(temp, final)
+
+
+def write_failure(path: Path, err: BaseException, what: str = "save_dir") -> CheckpointError:
+    """A failure to write path (an OSError, or torch.save's RuntimeError) as a CheckpointError naming the
+    path and the cause, with the fix that fits the cause (a full drive is looked for too: a short write,
+    or torch.save's "[enforce fail ...] file write failed", does not say so)."""
+    code = getattr(err, "errno", None)
+    cause = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else str(err).splitlines()[0]
+    if isinstance(err, ShortTransferError):  # the file system took part: a full drive, or one of its limits
+        cause, code = cause + f", a short write: {err.actual} of {err.expected} bytes", errno.ENOSPC
+    elif code not in (errno.ENOSPC, errno.EDQUOT) and drive_full(path):
+        cause, code = cause + "; its drive is full", errno.ENOSPC
+    fixes = {errno.ENOSPC: f"free space on its drive, or choose another {what}",
+             errno.EDQUOT: f"raise the disk quota, or choose another {what}",
+             errno.EROFS: f"the file system is read-only: choose another {what}",
+             errno.EACCES: f"make the folder writable for this user, or choose another {what}",
+             errno.EPERM: f"make the folder writable for this user, or choose another {what}"}
+    return CheckpointError(str(getattr(err, "path", None) or getattr(err, "filename", None) or path),
+                           f"cannot be written: {cause}", fixes.get(code, f"check {what} and its drive"))
+
+
+def drive_full(path: Path) -> bool:
+    """Whether the file system of path's nearest existing folder has no free blocks left."""
+    folder = path
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
 
 
 def fsync_dir(folder: Path) -> None:

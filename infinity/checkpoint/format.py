@@ -360,7 +360,24 @@ class RankFiles:
         return load_file(str(self.path(RNG_FILE)))
 
     def client_state(self) -> Any:
-        return torch.load(self.path(CLIENT_STATE_FILE), weights_only=True)
+        """The client state; a CheckpointError (never torch's advice to drop weights_only) for one that
+        torch.load(weights_only=True) refuses."""
+        path = self.path(CLIENT_STATE_FILE)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as err:  # UnpicklingError for a forbidden global, RuntimeError or EOFError for others
+            raise CheckpointError(str(path), f"is not a client state that torch.load(weights_only=True) takes "
+                                  f"({refusal(err)}): it was altered after the save, or not written by "
+                                  "save_checkpoint; infinity never unpickles other objects",
+                                  "restore the file from where the checkpoint was saved, or load another tag") from None
+
+
+def refusal(err: BaseException) -> str:
+    """What torch.load(weights_only=True) refused, from its message, leaving out its advice to re-run with
+    weights_only=False (which would run whatever the file holds)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line]
+    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                lines[0] if lines else type(err).__name__)
 
 
 def open_rank(ckpt_dir: str | os.PathLike[str], tag: str | None = None, rank: int = 0) -> RankFiles:

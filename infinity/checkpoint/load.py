@@ -70,11 +70,33 @@ def open_folder(ckpt_dir: Path, tag: str, folder: Path, world: int, rank: int) -
             raise CheckpointError(str(folder), f"does not exist: the save of tag {tag!r} did not finish (its files "
                                   f"are still in {saving_dir(folder).name})", "load another tag (`latest` names "
                                   "the last complete one)")
-        raise CheckpointError(str(folder), f"does not exist: this checkpoint has no folder for rank {rank} "
-                              f"(saved with fewer ranks than this run's {world}?)", CONSOLIDATE_HINT)
+        raise missing_rank(ckpt_dir, tag, folder, rank, world)
     files = RankFiles(folder)
     check_world(files.manifest, world, rank, folder)
     return files
+
+
+def missing_rank(ckpt_dir: Path, tag: str, folder: Path, rank: int, world: int) -> CheckpointError:
+    """Why this rank's folder is not there, from what the other rank folders' manifests say: it was
+    deleted (or never copied) from a save that had it, or the save had fewer ranks."""
+    saved = sorted(p for p in tag_dir(ckpt_dir, tag).glob("rank_*") if p.is_dir())
+    worlds = set()
+    for other in saved:
+        try:
+            worlds.add(RankFiles(other).manifest.world)
+        except CheckpointError:
+            continue
+    if not saved:
+        return CheckpointError(str(folder), f"does not exist, and tag folder {tag!r} holds no rank folder at all: "
+                               "they were deleted, or not copied with the checkpoint", "restore the rank folders "
+                               "(each rank writes its own rank_<r>) or load another tag")
+    if worlds and max(worlds) > rank:
+        return CheckpointError(str(folder), f"does not exist, but the save of tag {tag!r} had {max(worlds)} ranks "
+                               f"(the manifests of {', '.join(p.name for p in saved)} say so): it was deleted, or "
+                               "not copied with the others", "restore it (each rank writes its own rank_<r>) or "
+                               "load another tag")
+    return CheckpointError(str(folder), f"does not exist: tag {tag!r} was saved by {max(worlds) if worlds else '?'} "
+                           f"rank(s), fewer than this run's {world}", CONSOLIDATE_HINT)
 
 
 def agree_on_save(ranks: RankGroup, save_id: int, folder: Path) -> None:

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from infinity.checkpoint.contents import contents_of
 from infinity.checkpoint.format import (CLIENT_STATE_FILE, MANIFEST, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
                                         STATE_FILE, Manifest, check_tag, dtype_name, rank_dir)
 from infinity.config.training import TagValidation
-from infinity.errors import CheckpointError
+from infinity.errors import CheckpointError, InfinityError
 from infinity.checkpoint.protocol import Checkpointable, RankGroup
 from infinity.io import DirectPolicy, IoHandle, open_handle
 
@@ -68,14 +69,22 @@ def save(engine: Checkpointable, save_dir: str | Path, tag: str | None, client_s
     final = rank_dir(ckpt_dir, tag, engine.rank)
     client = state.client_state_bytes(client_state if client_state is not None else {}, str(final))
     save_id = shared_save_id(engine.ranks)
-    files.make_dirs(final.parent)
-    files.remove_leftovers(final)
+    new_tag = not final.parent.exists()
     folder = files.saving_dir(final)
-    files.make_dirs(folder)
     try:
+        files.make_dirs(final.parent)
+        files.remove_leftovers(final)
+        files.make_dirs(folder)
         write_files(engine, folder, tag, save_id, client, Path(ckpt_dir), streaming)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)  # a save that failed (a full disk, say) leaves nothing behind
+    except BaseException as err:
+        # named first: whether the drive is full is asked before the removal below frees its space
+        failure = files.write_failure(final, err) if _in_checkpoint(err, final.parent) else None
+        shutil.rmtree(folder, ignore_errors=True)  # a save that failed (a full disk, say) leaves nothing behind,
+        if new_tag:  # not even the tag folder it created (unless another rank's save is in it)
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()
+        if failure is not None:
+            raise failure from err
         raise
     engine.ranks.barrier("checkpoint save: every rank's files written")
     files.exchange_in(folder, final)
@@ -85,6 +94,15 @@ def save(engine: Checkpointable, save_dir: str | Path, tag: str | None, client_s
     engine.ranks.barrier("checkpoint save: `latest` written")
     log.info("saved checkpoint %s (rank %d of %d) in %s", tag, engine.rank, engine.world, final)
     return final
+
+
+def _in_checkpoint(err: BaseException, tag_folder: Path) -> bool:
+    """Whether err is a failure to write into the checkpoint (not the swap side's, which latches and names
+    its own file)."""
+    if not isinstance(err, OSError):
+        return False
+    path = os.path.abspath(str(getattr(err, "path", None) or err.filename or tag_folder))
+    return not isinstance(err, InfinityError) or path.startswith(os.path.abspath(tag_folder) + os.sep)
 
 
 def write_files(engine: Checkpointable, folder: Path, tag: str, save_id: int, client: bytes, ckpt_dir: Path,

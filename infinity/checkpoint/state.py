@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from infinity.checkpoint.format import refusal
 from infinity.checkpoint.protocol import Checkpointable
 from infinity.errors import CheckpointError
 
@@ -126,10 +127,8 @@ def client_state_bytes(client_state: Any, where: str) -> bytes:
     try:
         torch.load(io.BytesIO(data), weights_only=True)
     except Exception as err:  # torch raises UnpicklingError naming the global it refuses
-        first = str(err).strip().splitlines()
-        reason = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
         raise CheckpointError(where, f"client_state holds an object that torch.load(weights_only=True) refuses "
-                              f"({reason.strip()})", "keep client_state to tensors, numbers, strings, None and "
+                              f"({refusal(err)})", "keep client_state to tensors, numbers, strings, None and "
                               "lists, tuples and dicts of those (or register the class with "
                               "torch.serialization.add_safe_globals)") from None
     return data

@@ -4,6 +4,7 @@ infinity-consolidate write.  safetensors is streamed (one tensor in memory at a 
 from __future__ import annotations
 
 import enum
+import errno
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -57,6 +58,12 @@ def _save_durably(state: dict[str, torch.Tensor], path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as err:  # torch.save's "[enforce fail at inline_container.cc] ..." hides the errno
+        full = files.drive_full(tmp)  # (asked before the file goes and frees its blocks)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

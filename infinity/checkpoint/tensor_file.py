@@ -137,20 +137,28 @@ class TensorFileWriter:
                                   f"(next: {missing!r}); nothing was written")
         f, self._file = self._file, None
         try:
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            f.close()
-        os.replace(self._tmp, self.path)
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                f.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:  # a full drive shows at the flush: no temporary file is left behind
+            self._tmp.unlink(missing_ok=True)
+            raise
         files.fsync_dir(self.path.parent)
         self.checksum = self._digest.hexdigest()
 
     def abort(self) -> None:
         """Drops the temporary file; what was at path stays."""
         f, self._file = self._file, None
-        if f is not None:
-            f.close()
-        self._tmp.unlink(missing_ok=True)
+        try:
+            if f is not None:
+                f.close()  # may fail writing its buffer (a full drive): the file goes all the same
+        except OSError:
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def _put(self, data: bytes | memoryview) -> None:
         if self._file is not None:  # write() checked it

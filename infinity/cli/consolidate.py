@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = consolidate(ns.ckpt_dir, ns.out, ns.tag, OutputDtype(ns.dtype), StateDictFormat(ns.format))
     except CheckpointError as err:
         print(f"infinity-consolidate: {err}", file=sys.stderr)
-        return EXIT_INVALID
+        return EXIT_FAILED if err.__cause__ is not None else EXIT_INVALID  # writing OUT failed / bad input
     except OSError as err:
         print(f"infinity-consolidate: {err}", file=sys.stderr)
         return EXIT_FAILED

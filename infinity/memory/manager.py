@@ -29,19 +29,20 @@ optimizer step stopped midway).
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from infinity import metrics
-from infinity.errors import EngineFailed, InfinityError
+from infinity.errors import EngineFailed, InfinityError, SwapChecksumError
 from infinity.io.files import AioFile
 from infinity.io.handle import IoFuture, IoHandle
 from infinity.io.align import round_up
 from infinity.memory.compute_tier import ComputeTier
 from infinity.memory.entry import Entry, Slot
 from infinity.memory.host_buffer import HostBuffer
-from infinity.memory.nvme_store import ALIGNMENT, NvmeStore
+from infinity.memory.integrity import Checksums, Integrity, joined
+from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore
 from infinity.memory.record import Record, State
 from infinity.memory.policy import AfterWrite, CacheBudget, ComputeCopy, CopyAhead, HostCache
 from infinity.memory.pool import BufferPool
@@ -53,8 +54,10 @@ log = logging.getLogger("infinity.memory")
 
 
 class MemoryManager:
-    def __init__(self, handle: IoHandle, store: NvmeStore, compute_device: torch.device):
+    def __init__(self, handle: IoHandle, store: NvmeStore, compute_device: torch.device,
+                 integrity: Integrity = Integrity.CRC32C):
         self.handle, self.store = handle, store
+        self.checksums = Checksums(integrity)  # every write's crc32c, checked at every read (integrity.py)
         self.ledger = TierLedger()
         self._entries: dict[str, Entry] = {}
         self._failure: BaseException | None = None
@@ -322,7 +325,12 @@ class MemoryManager:
         seen gets each chunk in order.  Each extent must hold the current values (on NVMe, or a clean host
         copy).  A failure here leaves the swap files as they were."""
         chain = self._chain(pieces)
-        copy(self.handle, chain, FileEnd(target, target_offset), chain.nbytes, staging, seen)
+        check = self.checksums.verifier(self._positions(pieces, chain))
+        try:
+            copy(self.handle, chain, FileEnd(target, target_offset), chain.nbytes, staging, _both(check, seen))
+        except SwapChecksumError as err:
+            self.fail(err)
+            raise
 
     def copy_in(self, pieces: Sequence[Piece], source: AioFile, source_offset: int,
                 staging: Sequence[HostBuffer], seen: Seen | None = None) -> None:
@@ -330,10 +338,12 @@ class MemoryManager:
         half overwritten)."""
         try:
             chain = self._chain(pieces)
-            copy(self.handle, FileEnd(source, source_offset), chain, chain.nbytes, staging, seen)
+            record = self.checksums.recorder(self._positions(pieces, chain))
+            copy(self.handle, FileEnd(source, source_offset), chain, chain.nbytes, staging, _both(record, seen))
             entries = (self._entries[r.key] for r in pieces if isinstance(r, SwapRange))
             for e in {id(e): e for e in entries if e.slot is not None}.values():
                 self.handle.pread(self._host_bytes(e), self.store.file(e.extent), e.extent.offset)
+                self.checksums.check(e.record.key, e.extent, self._host_bytes(e))
         except BaseException as err:
             self.fail(err)
             raise
@@ -360,6 +370,11 @@ class MemoryManager:
             ends.append((FileEnd(self.store.file(e.extent), e.extent.offset + byte_offset), nbytes))
         return Chain(tuple(ends))
 
+    def _positions(self, pieces: Sequence[Piece], chain: Chain) -> list[tuple[int, str, Extent, int, int]]:
+        """Each swap range of a copy with its position in the chain (for the checksums)."""
+        return [(start, p.key, self._entry(p.key).extent, p.byte_offset, p.nbytes)
+                for p, start in zip(pieces, chain.starts) if isinstance(p, SwapRange)]
+
     # ---- health ------------------------------------------------------------
     def check_healthy(self) -> None:
         if self._failure is not None:
@@ -381,6 +396,7 @@ class MemoryManager:
                     e.future.wait()
                 except InfinityError:
                     pass
+        self.checksums.close()
         self.store.close()
         metrics.unwatch(self.ledger)  # its swap files are gone: stop exporting its resident bytes
 
@@ -394,11 +410,18 @@ class MemoryManager:
     def _submit(self, read: bool, source: torch.Tensor, e: Entry, byte_offset: int) -> IoFuture:
         """Starts a transfer of e's extent through the store's open file; an error here latches too."""
         submit = self.handle.submit_read if read else self.handle.submit_write
+        key, extent = e.record.key, e.extent
+        crc = None if read else self.checksums.writing(key, extent, byte_offset, source)  # beside the write
         try:
-            return submit(source, self.store.file(e.extent), e.extent.offset + byte_offset)
+            transfer = submit(source, self.store.file(extent), extent.offset + byte_offset)
         except InfinityError as err:
+            if crc is not None:
+                crc.wait()  # it reads source: done with it before the caller reuses it
             self.fail(err)
             raise
+        if read:  # checked on the checksums' worker as soon as it completes (a whole extent from its start)
+            crc = self.checksums.reading(key, extent, transfer, source) if byte_offset == 0 else None
+        return joined(transfer, crc)
 
     def _borrow(self, e: Entry, timeout: float | None) -> Slot:
         if e.kept:
@@ -436,7 +459,7 @@ class MemoryManager:
         if future is None:
             raise InfinityError(f"partition {e.record.key!r}: no {what} in flight")
         try:
-            future.wait()
+            future.wait()  # a read's future includes its check against the checksums (integrity.py)
         except InfinityError as err:
             self.fail(err)
             e.record.move_to(failed)
@@ -444,6 +467,14 @@ class MemoryManager:
                 self._give_back(e)
             raise
         e.record.move_to(ok)
+
+
+def _both(mine: Callable[[torch.Tensor], None], theirs: Seen | None) -> Seen:
+    """A copy's chunks shown to the checksums, then to the caller's seen."""
+    def seen(chunk: torch.Tensor) -> IoFuture | None:
+        mine(chunk)
+        return theirs(chunk) if theirs is not None else None
+    return seen
 
 
 class Fetch:

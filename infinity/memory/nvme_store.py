@@ -100,6 +100,11 @@ class NvmeStore:
         except KeyError:
             raise InfinityError(f"no swap extent for {key!r}; it was never allocated") from None
 
+    def extents(self, region: str) -> list[tuple[str, Extent]]:
+        """(key, extent) of region's file, in file order."""
+        path = str(self.folder / f"{region}.swp")
+        return sorted(((k, e) for k, e in self._extents.items() if e.path == path), key=lambda item: item[1].offset)
+
     def file(self, extent: Extent) -> AioFile:
         """The open file extent lives in: transfers use it, never the path (see the note above)."""
         return self._files[extent.path]

@@ -5,7 +5,7 @@ from infinity.zero.external import register_external_parameter
 from infinity.zero.gathered import GatheredParameters
 from infinity.zero.init import Init
 from infinity.zero.initialize import initialize
-from infinity.zero.settings import EngineSettings, Precision
+from infinity.zero.settings import EngineSettings, NonFinite, Precision
 
-__all__ = ["Engine", "EngineSettings", "GatheredParameters", "Init", "Precision", "UsageError", "initialize",
+__all__ = ["Engine", "EngineSettings", "GatheredParameters", "Init", "NonFinite", "Precision", "UsageError", "initialize",
            "register_external_parameter"]

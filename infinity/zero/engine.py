@@ -26,7 +26,7 @@ from infinity.checkpoint.model_file import save_16bit_model
 from infinity.checkpoint.pretrained_folder import save_pretrained
 from infinity.checkpoint.save import save
 from infinity.config import Config
-from infinity.errors import UsageError
+from infinity.errors import InfinityError, UsageError
 from infinity.io.handle import IoStats
 from infinity.memory.report import MemoryReport
 from infinity.timeline import NO_TIMELINE, Timeline, Track
@@ -35,6 +35,7 @@ from infinity.zero.checkpoint_view import CheckpointView
 from infinity.zero.coordinator import EXPECTED_HOOK_WARNING
 from infinity.zero.deepspeed_api import DeepSpeedApi
 from infinity.zero.hooks import GradientHook
+from infinity.zero.nonfinite import FiniteWatch
 from infinity.zero.loss_scale import LossScaler
 from infinity.zero.param_groups import OptimizerSetup, set_lr, step_client_scheduler
 from infinity.zero.settings import EngineSettings, ModelSave, Precision
@@ -56,6 +57,7 @@ class Engine(DeepSpeedApi):
         self.config, self.exporter = config, exporter
         self.counters, self.phase = Counters(), Phase()
         self.scaler = LossScaler(settings.loss_scale) if settings.precision is Precision.FP16 else None
+        self.finite = FiniteWatch(settings.nonfinite, self.scaler is not None and self.scaler.dynamic)
         self.timeline: Timeline = NO_TIMELINE  # trace_to() draws the run on one
         self.run = run = Run(model, settings, lambda i, p: self._hook(i, p), setup)
         run.engine = self  # a run rebuilt around new shapes (zero/resize.py) replaces it through rebuild_run
@@ -82,7 +84,8 @@ class Engine(DeepSpeedApi):
         self._check_usable()
         if torch.is_grad_enabled():
             self.phase.to(TrainingState.FORWARD)
-        with self.timeline.span("forward", Track.COMPUTE), self.run.external.watching():  # zero/external.py
+        with self.timeline.span("forward", Track.COMPUTE), self.latching_failure(half_done=False), \
+                self.run.external.watching():  # zero/external.py
             return self.module(*args, **kwargs)
 
     forward = __call__
@@ -93,6 +96,7 @@ class Engine(DeepSpeedApi):
         self._check_usable()
         gas = self.settings.gradient_accumulation_steps if scale_wrt_gas else 1
         scaled = loss.float() / gas
+        self.finite.saw_loss(loss)
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale
         before = self.phase.state
@@ -132,9 +136,12 @@ class Engine(DeepSpeedApi):
             self.phase.to(after if after is TrainingState.FORWARD else TrainingState.ACCUMULATING)
             return
         started, waited = time.perf_counter(), self.optimizer.io_wait_s
+        step_scale = self.scaler.scale if self.scaler is not None else 1.0  # the scale this step's grads carry
         with self.latching_failure(True), self.timeline.span("optimizer step", Track.OPTIMIZER):
             overflow = self.run.step_optimizer(self._unscale)
         self.counters.count_step(overflow, self.train_batch_size())
+        window = self.global_steps  # every window's step, skipped ones included (DeepSpeed's count)
+        self.finite.judge(self.run.reporter.clock, window, self.run.gradients.sumsq, step_scale)
         self._step_applied = not overflow
         if not overflow:
             step_client_scheduler(self.client_scheduler)
@@ -145,6 +152,7 @@ class Engine(DeepSpeedApi):
         self.run.gradients.reset()
         self._follow_schedule()
         self.phase.to(after)
+        self.finite.check(report, window)  # stop_on_nonfinite: the step is over; the run stops here
 
     def train(self, mode: bool = True) -> "Engine":
         self.module.train(mode)
@@ -285,8 +293,11 @@ class Engine(DeepSpeedApi):
         self.run.coordinator.settle()
         try:
             yield
-        finally:
-            self.run.coordinator.read_ahead_of_next_step()
+        except BaseException:
+            with contextlib.suppress(InfinityError):  # a failure latched in the block: its error is the one raised
+                self.run.coordinator.read_ahead_of_next_step()
+            raise
+        self.run.coordinator.read_ahead_of_next_step()
 
     @contextlib.contextmanager
     def latching_failure(self, half_done: bool = True) -> Iterator[None]:
@@ -297,6 +308,8 @@ class Engine(DeepSpeedApi):
         except BaseException as err:
             if half_done:
                 self._fail(err)
+            if isinstance(err, InfinityError):  # the other ranks name this one and its error (zero/ranks.py)
+                self.run.ranks.tell_failure(err)
             raise
 
     # ---- inside ----------------------------------------------------------------------

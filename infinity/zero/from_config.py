@@ -16,8 +16,9 @@ from infinity.swap.rules import OptimizerKind
 from infinity.zero.loss_scale import LossScaleSettings
 from infinity.zero.lr_schedule import (Curve, LrSchedule, LRRangeTest, OneCycle, Warmup, WarmupCosineLR,
                                       WarmupDecayLR, WarmupLR, warmup_steps)
+from infinity.memory.integrity import Integrity
 from infinity.zero.ranks import current
-from infinity.zero.settings import EngineSettings, ModelSave
+from infinity.zero.settings import EngineSettings, ModelSave, NonFinite
 
 TIERS = {OffloadDevice.NONE: Tier.COMPUTE, OffloadDevice.CPU: Tier.HOST, OffloadDevice.NVME: Tier.NVME}
 
@@ -60,6 +61,8 @@ def settings_from_config(config: Config, rank: int = 0, world: int | None = None
         report_every=1 if config.wall_clock_breakdown else config.steps_per_print,
         rank=rank,
         model_save=_model_save(config),
+        integrity=Integrity.CRC32C if config.swap_checksum else Integrity.NONE,
+        nonfinite=NonFinite.STOP if config.stop_on_nonfinite else NonFinite.WARN,
     )
 
 

@@ -26,7 +26,7 @@ from infinity.config import Config
 from infinity.config.auto import TrainingArgs, hidden_size_of
 from infinity.config.config import ConfigSource
 from infinity.config.training import OptimizerConfig
-from infinity.errors import UsageError
+from infinity.errors import InfinityError, UsageError
 from infinity.exporter import from_config
 from infinity.zero.engine import Engine
 from infinity.zero.from_config import settings_from_config
@@ -80,7 +80,9 @@ def initialize(args: Any = None, model: nn.Module | None = None, optimizer: Any 
         client_scheduler = _client_scheduler(lr_scheduler, setup, view)
         engine = view.engine = Engine(model, settings, config=loaded, exporter=exporter, setup=setup,
                                       client_scheduler=client_scheduler)
-    except BaseException:
+    except BaseException as err:
+        if isinstance(err, InfinityError):
+            ranks.tell_failure(err)  # the other ranks, waiting in a collective, name this one and its error
         if exporter is not None:
             exporter.stop()
         raise

@@ -26,7 +26,7 @@ def open_manager(settings: EngineSettings, path: str, device: torch.device,
                  key: str = "zero_optimization.offload_param.nvme_path") -> MemoryManager:
     """An async-IO handle on path (O_DIRECT where it works) and this run's swap store under it."""
     handle = open_handle(settings.aio, nvme_path=path, direct=DirectPolicy.AUTO, key=key)
-    return MemoryManager(handle, NvmeStore(path, rank=settings.rank, key=key), device)
+    return MemoryManager(handle, NvmeStore(path, rank=settings.rank, key=key), device, settings.integrity)
 
 
 def param_pool(s: EngineSettings, largest: int, dtype: torch.dtype, pin: PinPolicy) -> BufferPool:

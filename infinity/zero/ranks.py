@@ -81,11 +81,36 @@ class Ranks:
         if self.several:
             self._run("barrier", what, dist.barrier)
 
+    def tell_failure(self, err: BaseException) -> None:
+        """Leaves this rank's error where the other ranks look when their collective fails (see the note
+        on failures below): they then name this rank and its error instead of "another rank died"."""
+        store = _store() if self.several else None
+        if store is None or isinstance(err, RankFailed):
+            return
+        text = " ".join(str(err).split())  # one line (a ConfigError lists its problems on lines of their own)
+        try:
+            store.set(f"{FAILURE_KEY}{self.rank}", f"{type(err).__name__}: {text}"[:2000])
+        except (RuntimeError, dist.DistError, ValueError):
+            log.debug("rank %d could not leave its failure in the process group's store", self.rank)
+
+    def failures(self) -> str:
+        """What the other ranks left with tell_failure: "rank 1 of 2 failed first: AioError: ..." (or "")."""
+        store = _store() if self.several else None
+        found = []
+        for r in range(self.world) if store is not None else ():
+            key = f"{FAILURE_KEY}{r}"
+            try:
+                if r != self.rank and store.check([key]):
+                    found.append(f"rank {r} of {self.world} failed first: {store.get(key).decode(errors='replace')}")
+            except (RuntimeError, dist.DistError, ValueError):
+                break  # the store went with the rank that served it
+        return "; ".join(found)
+
     def _run(self, name: str, what: str, collective: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return collective(*args, **kwargs)
         except (RuntimeError, dist.DistError) as err:  # DistBackendError, gloo's closed connections, timeouts
-            raise RankFailed(name, what, self.rank, self.world, err) from err
+            raise RankFailed(name, what, self.rank, self.world, err, self.failures()) from err
 
 
 @dataclass
@@ -102,6 +127,29 @@ class Pending:
 
     def wait(self) -> None:
         self.ranks._run(self.op, self.what, self.work.wait)
+
+
+FAILURE_KEY = "infinity/failed/rank"  # + the rank: its first error, for the others (tell_failure)
+
+
+def _store() -> Any:
+    """The default process group's key-value store, or None.
+
+    [Note: failures through the store]  A rank whose run fails (a full drive, a missing nvme_path) leaves
+    its error in the store every rank already shares, then exits; the other ranks, whose next collective
+    then fails (at once when its connections close, else after the process group's timeout), read it there
+    and name that rank and its error.  torch offers the default store only through a private function
+    (`distributed_c10d._get_default_store`, stable since torch 1.x); it is looked up, not imported, so a
+    torch without it just gives the older message.  Under torchrun the store is the agent's and outlives
+    every rank; with a store served by rank 0 (env:// without torchrun), rank 0's own failure cannot be read
+    once it has exited."""
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if get is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return get()
+    except (RuntimeError, ValueError):
+        return None
 
 
 def _collective_device() -> torch.device:

@@ -10,6 +10,7 @@ import torch
 from infinity.config.aio import AioConfig
 from infinity.config.rules import missing_nvme_path
 from infinity.config.training import Precision
+from infinity.memory.integrity import Integrity
 from infinity.schedule import Budgets
 from infinity.swap.optimizer import AdamSettings, Pipeline
 from infinity.swap.params import Tier
@@ -25,6 +26,13 @@ DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precisi
 def dtype_of(precision: Precision) -> torch.dtype:
     """The dtype of parameters and gradients on the compute tier."""
     return DTYPES[precision]
+
+
+class NonFinite(enum.Enum):
+    """What a NaN or infinite loss or gradient norm does (stop_on_nonfinite)."""
+
+    WARN = "warn"  # a warning naming the step, the step report and a metric; the run goes on
+    STOP = "stop"  # the same, then NonFiniteError: the run stops
 
 
 class ModelSave(enum.Enum):
@@ -65,6 +73,8 @@ class EngineSettings:
     param_max_in_cpu: int = 0  # parameter elements on NVMe that also keep a host copy (offload_param.max_in_cpu)
     rank: int = 0
     model_save: ModelSave = ModelSave.GATHER
+    integrity: Integrity = Integrity.CRC32C  # swap_checksum: crc32c of every swap write, checked at each read
+    nonfinite: NonFinite = NonFinite.WARN  # stop_on_nonfinite: what a NaN or infinite loss or gradient norm does
 
     def __post_init__(self) -> None:
         """Settings built by hand get config/rules.py's nvme_path rule too (from_config's already passed it)."""

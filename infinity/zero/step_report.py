@@ -89,6 +89,9 @@ class StepReport:
     trace_invalidations: int
     gathered_ahead: int = 0  # all-gathers of the next module's parameters started ahead of their use (ranks > 1)
     rank: int = 0  # the data-parallel rank whose step this is (each rank reports its own bytes and waits)
+    loss: float = 0.0  # mean of the step's micro-batch losses on this rank
+    grad_norm: float = 0.0  # the gradient's global 2-norm (unscaled), before clipping
+    nonfinite: tuple[str, ...] = ()  # which of "loss", "grad_norm" were NaN or infinite (zero/nonfinite.py)
 
     @property
     def stall_s(self) -> float:
@@ -130,7 +133,8 @@ class StepReport:
                 f"(of which I/O wait {self.optimizer_io_wait_s:.3f}); stall {100 * self.stall_ratio:.1f}%; "
                 f"read {self.bytes_read / 1e9:.3f} GB, written {self.bytes_written / 1e9:.3f} GB; prefetch "
                 f"{self.prefetch_hits} hit / {self.prefetch_late} late / {self.prefetch_misses} miss; peak live "
-                f"{self.peak_live_elements} elements")
+                f"{self.peak_live_elements} elements" + (f"; NON-FINITE {', '.join(self.nonfinite)}" if self.nonfinite
+                                                         else ""))
 
 
 class StepClock:
@@ -147,6 +151,7 @@ class StepClock:
         self.gathered_ahead = 0
         self.optimizer_s = 0.0
         self.peak_live = self.live
+        self.values: dict[str, Any] = {}  # loss, grad_norm and nonfinite, once judged (zero/nonfinite.py)
 
     def add_wait(self, kind: Wait, seconds: float) -> None:
         self.waits[kind] += seconds
@@ -182,7 +187,7 @@ class StepClock:
                           bytes_read=bytes_read, bytes_written=bytes_written,
                           prefetch_hits=self.outcomes[Outcome.HIT], prefetch_late=self.outcomes[Outcome.LATE],
                           prefetch_misses=self.outcomes[Outcome.MISS], peak_live_elements=self.peak_live,
-                          trace_invalidations=invalidations, gathered_ahead=self.gathered_ahead)
+                          trace_invalidations=invalidations, gathered_ahead=self.gathered_ahead, **self.values)
 
 
 class StepReporter:

@@ -1,7 +1,7 @@
 """One rank of a data-parallel run, launched by tests/integration/test_distributed.py (or by hand with
 torchrun): trains the small GPT on its part of each global batch and writes what it saw to OUT.rank<r>.pt.
 
-    python tests/integration/dist_worker.py OUT NVME_ROOT TIER STEPS [FAULT_STEP kill|stop] [TIMEOUT_S]
+    python tests/integration/dist_worker.py OUT NVME_ROOT TIER STEPS [FAULT_STEP kill|stop|enospc] [TIMEOUT_S]
 
 With $CKPT_SAVE_AT=N and $CKPT_DIR the run saves a checkpoint after step N; with $CKPT_RESUME=1 it first
 loads $CKPT_DIR's latest checkpoint and trains the steps after it (to STEPS).  With $BUILD_UNDER_ZERO_INIT=1
@@ -12,12 +12,15 @@ runs with WORLD_SIZE hidden (as one process would), the process group starts aft
 refusal goes to OUT.rank<r>.pt.
 
 TIER: nvme (parameters and optimizer on NVMe), cpu, or none.  FAULT_STEP: rank 1 kills itself with
-SIGKILL (kill) or stops itself with SIGSTOP (stop: alive but silent) before that step's backward; the
-process group's timeout is TIMEOUT_S (default 60)."""
+SIGKILL (kill), stops itself with SIGSTOP (stop: alive but silent), or fills its drive (enospc: its
+NVMe folder must be a small file system of its own; its gradient swap file loses its blocks, so the
+backward's writes hit ENOSPC) before that step's backward; the process group's timeout is TIMEOUT_S
+(default 60).  With $DELETE_NVME_ON_RANK=r, rank r's NVMe folder is deleted before initialize."""
 from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import signal
 import sys
 
@@ -53,10 +56,19 @@ def build_model(rank: int) -> torch.nn.Module:
     return fresh_model()
 
 
+def fill_drive(engine) -> None:
+    """This rank's drive full, its gradient swap file without blocks: the next gradient write hits ENOSPC."""
+    from test_faults import fill, punch_hole
+
+    (manager,) = engine.run.managers
+    punch_hole(str(manager.store.folder / "grad.swp"))
+    fill(manager.store.folder.parents[2])
+
+
 def main() -> None:
     out, nvme_root, tier, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     fault_at = int(sys.argv[5]) if len(sys.argv) > 5 else -1
-    fault = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[sys.argv[6]] if fault_at >= 0 else None
+    fault = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "enospc": "enospc"}[sys.argv[6]] if fault_at >= 0 else None
     timeout = float(sys.argv[7]) if len(sys.argv) > 7 else 60.0
     rank = int(os.environ.get("RANK", "0"))
     if os.environ.get("BUILD_UNDER_ZERO_INIT") == "alone":
@@ -79,7 +91,10 @@ def main() -> None:
     if not torch.distributed.is_initialized():  # world 1 (init_distributed starts none): for the loss all-reduce
         torch.distributed.init_process_group("gloo")
     world = torch.distributed.get_world_size()
-    engine, *_ = infinity.initialize(model=model, config=config(nvme_root, tier, rank))
+    settings = config(nvme_root, tier, rank)
+    if os.environ.get("DELETE_NVME_ON_RANK") == str(rank):
+        shutil.rmtree(os.path.join(nvme_root, f"rank{rank}"))  # this rank's swap folder is gone at the start
+    engine, *_ = infinity.initialize(model=model, config=settings)
     ckpt, save_at = os.environ.get("CKPT_DIR"), int(os.environ.get("CKPT_SAVE_AT", "-1"))
     first = 0
     if os.environ.get("CKPT_RESUME"):
@@ -91,7 +106,9 @@ def main() -> None:
             continue
         part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)  # this rank's part of the global batch
         loss = engine(x[part], y[part])
-        if step == fault_at and rank == 1 and fault is not None:
+        if step == fault_at and rank == 1 and fault == "enospc":
+            fill_drive(engine)
+        elif step == fault_at and rank == 1 and fault is not None:
             os.kill(os.getpid(), fault)
         engine.backward(loss)
         engine.step()

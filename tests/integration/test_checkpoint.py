@@ -354,24 +354,26 @@ def test_loading_into_a_live_engine_refreshes_kept_host_copies(tmp_path, batches
 
 def test_a_full_disk_fails_the_save_and_training_goes_on(tmp_path, batches):
     """The checkpoint folder on a real 1 MiB tmpfs: optimizer.safetensors (1.8 MB) does not fit.  The
-    save raises the AioError (ENOSPC or a short write, the temporary file's path), removes what it wrote, leaves
-    `latest` alone, and the run trains on exactly as if no save had been tried."""
+    save raises a CheckpointError naming the file and the cause (the AioError: ENOSPC or a short write, the
+    temporary file's path), removes what it wrote, the tag folder included, leaves `latest` alone, and the
+    run trains on exactly as if no save had been tried."""
     import errno
 
-    from infinity.errors import AioError
+    from infinity.errors import AioError, CheckpointError
 
     with size_limited_tmpfs(tmp_path / "small", "1m") as folder:
         want_losses, _ = uninterrupted(tmp_path, batches)
         engine = Engine(fresh_model(), settings(str(tmp_path)))
         try:
             train(engine, batches[:SAVE_AT])
-            with pytest.raises(AioError) as err:
+            with pytest.raises(CheckpointError) as err:
                 engine.save_checkpoint(str(folder))
+            cause = err.value.__cause__
             # ENOSPC, or a short write when the kernel wrote what fitted; both name the path and free space
-            assert err.value.errno in (errno.ENOSPC, errno.EIO) and f".{OPTIMIZER_FILE}.tmp-" in err.value.path
+            assert isinstance(cause, AioError) and cause.errno in (errno.ENOSPC, errno.EIO)
+            assert f".{OPTIMIZER_FILE}.tmp-" in err.value.path and err.value.path in str(err.value)
             assert "free space" in str(err.value)
-            tag = folder / f"global_step{SAVE_AT}"
-            assert not (folder / LATEST).exists() and list(tag.iterdir()) == []  # nothing left of the save
+            assert not (folder / LATEST).exists() and list(folder.iterdir()) == []  # nothing left, not even the tag
             assert train(engine, batches[SAVE_AT:]) == want_losses[SAVE_AT:]
         finally:
             engine.close()

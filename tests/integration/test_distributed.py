@@ -2,6 +2,7 @@
 all-gathers for a use and reduce-scatters gradients; the run equals one rank and plain torch."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from training_reference import make_batches, plain_torch_run
 
 from dist_worker import PERSISTENT
+from tmpfs import size_limited_tmpfs
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 STEPS = 10
@@ -195,7 +197,7 @@ def test_rank_folders_of_two_saves_or_a_missing_one_fail_every_rank_clearly(tmp_
         elif rank == 0:
             assert "cannot be loaded by another rank" in p.stderr
         else:
-            assert "has no folder for rank 1" in p.stderr
+            assert "rank_1: does not exist, but the save of tag 'global_step2' had 2 ranks" in p.stderr
 
 
 def test_consolidating_a_two_rank_checkpoint_gives_the_models_state_dict(tmp_path, nvme_runs):
@@ -249,3 +251,25 @@ def test_ranks_that_seed_differently_start_from_rank_0s_values(tmp_path, referen
     # zero.Init wrote them or the engine did
     pieces = sum(-(-length * 4 // 4096) * 4096 for _, _, _, length, replicated in runs[0]["shards"] if not replicated)
     assert [run["param_swap_bytes"] for run in runs] == [pieces, pieces]
+
+
+@pytest.mark.parametrize("fault", ["enospc", "deleted nvme_path"])
+def test_a_rank_whose_drive_fails_stops_every_rank_naming_it(tmp_path, fault):
+    """Rank 1's drive fills up mid-run (a real 8 MiB tmpfs of its own), or its NVMe folder is gone at the
+    start: rank 1 stops with its own error, and rank 0, whose next collective fails when rank 1 exits (well
+    within the 20 s process-group timeout), names rank 1 and that error (zero/ranks.py, tell_failure)."""
+    with contextlib.ExitStack() as stack:
+        if fault == "enospc":
+            (tmp_path / "nvme").mkdir()
+            stack.enter_context(size_limited_tmpfs(tmp_path / "nvme" / "rank1", "8m"))
+            done = launch(tmp_path, 2, "nvme", steps=4, fault=("2", "enospc", "20"), timeout=200)
+            cause = "AioError: "
+        else:
+            done = launch(tmp_path, 2, "nvme", steps=4, fault=("-1", "kill", "20"), timeout=200,
+                          DELETE_NVME_ON_RANK="1")
+            cause = "NvmePathError: "
+    rank0, rank1 = done
+    assert rank1.returncode != 0 and cause in rank1.stderr, rank1.stderr[-3000:]
+    assert rank0.returncode != 0 and "RankFailed" in rank0.stderr, rank0.stderr[-3000:]
+    assert f"rank 1 of 2 failed first: {cause}" in rank0.stderr, rank0.stderr[-3000:]
+    assert ("ENOSPC" if fault == "enospc" else str(tmp_path / "nvme" / "rank1")) in rank0.stderr

@@ -69,7 +69,8 @@ def test_labels_take_few_values():
     """Never a label per parameter: each label's values come from a short fixed list (or an errno name)."""
     vocab = {"src_tier": metrics.TIERS, "dst_tier": metrics.TIERS, "tier": metrics.TIERS, "kind": metrics.KINDS,
              "result": metrics.RESULTS, "op": metrics.OPS, "phase": metrics.STEP_PHASES + metrics.STALL_PHASES,
-             "outcome": metrics.PREFETCH_OUTCOMES, "state": ("free", "used"), "pinned": ("true", "false")}
+             "outcome": metrics.PREFETCH_OUTCOMES, "state": ("free", "used"), "pinned": ("true", "false"),
+             "value": metrics.NONFINITE_VALUES}
     for name, labels in metrics.DECLARED:
         for label, v in zip(metrics.METRICS[name].labels, labels):
             assert v in vocab[label]
