@@ -99,6 +99,8 @@ METRICS = {m.name: m for m in (
     Metric("infinity_step_phase_seconds_total", "counter", "Seconds of steps by phase; the phases add up to the "
            "steps' duration", ("phase",)),
     Metric("infinity_step_stall_ratio", "gauge", "Share of the last step the compute tier sat idle waiting on I/O"),
+    Metric("infinity_step_io_per_param_bytes", "gauge", "NVMe bytes the last step read or wrote per parameter of "
+           "this rank's share", ("op",)),
 )}
 # Series exported at zero before anything happens, so that rate() and dashboards see them from the start.
 DECLARED: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -258,6 +260,8 @@ def record_step(report: Any) -> None:
         c[("infinity_trace_invalidations_total", ())] += report.trace_invalidations
         c[("infinity_gathered_ahead_total", ())] += report.gathered_ahead
         TALLY.gauges[("infinity_step_stall_ratio", ())] = report.stall_ratio
+        TALLY.gauges[("infinity_step_io_per_param_bytes", ("read",))] = report.bytes_read_per_param
+        TALLY.gauges[("infinity_step_io_per_param_bytes", ("write",))] = report.bytes_written_per_param
 
 
 # ---- live objects, read at scrape time ----------------------------------------------------------
