@@ -25,10 +25,10 @@ class Mlp(nn.Module):
         return nn.functional.mse_loss(self.net(x), y)
 
 
-def mlp_engine(tmp_path, **extra) -> Engine:
+def mlp_engine(tmp_path, sub_group_size: int = 2 * WIDTH * WIDTH) -> Engine:
     settings = EngineSettings(param_tier=Tier.NVME, optimizer_tier=Tier.NVME, param_nvme_path=str(tmp_path),
-                              optimizer_nvme_path=str(tmp_path), adam=AdamSettings(), sub_group_size=2 * WIDTH * WIDTH,
-                              optimizer_buffer_count=4, **extra)
+                              optimizer_nvme_path=str(tmp_path), adam=AdamSettings(), sub_group_size=sub_group_size,
+                              optimizer_buffer_count=4)
     return Engine(Mlp(), settings)
 
 
@@ -61,6 +61,27 @@ def test_per_parameter_figures_are_the_steps_bytes_over_the_parameters(tmp_path)
     # Sanity: an fp32 AdamW step reads the moments and the fp32 values (12 B) and writes them back (12 B); it
     # reads each parameter at most once for forward and once for backward, and its gradient at most once (12 B).
     assert 12 <= steady.bytes_read_per_param <= 24 and 12 <= steady.bytes_written_per_param <= 20
+
+
+def steady_step(tmp_path, sub_group_size: int):
+    tmp_path.mkdir()
+    engine = mlp_engine(tmp_path, sub_group_size)
+    try:
+        return reports(engine, 3)[-1]
+    finally:
+        engine.close()
+
+
+def test_the_first_sub_groups_gradient_never_goes_to_nvme(tmp_path):
+    """[Note: the first sub-group's gradient stays in host memory] (swap/optimizer.py): with one sub-group a
+    steady fp32 step writes the moments, the master and the parameter (16 B per parameter) and no gradient;
+    with four, the gradients of the last three go to NVMe and back (4 B written and read per parameter of
+    them: 3 B per parameter of the model), and the parameter reads are the same."""
+    one = steady_step(tmp_path / "one", 10**9)
+    four = steady_step(tmp_path / "four", WIDTH * WIDTH)
+    assert one.bytes_written_per_param == 16.0
+    assert four.bytes_written_per_param - one.bytes_written_per_param == 3.0
+    assert four.bytes_read_per_param - one.bytes_read_per_param == 3.0
 
 
 def test_infinity_train_step_records_carry_the_figures():
