@@ -102,6 +102,8 @@ METRICS = {m.name: m for m in (
     Metric("infinity_step_stall_ratio", "gauge", "Share of the last step the compute tier sat idle waiting on I/O"),
     Metric("infinity_nonfinite_steps_total", "counter", "Optimizer steps whose loss or gradient norm was NaN or "
            "infinite, by which", ("value",)),
+    Metric("infinity_step_io_per_param_bytes", "gauge", "NVMe bytes the last step read or wrote per parameter of "
+           "this rank's share", ("op",)),
 )}
 # Series exported at zero before anything happens, so that rate() and dashboards see them from the start.
 DECLARED: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -264,6 +266,8 @@ def record_step(report: Any) -> None:
         TALLY.gauges[("infinity_step_stall_ratio", ())] = report.stall_ratio
         for value in report.nonfinite:
             c[("infinity_nonfinite_steps_total", (value,))] += 1
+        TALLY.gauges[("infinity_step_io_per_param_bytes", ("read",))] = report.bytes_read_per_param
+        TALLY.gauges[("infinity_step_io_per_param_bytes", ("write",))] = report.bytes_written_per_param
 
 
 # ---- live objects, read at scrape time ----------------------------------------------------------

@@ -10,7 +10,7 @@ import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any, Iterator, Mapping
 
@@ -71,6 +71,21 @@ class StepStats:
     prefetch_misses: int = 0
     peak_rss_bytes: int = 0  # the largest peak RSS (ru_maxrss) of any rank so far, at the end of the step
     nonfinite: tuple[str, ...] = ()  # "loss", "grad_norm": NaN or infinite in this step (StepReport.nonfinite)
+    params: int = 0  # parameters this rank trains (StepReport.params): what the per-parameter figures divide by
+
+    @property
+    def bytes_read_per_param(self) -> float:
+        """NVMe bytes read this step per parameter this rank trains (0.0 with none)."""
+        return self.bytes_read / self.params if self.params else 0.0
+
+    @property
+    def bytes_written_per_param(self) -> float:
+        return self.bytes_written / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The step's --json record: its fields and the per-parameter byte figures."""
+        return {**asdict(self), "bytes_read_per_param": self.bytes_read_per_param,
+                "bytes_written_per_param": self.bytes_written_per_param}
 
     @property
     def tokens_per_s(self) -> float:
@@ -292,7 +307,8 @@ def _step(engine: Engine, job: TrainJob, window: list, step: int, tokens: int) -
                      prefetch_hits=report.prefetch_hits if report else 0,
                      prefetch_late=report.prefetch_late if report else 0,
                      prefetch_misses=report.prefetch_misses if report else 0, peak_rss_bytes=peak_rss,
-                     nonfinite=report.nonfinite if report else ())
+                     nonfinite=report.nonfinite if report else (),
+                     params=report.params if report else 0)
 
 
 def _global_batches(job: TrainJob, spec: GptSpec, batch: int, first: int, count: int,

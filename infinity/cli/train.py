@@ -112,7 +112,8 @@ def describe(stats) -> str:
     """The progress line of one optimizer step (StepStats): every figure is that step's alone."""
     return (f"loss {stats.loss:7.4f}  this step: {stats.step_s:6.2f} s  {stats.tokens_per_s:8.0f} tok/s  "
             f"stall {100 * stats.stall_ratio:4.1f}%  read {stats.bytes_read / 1e9:6.3f} GB  written "
-            f"{stats.bytes_written / 1e9:6.3f} GB  prefetch {stats.prefetch.shares()}  lr {stats.lr:.2e}"
+            f"{stats.bytes_written / 1e9:6.3f} GB  ({stats.bytes_read_per_param:.1f} / "
+            f"{stats.bytes_written_per_param:.1f} B/param)  prefetch {stats.prefetch.shares()}  lr {stats.lr:.2e}"
             + (f"  NON-FINITE {', '.join(stats.nonfinite)}" if stats.nonfinite else ""))
 
 
@@ -133,7 +134,7 @@ def train(ns: argparse.Namespace):  # -> RunSummary
         bar.close()
     result = summarize(steps, ranks=int(os.environ.get("WORLD_SIZE", "1") or 1))
     if ns.json and _rank() == 0:
-        write_output(ns.json, json.dumps({"summary": asdict(result), "steps": [asdict(s) for s in steps]},
+        write_output(ns.json, json.dumps({"summary": asdict(result), "steps": [s.to_dict() for s in steps]},
                                          indent=2))  # replaces a symlink at the name, never follows it
     return result
 

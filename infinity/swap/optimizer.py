@@ -14,6 +14,17 @@ writes overlap) and never waits on a buffer nobody will release.  At most three 
 (i-1 writing, i updating, i+1 reading), and never more than there are: `pool_buffers` sizes the pool as
 offload_optimizer.buffer_count × min(1 + pipeline_read + pipeline_write, sub-groups).  Buffers beyond
 that would only ever stage gradients during backward (put_grad), which needs one.
+
+[Note: the first sub-group's gradient stays in host memory]
+Sub-group 0 is updated first, and its gradients (the model's first parameters) are the last backward makes:
+sending them to NVMe only to read them back at once moves 8 bytes per element for nothing.  So one pool
+buffer holds sub-group 0's gradient from the end of a step to the end of sub-group 0's next update, and
+put_grad copies into it; the step reads the sub-group's other vectors only, and gives the buffer back to
+the pool before sub-group 1's reads, so the pipeline keeps its depth (sub-group 0 takes as many buffers
+as before, one of them this one).  With one sub-group (sub_group_size at least the model, DeepSpeed's
+default) no gradient goes to NVMe at all.  The buffer stands in for the swap file exactly: unwritten
+slices are zeroed by prepare_grad, and every slice's padding is zeroed when the buffer is taken and
+after each put_grad, as write_part pads the file with zeros.  Its gradient file stays, unused.
 """
 from __future__ import annotations
 
@@ -131,6 +142,8 @@ class NvmeOptimizer:
         for g in groups:
             for kind in self.kinds:
                 manager.add(key(g.index, kind), g.numel, torch.float32, region=kind, pool=pool)
+        self._resident_slot, self._resident_grad = -1, None  # [Note: the first sub-group's gradient ...]
+        self._take_resident()
 
     def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
         """Writes the initial fp32 master weights.  Moments and gradients start as the zeros of new files."""
@@ -182,9 +195,38 @@ class NvmeOptimizer:
         return SwapPart(self.manager, key(s.group, state), s.offset * FP32)
 
     def put_grad(self, s: Slice, grad: torch.Tensor) -> None:
-        """Sends a parameter's final fp32 gradient to its sub-group's swap file (asynchronously)."""
-        self.manager.write_part(key(s.group, "grad"), s.offset * FP32, grad, staging=self.pool)
+        """Sends a parameter's final fp32 gradient to its sub-group's swap file (asynchronously), or for
+        sub-group 0 into its host buffer ([Note: the first sub-group's gradient stays in host memory])."""
+        if self._resident(s.group):
+            self._resident_grad[s.offset:s.end].copy_(grad.reshape(-1))
+            self._resident_grad[s.end:s.offset + padded(s.numel)].zero_()
+        else:
+            self.manager.write_part(key(s.group, "grad"), s.offset * FP32, grad, staging=self.pool)
         self._written[s.group].add(s.index)
+
+    def _take_resident(self) -> None:
+        """Takes the pool buffer that holds sub-group 0's gradient until its next update, padding zeroed."""
+        if not self.groups or self._resident_grad is not None:
+            return
+        g = self.groups[0]
+        self._resident_slot, buffer = self.pool.acquire(g.numel * FP32)
+        self._resident_grad = buffer.view(torch.float32, g.numel)
+        for s in g.slices:
+            self._resident_grad[s.end:s.offset + padded(s.numel)].zero_()
+
+    def _give_back_resident(self) -> None:
+        """Sub-group 0's update is done: its gradient buffer goes back to the pool for the other sub-groups."""
+        if self._resident_grad is not None:
+            self._resident_grad = None
+            self.pool.release(self._resident_slot)
+
+    def _resident(self, group: int) -> bool:
+        """Sub-group group's gradient is in host memory, not in its swap file."""
+        return group == 0 and self._resident_grad is not None
+
+    def _read_kinds(self, group: int) -> tuple[str, ...]:
+        """The vectors a step reads from sub-group group's swap files."""
+        return tuple(k for k in self.kinds if k != GRAD) if self._resident(group) else self.kinds
 
     def discard_grads(self) -> None:
         """A skipped step (fp16 overflow): the gradients sent are forgotten."""
@@ -215,22 +257,27 @@ class NvmeOptimizer:
                 self._start_reads(following, writing)
         while writing:
             self._finish_writes(writing.popleft())
+        self._take_resident()
 
     # ---- one sub-group -----------------------------------------------------
     def _start_reads(self, index: int, writing: deque[tuple[int, set[str]]]) -> bool:
         """Starts reading sub-group index, completing earlier writes for room; False if it could not."""
         if index >= len(self.groups):
             return False
-        while self.pool.buffer_count - self.pool.in_use < self.per_group and writing:
+        kinds = self._read_kinds(index)
+        while self.pool.buffer_count - self.pool.in_use < len(kinds) and writing:
             self._finish_writes(writing.popleft())
-        if self.pool.buffer_count - self.pool.in_use < self.per_group:
+        if self.pool.buffer_count - self.pool.in_use < len(kinds):
             return False
-        for kind in self.kinds:
+        for kind in kinds:
             self.manager.start_read(key(index, kind))
         return True
 
     def _finish_reads(self, g: Group) -> dict[str, torch.Tensor]:
-        return {kind: self.manager.finish_read(key(g.index, kind)) for kind in self.kinds}
+        views = {kind: self.manager.finish_read(key(g.index, kind)) for kind in self._read_kinds(g.index)}
+        if self._resident(g.index):
+            views[GRAD] = self._resident_grad
+        return views
 
     def _update(self, g: Group, v: dict[str, torch.Tensor], grad_coef: float) -> None:
         prepare_grad(g, v[GRAD], self._written[g.index], grad_coef)
@@ -240,7 +287,10 @@ class NvmeOptimizer:
         for kind in self.states:
             self.manager.stage(key(g.index, kind))  # updated in place: newer than the file
             self.manager.start_write(key(g.index, kind))
-        self.manager.drop(key(g.index, "grad"))  # read, never changed on NVMe's behalf: no write back
+        if self._resident(g.index):
+            self._give_back_resident()
+        else:
+            self.manager.drop(key(g.index, "grad"))  # read, never changed on NVMe's behalf: no write back
 
     @contextmanager
     def _waiting(self, name: str) -> Iterator[None]:

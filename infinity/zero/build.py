@@ -86,7 +86,7 @@ class Run:
         self.groups = plan_groups([(sh.name, sh.length) for sh in self.shards], settings.sub_group_size,
                                   self.setup.group_of(self.params))
         self.optimizer = self._build_optimizer()
-        self.reporter = StepReporter(settings.report_every, self.rank)
+        self.reporter = StepReporter(settings.report_every, self.rank, sum(sh.real for sh in self.shards))
         self.gradients = Gradients(self.shards, self.ranks, self.optimizer, self._slice, self.reporter.clock,
                                    self.device)
         self.homes, self.offloaded = self._build_param_homes()

@@ -92,6 +92,17 @@ class StepReport:
     loss: float = 0.0  # mean of the step's micro-batch losses on this rank
     grad_norm: float = 0.0  # the gradient's global 2-norm (unscaled), before clipping
     nonfinite: tuple[str, ...] = ()  # which of "loss", "grad_norm" were NaN or infinite (zero/nonfinite.py)
+    params: int = 0  # parameters this rank trains: its share of each (all of a replicated one), padding left out
+
+    @property
+    def bytes_read_per_param(self) -> float:
+        """NVMe bytes the step read per parameter of this rank's share (bytes_read / params; 0.0 with none)."""
+        return self.bytes_read / self.params if self.params else 0.0
+
+    @property
+    def bytes_written_per_param(self) -> float:
+        """NVMe bytes the step wrote per parameter of this rank's share (bytes_written / params)."""
+        return self.bytes_written / self.params if self.params else 0.0
 
     @property
     def stall_s(self) -> float:
@@ -124,14 +135,17 @@ class StepReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "stall_s": self.stall_s, "stall_ratio": self.stall_ratio,
-                "hit_ratio": self.hit_ratio, "late_ratio": self.late_ratio, "miss_ratio": self.miss_ratio}
+                "hit_ratio": self.hit_ratio, "late_ratio": self.late_ratio, "miss_ratio": self.miss_ratio,
+                "bytes_read_per_param": self.bytes_read_per_param,
+                "bytes_written_per_param": self.bytes_written_per_param}
 
     def line(self) -> str:
         who = f"rank {self.rank} " if self.rank else ""
         return (f"{who}step {self.step}: {self.step_s:.3f} s = compute {self.other_s:.3f} + read wait "
                 f"{self.read_wait_s:.3f} + write wait {self.write_wait_s:.3f} + optimizer {self.optimizer_s:.3f} "
                 f"(of which I/O wait {self.optimizer_io_wait_s:.3f}); stall {100 * self.stall_ratio:.1f}%; "
-                f"read {self.bytes_read / 1e9:.3f} GB, written {self.bytes_written / 1e9:.3f} GB; prefetch "
+                f"read {self.bytes_read / 1e9:.3f} GB, written {self.bytes_written / 1e9:.3f} GB ("
+                f"{self.bytes_read_per_param:.1f} / {self.bytes_written_per_param:.1f} B per parameter); prefetch "
                 f"{self.prefetch_hits} hit / {self.prefetch_late} late / {self.prefetch_misses} miss; peak live "
                 f"{self.peak_live_elements} elements" + (f"; NON-FINITE {', '.join(self.nonfinite)}" if self.nonfinite
                                                          else ""))
@@ -193,9 +207,9 @@ class StepClock:
 class StepReporter:
     """Turns the clock into one StepReport per optimizer step, and logs every `every` steps."""
 
-    def __init__(self, every: int, rank: int = 0):
+    def __init__(self, every: int, rank: int = 0, params: int = 0):
         self.clock = StepClock()
-        self.rank = rank
+        self.rank, self.params = rank, params  # params: what StepReport.params counts
         self.every = max(every, 1)
         self.last: StepReport | None = None
         self._at_start = (0, 0, 0)
@@ -209,7 +223,8 @@ class StepReporter:
         """The step's report from the running counters (bytes moved, trace invalidations) as it ends."""
         read0, written0, invalid0 = self._at_start
         report = dataclasses.replace(self.clock.report(step, bytes_read - read0, bytes_written - written0,
-                                                       invalidations - invalid0), rank=self.rank)
+                                                       invalidations - invalid0), rank=self.rank,
+                                     params=self.params)
         self.last = report
         if step % self.every == 0:
             log.info("%s", report.line())

@@ -28,6 +28,8 @@ def test_trains_on_nvme_and_records_every_step(tmp_path, capsys):
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert all(s["bytes_read"] > 0 and s["bytes_written"] > 0 and s["tokens"] == 2 * 16 for s in steps)
     assert all(0 <= s["stall_ratio"] <= 1 and s["peak_rss_bytes"] > 0 for s in steps)
+    assert all(s["params"] > 0 and s["bytes_read_per_param"] == s["bytes_read"] / s["params"]
+               and s["bytes_written_per_param"] == s["bytes_written"] / s["params"] for s in steps)
     # hit, late and miss are infinity_prefetch_total's outcomes, step by step
     for outcome, field in (("hit", "prefetch_hits"), ("late", "prefetch_late"), ("miss", "prefetch_misses")):
         key = ("infinity_prefetch_total", (outcome,))
@@ -38,6 +40,7 @@ def test_trains_on_nvme_and_records_every_step(tmp_path, capsys):
     assert len(lines) == 3 and all("this step:" in line and " GB " in line for line in lines)
     for line, s in zip(lines, steps):  # the progress line's shares are the step's counts
         uses = s["prefetch_hits"] + s["prefetch_late"] + s["prefetch_misses"]
+        assert f"({s['bytes_read_per_param']:.1f} / {s['bytes_written_per_param']:.1f} B/param)" in line
         assert (f"prefetch hit {100 * s['prefetch_hits'] / uses:.1f}% / late {100 * s['prefetch_late'] / uses:.1f}% "
                 f"/ miss {100 * s['prefetch_misses'] / uses:.1f}% of {uses} uses") in line
     summary = record["summary"]

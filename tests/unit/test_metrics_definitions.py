@@ -95,7 +95,7 @@ def test_step_report_adds_up_and_only_while_active():
     try:
         metrics.record_step(report())
         metrics.record_step(report(step=2, step_s=4.0, other_s=3.0, prefetch_misses=0, trace_invalidations=0,
-                                   gathered_ahead=5))
+                                   gathered_ahead=5, params=1 << 16))
     finally:
         metrics.disable()
     after = samples()
@@ -115,6 +115,9 @@ def test_step_report_adds_up_and_only_while_active():
     assert grew("infinity_trace_invalidations_total") == 1
     assert grew("infinity_gathered_ahead_total") == 5
     assert after[("infinity_step_stall_ratio", ())] == report(step_s=4.0).stall_ratio  # the last step's
+    # the last step's bytes over its parameters: 1 MiB read, 512 KiB written over 64 Ki parameters
+    assert after[("infinity_step_io_per_param_bytes", (("op", "read"),))] == 16.0
+    assert after[("infinity_step_io_per_param_bytes", (("op", "write"),))] == 8.0
 
 
 def test_submit_failures_and_short_transfers_count_as_errors():

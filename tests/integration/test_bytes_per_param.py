@@ -1,0 +1,94 @@
+"""Bytes per parameter per step (issue 18): the step report's, infinity-train's and the metric's figures
+are the step's NVMe bytes over the parameters this rank trains, on a small fp32 MLP with parameters and
+optimizer states on NVMe."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from infinity.cli.train import describe
+from infinity.swap.optimizer import AdamSettings
+from infinity.swap.params import Tier
+from infinity.train import StepStats
+from infinity.zero import Engine, EngineSettings
+
+WIDTH, LAYERS = 256, 4  # no biases: every parameter is a whole number of 4 KiB blocks, so the bytes are exact
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(*[m for _ in range(LAYERS) for m in (nn.Linear(WIDTH, WIDTH, bias=False), nn.ReLU())])
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+def mlp_engine(tmp_path, sub_group_size: int = 2 * WIDTH * WIDTH) -> Engine:
+    settings = EngineSettings(param_tier=Tier.NVME, optimizer_tier=Tier.NVME, param_nvme_path=str(tmp_path),
+                              optimizer_nvme_path=str(tmp_path), adam=AdamSettings(), sub_group_size=sub_group_size,
+                              optimizer_buffer_count=4)
+    return Engine(Mlp(), settings)
+
+
+def reports(engine: Engine, steps: int) -> list:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        loss = engine(torch.randn(8, WIDTH, generator=g), torch.randn(8, WIDTH, generator=g))
+        engine.backward(loss)
+        engine.step()
+        out.append(engine.step_report())
+    return out
+
+
+def test_per_parameter_figures_are_the_steps_bytes_over_the_parameters(tmp_path):
+    engine = mlp_engine(tmp_path)
+    try:
+        steps = reports(engine, 3)
+    finally:
+        engine.close()
+    params = LAYERS * WIDTH * WIDTH
+    for r in steps:
+        assert r.params == params
+        assert r.bytes_read_per_param == r.bytes_read / params
+        assert r.bytes_written_per_param == r.bytes_written / params
+        d = r.to_dict()
+        assert (d["params"], d["bytes_read_per_param"]) == (params, r.bytes_read_per_param)
+        assert f"{r.bytes_read_per_param:.1f} / {r.bytes_written_per_param:.1f} B per parameter" in r.line()
+    steady = steps[-1]
+    # Sanity: an fp32 AdamW step reads the moments and the fp32 values (12 B) and writes them back (12 B); it
+    # reads each parameter at most once for forward and once for backward, and its gradient at most once (12 B).
+    assert 12 <= steady.bytes_read_per_param <= 24 and 12 <= steady.bytes_written_per_param <= 20
+
+
+def steady_step(tmp_path, sub_group_size: int):
+    tmp_path.mkdir()
+    engine = mlp_engine(tmp_path, sub_group_size)
+    try:
+        return reports(engine, 3)[-1]
+    finally:
+        engine.close()
+
+
+def test_the_first_sub_groups_gradient_never_goes_to_nvme(tmp_path):
+    """[Note: the first sub-group's gradient stays in host memory] (swap/optimizer.py): with one sub-group a
+    steady fp32 step writes the moments, the master and the parameter (16 B per parameter) and no gradient;
+    with four, the gradients of the last three go to NVMe and back (4 B written and read per parameter of
+    them: 3 B per parameter of the model), and the parameter reads are the same."""
+    one = steady_step(tmp_path / "one", 10**9)
+    four = steady_step(tmp_path / "four", WIDTH * WIDTH)
+    assert one.bytes_written_per_param == 16.0
+    assert four.bytes_written_per_param - one.bytes_written_per_param == 3.0
+    assert four.bytes_read_per_param - one.bytes_read_per_param == 3.0
+
+
+def test_infinity_train_step_records_carry_the_figures():
+    stats = StepStats(step=1, loss=1.0, step_s=1.0, tokens=8, bytes_read=18 << 20, bytes_written=20 << 20,
+                      lr=1e-3, params=1 << 20)
+    d = stats.to_dict()
+    assert (d["params"], d["bytes_read_per_param"], d["bytes_written_per_param"]) == (1 << 20, 18.0, 20.0)
+    assert "(18.0 / 20.0 B/param)" in describe(stats)
+    assert StepStats(step=1, loss=1.0, step_s=1.0, tokens=8, bytes_read=0, bytes_written=0, lr=0.0).to_dict()[
+        "bytes_read_per_param"] == 0.0
