@@ -28,7 +28,7 @@ from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
 from infinity.timeline import Timeline
 from infinity.zero import Engine, Init, initialize
 from infinity.zero.ranks import init_distributed
-from infinity.zero.step_report import PrefetchCounts
+from infinity.zero.step_report import PrefetchCounts, per_param
 
 log = logging.getLogger("infinity.train")
 
@@ -76,11 +76,11 @@ class StepStats:
     @property
     def bytes_read_per_param(self) -> float:
         """NVMe bytes read this step per parameter this rank trains (0.0 with none)."""
-        return self.bytes_read / self.params if self.params else 0.0
+        return per_param(self.bytes_read, self.params)
 
     @property
     def bytes_written_per_param(self) -> float:
-        return self.bytes_written / self.params if self.params else 0.0
+        return per_param(self.bytes_written, self.params)
 
     def to_dict(self) -> dict[str, Any]:
         """The step's --json record: its fields and the per-parameter byte figures."""

@@ -14,20 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from infinity.checkpoint.format import CHECKSUM, new_checksum
-
-
-class Hashed:
-    """One chunk's hash, as the pipeline waits for it (done / wait, like an IoFuture)."""
-
-    def __init__(self, future: Future[None]):
-        self._future = future
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self) -> int:
-        self._future.result()
-        return 0
+from infinity.memory.integrity import Checked as Hashed  # one chunk's hash, waited on like an IoFuture
 
 
 class StreamDigest:

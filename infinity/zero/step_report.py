@@ -33,6 +33,11 @@ class Outcome(enum.Enum):
     MISS = "miss"  # nobody had asked for it: fetched on demand
 
 
+def per_param(nbytes: int, params: int) -> float:
+    """Bytes per parameter (0.0 with no parameters): the step report's and infinity-train's figures."""
+    return nbytes / params if params else 0.0
+
+
 @dataclass(frozen=True)
 class PrefetchCounts:
     """Uses of offloaded parameters by how they had been fetched: the outcomes of infinity_prefetch_total
@@ -97,12 +102,12 @@ class StepReport:
     @property
     def bytes_read_per_param(self) -> float:
         """NVMe bytes the step read per parameter of this rank's share (bytes_read / params; 0.0 with none)."""
-        return self.bytes_read / self.params if self.params else 0.0
+        return per_param(self.bytes_read, self.params)
 
     @property
     def bytes_written_per_param(self) -> float:
         """NVMe bytes the step wrote per parameter of this rank's share (bytes_written / params)."""
-        return self.bytes_written / self.params if self.params else 0.0
+        return per_param(self.bytes_written, self.params)
 
     @property
     def stall_s(self) -> float:
