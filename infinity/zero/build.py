@@ -25,7 +25,7 @@ from infinity.zero.coordinator import Coordinator
 from infinity.zero.init import placed
 from infinity.zero.placeholders import guard_state_dict, mark_partitioned
 from infinity.zero.placement import check_placement, open_manager, optimizer_pool, param_pool
-from infinity.zero.settings import EngineSettings, budgets_of, dtype_of
+from infinity.zero.settings import EngineSettings, budgets_of, dtype_of, warn_slow_half_precision
 from infinity.zero.gather import ShardedHome, piece_of
 from infinity.zero.gathered import claim
 from infinity.zero.external import ExternalParameters, check_placeholders
@@ -55,6 +55,7 @@ class Run:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.device = self.params[0].device if self.params else torch.device("cpu")
+        warn_slow_half_precision(settings.precision, self.device)
         self._managers: dict[str, MemoryManager] = {}
         self._param_pool: BufferPool | None = None  # built with the homes when parameters are on NVMe
         self._optimizer_pool: BufferPool | None = None  # built with the optimizer when its states are
