@@ -30,6 +30,7 @@ import torch
 from infinity.cli.train import DEFAULT_CONFIG, DEFAULT_SPEC
 from infinity.memory.integrity import Checksums, Integrity
 from infinity.models.gpt import synthetic_batches
+from infinity.config import Config
 from infinity.train import TrainJob, build_model, load_config
 from infinity.zero import initialize
 
@@ -55,6 +56,8 @@ def set_mode(engine: Any, mode: str) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     job = TrainJob(config=DEFAULT_CONFIG, spec=DEFAULT_SPEC, nvme_path=args.nvme_path, seed=0)
     config = load_config(job)
+    if args.precision == "fp32":  # the same job with bf16 off: faster compute, so the I/O weighs more
+        config = Config.load(json.loads(config.to_json()), overrides={"bf16.enabled": False})
     engine, *_ = initialize(model=build_model(job, config), config=config)
     total = args.warmup + 2 * args.rounds * args.steps
     batches = synthetic_batches(DEFAULT_SPEC, batch=int(config.train_micro_batch_size_per_gpu), steps=total, seed=1)
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per block (default %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="steps before the first round (default %(default)s)")
     p.add_argument("--json", help="write every step time, the rounds and the summary here")
+    p.add_argument("--precision", choices=("config", "fp32"), default="config",
+                   help="the config's precision (nvme-local: bf16) or fp32 (default %(default)s)")
     args = p.parse_args(argv)
     Path(args.nvme_path).mkdir(parents=True, exist_ok=True)
     result = run(args)
