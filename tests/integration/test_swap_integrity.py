@@ -56,8 +56,8 @@ def assert_names(err: SwapChecksumError, path: str, key: str, extent: Extent) ->
 
 
 # param: the forward's fetch of the last parameter (the first ones may be held from the step); the
-# optimizer's states and master weights: the step's read of sub-group 0; grad: written by backward, read by
-# the step.
+# optimizer's states and master weights: the step's read of sub-group 0; grad: the last sub-group's, written
+# by backward, read by the step (sub-group 0's gradient stays in host memory until its update: issue 18).
 @pytest.mark.parametrize("region", ["param", "exp_avg", "master", "grad"])
 def test_flipped_byte_is_caught_at_the_next_read_and_latches(tmp_path, batches, region):
     ckpt = tmp_path / "ckpt"
@@ -67,7 +67,7 @@ def test_flipped_byte_is_caught_at_the_next_read_and_latches(tmp_path, batches, 
         engine.save_checkpoint(str(ckpt))
         if region == "grad":
             engine.backward(engine(*batches[1]))
-        path, key, extent = flip_byte(engine, region, last=region == "param")
+        path, key, extent = flip_byte(engine, region, last=region in ("param", "grad"))
         with pytest.raises(SwapChecksumError) as err:
             if region == "grad":
                 engine.step()

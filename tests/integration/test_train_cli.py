@@ -86,7 +86,8 @@ def test_trace_holds_the_last_two_steps_of_compute_io_and_optimizer(tmp_path):
     assert len(steps) == 2
     # one clock: every request ends by the last step's end (an I/O span is recorded when its request is done)
     last = max(e["ts"] for e in events if e["ph"] == "i")
-    assert all(e["ts"] <= last for e in ends.values())
+    # (reads ahead for a next step that after_step starts once the last step's mark is down may end later)
+    assert all(ends[i]["ts"] <= last for i, b in begins.items() if b["ts"] <= last)
 
 
 @pytest.mark.parametrize("args,message", [
