@@ -328,11 +328,10 @@ class Engine(DeepSpeedApi):
             raise UsageError(f"{what}() was called with a step half done (a forward, backward or gradient "
                              f"accumulation window not finished by step()); call it after engine.step()")
 
-    def _lr(self) -> float:
-        """The first parameter group's lr, after the config's schedule (if any) set every group's."""
-        schedule = self.settings.schedule
-        if schedule is not None:
-            set_lr(self.run.param_groups, schedule.lr(self.applied_steps))
+    @property
+    def lr(self) -> float:
+        """The next step's lr: the first parameter group's (what the step reads; the schedule, a client
+        scheduler or Trainer sets the groups), the config's with no groups."""
         return float(self.run.param_groups[0]["lr"]) if self.run.param_groups else self.settings.adam.lr
 
     @property
@@ -343,8 +342,9 @@ class Engine(DeepSpeedApi):
 
     def _follow_schedule(self) -> None:
         """The next step's lr, and OneCycle's betas (set on the optimizer, as DeepSpeed's scheduler does)."""
-        self.lr = self._lr()
         schedule = self.settings.schedule
+        if schedule is not None:
+            set_lr(self.run.param_groups, schedule.lr(self.applied_steps))
         betas = schedule.betas(self.applied_steps) if schedule is not None else None
         if betas is not None:
             for group in self.run.param_groups:  # every group's, as DeepSpeed's OneCycle sets them

@@ -89,8 +89,7 @@ class EngineOptimizer(torch.optim.Optimizer):
         """[Note: the lr Trainer's scheduler set]  With no scheduler block the engine's lr is the config's
         constant; the next step's lr is the group's, which Trainer's scheduler moved after the last step."""
         if self.follows_trainer:
-            self.engine.lr = lr = float(self.param_groups[0]["lr"])
-            set_lr(self.engine.run.param_groups, lr)  # what the engine's step reads (zero/param_groups.py)
+            set_lr(self.engine.run.param_groups, float(self.param_groups[0]["lr"]))  # what the step reads
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients leave the compute tier as they are made; nothing to clear."""
