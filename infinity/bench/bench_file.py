@@ -52,17 +52,21 @@ class BenchFile:
 def create_bench_file(folder: str) -> BenchFile:
     """A new bench file in folder, locked; first removes the files of sweeps that died."""
     remove_dead_bench_files(folder)
-    attempt = 0
-    while True:
+    for _ in range(_TRIES):
         path = os.path.join(folder, f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{FILE_SUFFIX}")
         try:
             file = open_file(path, Access.NEW)
         except AioError as err:
-            attempt += 1
-            if err.errno == errno.EEXIST and attempt < _TRIES:  # that name is taken: draw another
+            if err.errno == errno.EEXIST:  # that name is taken: draw another
                 continue
             raise
-        return BenchFile(file, RunLock.hold(os.dup(file.buffered_fd), path))
+        lock = RunLock.try_hold_new(os.dup(file.buffered_fd), path)
+        if lock is not None:
+            return BenchFile(file, lock)
+        file.close()  # a clean-up starting now took it; draw another name
+    raise AioError(errno.EEXIST, "create", folder, 0, 0,
+                   fix=f"{_TRIES} new bench files in a row were taken or removed by other infinity-bench runs "
+                       "starting in this folder: run the sweeps one after another")
 
 
 def remove_dead_bench_files(folder: str) -> list[str]:

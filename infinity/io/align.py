@@ -29,8 +29,9 @@ def block_device_name(path: str | os.PathLike[str]) -> str | None:
         return None
 
 
-def logical_block_size(path: str | os.PathLike[str]) -> int:
-    """The logical block size O_DIRECT needs for files under path (4096 when it cannot be read)."""
+def logical_block_size(path: str | os.PathLike[str] | int) -> int:
+    """The logical block size O_DIRECT needs for files under path, or for the open file descriptor path
+    (4096 when it cannot be read)."""
     dev = os.stat(path).st_dev
     base = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
     # A partition's queue/ lives on its parent disk.

@@ -78,7 +78,7 @@ def open_file(path: str | os.PathLike[str], access: Access = Access.READ_WRITE) 
             os.close(buffered)
             raise AioError(err.errno or errno.EIO, "open (O_DIRECT)", path, 0, 0) from None
         direct = -1
-    return AioFile(path, access, buffered, direct, logical_block_size(path))
+    return AioFile(path, access, buffered, direct, logical_block_size(buffered))  # the name may be gone
 
 
 def _open_fix(err: int | None, access: Access, path: str) -> str:

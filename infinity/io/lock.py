@@ -41,25 +41,56 @@ class RunLock:
         self.fd, self.path = fd, path
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str]) -> "RunLock":
-        """Creates path (mode 0600; an existing name is refused, never followed) and locks it."""
+    def create(cls, path: str | os.PathLike[str]) -> "RunLock | None":
+        """Creates path (mode 0600; an existing name is refused, never followed) and locks it; None when a
+        clean-up starting at that moment took the new file first (see the note on made-then-locked)."""
         path = os.fspath(path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, LOCK_MODE)
         except OSError as err:
             raise InfinityError(f"cannot create the run lock {path}: {err.strerror}; infinity creates it in a "
                                 "folder of its own and never reuses a name") from None
-        return cls.hold(fd, path)
+        return cls.try_hold_new(fd, path)
 
     @classmethod
-    def hold(cls, fd: int, path: str) -> "RunLock":
-        """Locks fd (an open file of this run, such as the bench file) for the run's life; the caller's fd."""
+    def try_hold_new(cls, fd: int, path: str) -> "RunLock | None":
+        """The lock of a file just made at path, or None (fd closed) when a clean-up took it first.
+
+        [Note: made, then locked]  Between the open that creates a file and its flock the file is
+        unlocked, and a clean-up starting in the same folder at that moment judges it dead: it takes the
+        lock (ours then fails) or removes the name (ours then locks a file that has no name any more).
+        Either way the name is lost and the caller makes another.  Once the lock is held and the name
+        still names the locked file, no clean-up can take it: claim() removes only what it has locked,
+        and checks the name after locking.
+        """
+        lock = cls.try_hold(fd, path)
+        if lock is not None and lock.names_this_file():
+            return lock
+        if lock is not None:
+            lock.release()
+        return None
+
+    @classmethod
+    def try_hold(cls, fd: int, path: str) -> "RunLock | None":
+        """Locks fd for the run's life if nobody else holds it; else closes fd and returns None."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
         except OSError as err:
             os.close(fd)
             raise InfinityError(f"cannot lock {path}: {err.strerror}") from None
         return cls(fd, path)
+
+    def names_this_file(self) -> bool:
+        """Whether self.path still names the file whose lock is held (not removed, not replaced)."""
+        try:
+            named = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self.fd)
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
     @property
     def held(self) -> bool:
@@ -85,4 +116,8 @@ def claim(path: str | os.PathLike[str]) -> tuple[Liveness, RunLock | None]:
     except OSError:  # EWOULDBLOCK: held by a live run; anything else: not ours to judge, so left alone
         os.close(fd)
         return Liveness.LIVE, None
-    return Liveness.DEAD, RunLock(fd, path)
+    lock = RunLock(fd, path)
+    if not lock.names_this_file():  # removed (another clean-up) or made anew since our open
+        lock.release()
+        return Liveness.NO_LOCK, None
+    return Liveness.DEAD, lock

@@ -45,6 +45,7 @@ log = logging.getLogger("infinity.memory")
 ALIGNMENT = DEFAULT_ALIGNMENT
 SWAP_DIR = "infinity-swap"
 LOCK_FILE = "lock"
+_TRIES = 16  # new run folders lost in a row to other runs' clean-up before giving up
 RUN_PREFIX, NEW_PREFIX = "run-", ".new-run-"  # a run's folder, and the same while it is being made
 _LEGACY_RUN = re.compile(r"run-(\d+)$")  # run-<pid>: the folders of an infinity without run locks
 
@@ -180,16 +181,22 @@ def own_folder(path: Path, key: str) -> Path:
 
 def new_run_folder(rank_dir: Path) -> tuple[Path, RunLock]:
     """A fresh folder run-<pid>-<random> (0700) under rank_dir, and its lock, held (see the note above)."""
-    making = Path(tempfile.mkdtemp(prefix=f"{NEW_PREFIX}{os.getpid()}-", dir=rank_dir))
-    try:
-        lock = RunLock.create(making / LOCK_FILE)
-    except BaseException:
-        shutil.rmtree(making, ignore_errors=True)
-        raise
-    folder = rank_dir / making.name[len(NEW_PREFIX) - len(RUN_PREFIX):]
-    os.rename(making, folder)  # the flock belongs to the open file and goes with it
-    lock.path = str(folder / LOCK_FILE)
-    return folder, lock
+    for _ in range(_TRIES):
+        making = Path(tempfile.mkdtemp(prefix=f"{NEW_PREFIX}{os.getpid()}-", dir=rank_dir))
+        try:
+            lock = RunLock.create(making / LOCK_FILE)
+        except BaseException:
+            shutil.rmtree(making, ignore_errors=True)
+            raise
+        if lock is None:  # a clean-up starting at that moment took the new folder: make another
+            shutil.rmtree(making, ignore_errors=True)
+            continue
+        folder = rank_dir / making.name[len(NEW_PREFIX) - len(RUN_PREFIX):]
+        os.rename(making, folder)  # the flock belongs to the open file and goes with it
+        lock.path = str(folder / LOCK_FILE)
+        return folder, lock
+    raise NvmePathError(str(rank_dir), f"lost {_TRIES} new run folders in a row to other runs' clean-up",
+                        "start the runs sharing this folder one after another")
 
 
 def remove_dead_runs(rank_dir: Path) -> list[Path]:

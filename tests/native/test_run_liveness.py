@@ -124,3 +124,36 @@ def test_pid_1_restarts_after_sigkill_in_a_pid_namespace(tmp_path):
     assert pid == "1" and folder != dead
     assert not os.path.exists(dead)  # the dead PID 1's folder was removed at the restart
     assert os.listdir(tmp_path / SWAP_DIR / "rank-0") == []
+
+
+# [Note: made, then locked]  A file is unlocked between the open that makes it and its flock; a clean-up
+# starting at that moment must not leave the maker holding the lock of a removed file (CI saw it once).
+def test_a_new_file_taken_by_a_clean_up_before_its_lock_is_given_up(tmp_path):
+    path = str(tmp_path / "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    liveness, theirs = claim(path)  # the clean-up comes first and holds the lock
+    assert liveness is Liveness.DEAD
+    assert RunLock.try_hold_new(os.dup(fd), path) is None
+    os.unlink(path)  # it removes the name, then lets go
+    theirs.release()
+    assert RunLock.try_hold_new(fd, path) is None  # the lock of a file with no name is worth nothing
+
+
+MAKERS = textwrap.dedent("""
+    import sys
+    from infinity.bench.bench_file import create_bench_file
+    from infinity.memory.nvme_store import NvmeStore
+    for _ in range(int(sys.argv[2])):
+        create_bench_file(sys.argv[1]).close()
+        store = NvmeStore(sys.argv[1])
+        store.close()
+    print("ok", flush=True)
+""")
+
+
+def test_runs_and_sweeps_starting_together_never_take_each_others_files(tmp_path):
+    makers = [subprocess.Popen([sys.executable, "-c", MAKERS, str(tmp_path), "150"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in makers]
+    assert [(p.returncode, out) for p, (out, _) in zip(makers, outs)] == [(0, "ok\n")] * 3, [e for _, e in outs]
+    assert os.listdir(tmp_path / SWAP_DIR / "rank-0") == [] and os.listdir(tmp_path) == [SWAP_DIR]
