@@ -28,7 +28,7 @@ from infinity.models.gpt import Gpt, GptSpec, synthetic_batches
 from infinity.timeline import Timeline
 from infinity.zero import Engine, Init, initialize
 from infinity.zero.ranks import init_distributed
-from infinity.zero.step_report import PrefetchCounts, per_param
+from infinity.zero.step_report import PerParamBytes, PrefetchCounts
 
 log = logging.getLogger("infinity.train")
 
@@ -57,7 +57,7 @@ them unless the run is that short."""
 
 
 @dataclass(frozen=True)
-class StepStats:
+class StepStats(PerParamBytes):
     step: int  # optimizer steps done
     loss: float  # mean of the window's micro-batch losses
     step_s: float
@@ -72,15 +72,6 @@ class StepStats:
     peak_rss_bytes: int = 0  # the largest peak RSS (ru_maxrss) of any rank so far, at the end of the step
     nonfinite: tuple[str, ...] = ()  # "loss", "grad_norm": NaN or infinite in this step (StepReport.nonfinite)
     params: int = 0  # parameters this rank trains (StepReport.params): what the per-parameter figures divide by
-
-    @property
-    def bytes_read_per_param(self) -> float:
-        """NVMe bytes read this step per parameter this rank trains (0.0 with none)."""
-        return per_param(self.bytes_read, self.params)
-
-    @property
-    def bytes_written_per_param(self) -> float:
-        return per_param(self.bytes_written, self.params)
 
     def to_dict(self) -> dict[str, Any]:
         """The step's --json record: its fields and the per-parameter byte figures."""

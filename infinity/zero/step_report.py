@@ -34,8 +34,27 @@ class Outcome(enum.Enum):
 
 
 def per_param(nbytes: int, params: int) -> float:
-    """Bytes per parameter (0.0 with no parameters): the step report's and infinity-train's figures."""
+    """Bytes per parameter (0.0 with no parameters)."""
     return nbytes / params if params else 0.0
+
+
+class PerParamBytes:
+    """NVMe bytes per parameter, for a record with bytes_read, bytes_written and params (the parameters this
+    rank trains: its share of each, all of a replicated one): the step report's and infinity-train's."""
+
+    bytes_read: int
+    bytes_written: int
+    params: int
+
+    @property
+    def bytes_read_per_param(self) -> float:
+        """NVMe bytes read per parameter of this rank's share (bytes_read / params; 0.0 with none)."""
+        return per_param(self.bytes_read, self.params)
+
+    @property
+    def bytes_written_per_param(self) -> float:
+        """NVMe bytes written per parameter of this rank's share (bytes_written / params)."""
+        return per_param(self.bytes_written, self.params)
 
 
 @dataclass(frozen=True)
@@ -77,7 +96,7 @@ class PrefetchCounts:
 
 
 @dataclass(frozen=True)
-class StepReport:
+class StepReport(PerParamBytes):
     step: int
     step_s: float
     other_s: float  # step_s less the waits and optimizer_s (was compute_s)
@@ -98,16 +117,6 @@ class StepReport:
     grad_norm: float = 0.0  # the gradient's global 2-norm (unscaled), before clipping
     nonfinite: tuple[str, ...] = ()  # which of "loss", "grad_norm" were NaN or infinite (zero/nonfinite.py)
     params: int = 0  # parameters this rank trains: its share of each (all of a replicated one), padding left out
-
-    @property
-    def bytes_read_per_param(self) -> float:
-        """NVMe bytes the step read per parameter of this rank's share (bytes_read / params; 0.0 with none)."""
-        return per_param(self.bytes_read, self.params)
-
-    @property
-    def bytes_written_per_param(self) -> float:
-        """NVMe bytes the step wrote per parameter of this rank's share (bytes_written / params)."""
-        return per_param(self.bytes_written, self.params)
 
     @property
     def stall_s(self) -> float:
