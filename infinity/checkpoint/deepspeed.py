@@ -220,6 +220,9 @@ class Imported:
     def io_handle(self) -> Any:
         return self._engine.io_handle()
 
+    def fresh_optimizer(self) -> None:
+        self._engine.fresh_optimizer()
+
 
 class _Saved:
     """A state_dict saved by DeepSpeed, as the Stateful the checkpoint writes (a client scheduler's)."""
