@@ -6,6 +6,8 @@ the checkpoint's; the schedule's position and the counters), with parameters and
 host memory."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -163,3 +165,36 @@ def test_custom_load_fn_is_refused_naming_it(tmp_path):
             engine.load_checkpoint(str(tmp_path), custom_load_fn=lambda module, state: None)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("keyword", ["load_optimizer_states=False", "load_module_only=True"])
+def test_bf16_masters_are_the_saved_fp32_ones_and_the_moments_zero(tmp_path, keyword):
+    """Where DeepSpeed sets the masters from the bf16 weights: the saved fp32 masters, bit for bit (read back
+    by saving again), and the moments zero, the step counts 0."""
+    from checkpoint_run import settings
+    from infinity.zero import Engine, Precision
+
+    batches = make_batches()
+    (tmp_path / "swap").mkdir()
+    engine = Engine(fresh_model(), settings(str(tmp_path / "swap"), precision=Precision.BF16))
+    try:
+        for batch in batches[:SAVED_AT]:
+            step(engine, batch)
+        engine.save_checkpoint(str(tmp_path / "first"))
+    finally:
+        engine.close()
+    engine = Engine(fresh_model(), settings(str(tmp_path / "swap"), precision=Precision.BF16))
+    try:
+        step(engine, batches[10])
+        engine.load_checkpoint(str(tmp_path / "first"), **KEYWORDS[keyword])
+        engine.save_checkpoint(str(tmp_path / "again"), tag="again")
+    finally:
+        engine.close()
+    first = load_file(str(tmp_path / "first" / f"global_step{SAVED_AT}" / "rank_0" / OPTIMIZER_FILE))
+    again = load_file(str(tmp_path / "again" / "again" / "rank_0" / OPTIMIZER_FILE))
+    masters = [k for k in first if k.startswith("master/")]
+    assert masters and all(torch.equal(first[k], again[k]) for k in masters)
+    assert not any(torch.equal(first[k].bfloat16().float(), first[k]) for k in masters)  # low bits to lose
+    assert all(not again[k].any() for k in again if not k.startswith("master/"))
+    saved = json.loads((tmp_path / "again" / "again" / "rank_0" / "state.json").read_text())
+    assert set(saved["optimizer_step"].values()) == {0.0}
