@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from infinity.config import Config, TrainingArgs
+from infinity.config import Config, Source, TrainingArgs
 from infinity.config.auto import hidden_size_of
 from infinity.config.zero import OffloadDevice
 from infinity.errors import UsageError
@@ -154,7 +154,16 @@ def load_config(job: TrainJob) -> Config:
         overrides["train_micro_batch_size_per_gpu"] = job.micro_batch
     if job.metrics_port is not None:
         overrides.update({"prometheus.enabled": True, "prometheus.port": job.metrics_port})
-    return _fill_auto(Config.load(job.config, overrides=overrides), job)
+    config = _fill_auto(Config.load(job.config, overrides=overrides), job)
+    if not any(config.sources.get(k, Source.DEFAULT) is not Source.DEFAULT for k in BATCH_SIZE_KEYS):
+        raise ConfigError([Problem("train_micro_batch_size_per_gpu", "neither it nor train_batch_size is in "
+                                   f"{job.config}; DeepSpeed refuses such a config too",
+                                   'pass --batch N, or add "train_micro_batch_size_per_gpu": N to the config')],
+                          source="infinity-train")
+    return config
+
+
+BATCH_SIZE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu")
 
 
 TRAINER_DEFAULTS = TrainingArgs(learning_rate=5e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
@@ -258,7 +267,7 @@ def run(job: TrainJob) -> Iterator[StepStats]:
 
 
 def _loop(engine: Engine, job: TrainJob, config: Config, model: nn.Module, spec: GptSpec) -> Iterator[StepStats]:
-    micro = int(config.train_micro_batch_size_per_gpu)
+    micro = engine.train_micro_batch_size_per_gpu()  # the config's, or derived from its train_batch_size
     window = engine.gradient_accumulation_steps()
     # Data parallelism: every rank draws the same global batches and trains on its own part of each.
     world, rank, start = engine.run.world, engine.run.rank, engine.global_steps

@@ -18,7 +18,8 @@ end.  A sub-group k's optimizer states have the same layout as fp32_flat_groups[
 
 The import builds, from those files, the checkpoint this engine would have saved at DeepSpeed's step
 (infinity's own format, in a hidden folder beside the DeepSpeed one), and loads it through the ordinary load
-path, which checks it as any other; then removes it.  Parameters take DeepSpeed's fp32 master weights (cast
+path, which checks it as any other (and restores the parts load_checkpoint's keywords name:
+checkpoint/restored.py); then removes it.  Parameters take DeepSpeed's fp32 master weights (cast
 to the compute dtype), the optimizer its fp32 states and per-sub-group step counts, the engine DeepSpeed's
 global_steps, skipped_steps and global_samples (micro_steps: global_steps x gradient_accumulation_steps), the buffers the module state's, each parameter group the lr
 DeepSpeed's optimizer had (when the two have as many groups), and a client LR scheduler (initialize's
@@ -219,6 +220,9 @@ class Imported:
 
     def io_handle(self) -> Any:
         return self._engine.io_handle()
+
+    def fresh_optimizer(self) -> None:
+        self._engine.fresh_optimizer()
 
 
 class _Saved:

@@ -15,7 +15,8 @@ Layout::
         rng.safetensors             "torch_cpu" (uint8), "torch_cuda/<i>" per CUDA device (uint8),
                                     "numpy_keys" (uint32, 624): the random generators' states
         state.json                  scalars: global_steps, micro_steps, skipped_steps, global_samples
-                                    (the last two absent before issue 21: read as 0), lr, per-parameter
+                                    (the last two absent before issue 21: read as 0), schedule_steps (the lr
+                                    schedule's position; absent before: global_steps - skipped_steps), lr, per-parameter
                                     optimizer step counters, loss scaler, python and numpy random scalars,
                                     param_groups (each group's parameter names and hyperparameters),
                                     lr_scheduler (a client scheduler's state_dict, or null)

@@ -7,6 +7,12 @@ size the manifest gives, and the small files (state, random generators, client s
 checksums.  The two large files are checked as they stream into the swap files and host tensors, so
 they are read once; a checksum that differs there is found only after the engine's state was
 overwritten, so the engine is latched failed (EngineFailed from then on) and the error names the file.
+
+[Note: a partial load reads everything]  load_optimizer_states=False and load_module_only=True
+(checkpoint/restored.py) take the same path: both files stream in whole and are checked; the optimizer
+states left out stream into a part that keeps nothing (`discarded`), and the optimizer is then made fresh
+(engine.fresh_optimizer: moments zero, step counts 0) through the engine, whose memory manager moves those
+bytes.  The fp32 masters are always loaded: the parameters and their masters come from one save.
 """
 from __future__ import annotations
 
@@ -14,15 +20,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from infinity.checkpoint import state, tensors
 from infinity.checkpoint.contents import Contents, contents_of
 from infinity.checkpoint.deepspeed import import_deepspeed, is_deepspeed
 from infinity.checkpoint.format import (CLIENT_STATE_FILE, CONSOLIDATE_HINT, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE,
-                                        STATE_FILE, Manifest, RankFiles, rank_dir, resolve_tag, tag_dir)
+                                        STATE_FILE, Manifest, RankFiles, optimizer_tensor, rank_dir, resolve_tag,
+                                        tag_dir)
 from infinity.checkpoint.files import saving_dir
 from infinity.checkpoint.save import Streaming, io_handle
 from infinity.checkpoint.protocol import Checkpointable, RankGroup
+from infinity.checkpoint.restored import WHOLE, Restored
+from infinity.checkpoint.tensors import StoredTensor
 from infinity.errors import CheckpointError
+from infinity.memory.stream import HostPart
 
 log = logging.getLogger("infinity.checkpoint")
 
@@ -30,13 +42,13 @@ SHOWN = 8  # differences listed in a model mismatch
 
 
 def load(engine: Checkpointable, load_dir: str | Path, tag: str | None,
-         streaming: Streaming = Streaming()) -> tuple[str, Any]:
-    """(the checkpoint's tag folder, its client_state) after restoring everything this rank saved.  A DeepSpeed
-    ZeRO-3 save is imported (checkpoint/deepspeed.py)."""
+         streaming: Streaming = Streaming(), restored: Restored = WHOLE) -> tuple[str, Any]:
+    """(the checkpoint's tag folder, its client_state) after restoring the parts of what this rank saved that
+    restored names (checkpoint/restored.py).  A DeepSpeed ZeRO-3 save is imported (checkpoint/deepspeed.py)."""
     ckpt_dir = Path(load_dir)
     tag = resolve_tag(ckpt_dir, tag)
     if is_deepspeed(tag_dir(ckpt_dir, tag)):
-        return import_deepspeed(engine, ckpt_dir, tag, load)
+        return import_deepspeed(engine, ckpt_dir, tag, lambda e, d, t: load(e, d, t, streaming, restored))
     folder = rank_dir(ckpt_dir, tag, engine.rank)
     try:
         files = open_folder(ckpt_dir, tag, folder, engine.world, engine.rank)
@@ -49,16 +61,29 @@ def load(engine: Checkpointable, load_dir: str | Path, tag: str | None,
     check_model(manifest, contents, folder)
     files.verify([STATE_FILE, RNG_FILE, CLIENT_STATE_FILE])  # sizes of all, checksums of the small ones
     client, saved, rng = files.client_state(), files.state(), files.rng()
-    state.check_groups(engine, saved, str(folder))
+    if Restored.OPTIMIZER in restored:
+        state.check_groups(engine, saved, str(folder))
+    optimizer = {s.name: s if Restored.OPTIMIZER in restored or s.name.startswith(MASTER_PREFIX) else discarded(s)
+                 for s in contents.optimizer}
     with engine.latching_failure(), io_handle(engine, ckpt_dir) as handle:
         staging = tensors.staging_buffers(contents.largest, streaming.chunk_bytes, streaming.count)
-        tensors.read(folder / OPTIMIZER_FILE, manifest.file(OPTIMIZER_FILE),
-                     {s.name: s for s in contents.optimizer}, handle, staging, manifest.checksum)
+        tensors.read(folder / OPTIMIZER_FILE, manifest.file(OPTIMIZER_FILE), optimizer, handle, staging,
+                     manifest.checksum)
         tensors.read(folder / MODEL_FILE, manifest.file(MODEL_FILE), {s.name: s for s in contents.model}, handle,
                      staging, manifest.checksum)
-        state.restore(engine, saved, rng, str(folder))
-    log.info("loaded checkpoint %s (rank %d of %d) from %s", tag, engine.rank, engine.world, folder)
+        if Restored.OPTIMIZER not in restored:
+            engine.fresh_optimizer()
+        state.restore(engine, saved, rng, str(folder), restored)
+    log.info("loaded checkpoint %s (rank %d of %d) from %s (%s)", tag, engine.rank, engine.world, folder, restored)
     return str(tag_dir(ckpt_dir, tag)), client
+
+
+MASTER_PREFIX = optimizer_tensor("master", "")
+
+
+def discarded(spec: StoredTensor) -> StoredTensor:
+    """spec streaming into a part that keeps nothing (its bytes are read and checked, then dropped)."""
+    return StoredTensor(spec.name, spec.dtype, spec.numel, HostPart(torch.empty(0, dtype=spec.dtype)))
 
 
 def open_folder(ckpt_dir: Path, tag: str, folder: Path, world: int, rank: int) -> RankFiles:

@@ -92,6 +92,10 @@ class Checkpointable(Protocol):
         """Sets each sub-group's step counter from steps (a CheckpointError naming where when a sub-group's
         parameters disagree)."""
 
+    def fresh_optimizer(self) -> None:
+        """The optimizer's own states (all but "master") zeroed and every sub-group's step count 0, as a new
+        engine's (a load without the optimizer's states)."""
+
     def settled(self, caller: str) -> ContextManager[None]:
         """A block in which parameters can be read one at a time (no reads ahead compete for buffers); a
         UsageError naming caller when a forward is open."""

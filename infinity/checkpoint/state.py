@@ -16,6 +16,7 @@ import torch
 
 from infinity.checkpoint.format import refusal
 from infinity.checkpoint.protocol import Checkpointable
+from infinity.checkpoint.restored import WHOLE, Restored
 from infinity.errors import CheckpointError
 
 log = logging.getLogger("infinity.checkpoint")
@@ -95,20 +96,43 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def restore(engine: Checkpointable, state: dict[str, Any], rng: dict[str, torch.Tensor], where: str) -> None:
-    """Puts state.json's and rng.safetensors' values back into the engine and the random generators."""
-    engine.counters.load_state_dict(state)
-    engine.load_optimizer_steps(state["optimizer_step"], where)
-    for group, values in zip(engine.param_groups, state.get("param_groups", [])):  # check_groups passed
-        for k, v in values.items():
-            if k != "params":
-                group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
-    scaler = engine.loss_scaler
-    if scaler is not None and state["loss_scaler"] is not None:
-        scaler.load_state_dict(state["loss_scaler"])
+def restore(engine: Checkpointable, state: dict[str, Any], rng: dict[str, torch.Tensor], where: str,
+            restored: Restored = WHOLE) -> None:
+    """Puts the parts restored names (checkpoint/restored.py) of state.json's and rng.safetensors' values back
+    into the engine and the random generators."""
+    if Restored.PROGRESS in restored:
+        restore_progress(engine, state, rng, Restored.SCHEDULE in restored)
+    if Restored.OPTIMIZER in restored:
+        engine.load_optimizer_steps(state["optimizer_step"], where)
+        kept = () if Restored.SCHEDULE in restored else SCHEDULED  # the untouched schedule's lr stays
+        for group, values in zip(engine.param_groups, state.get("param_groups", [])):  # check_groups passed
+            for k, v in values.items():
+                if k != "params" and k not in kept:
+                    group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
+        scaler = engine.loss_scaler
+        if scaler is not None and state["loss_scaler"] is not None:
+            scaler.load_state_dict(state["loss_scaler"])
     scheduler = engine.client_scheduler
-    if scheduler is not None and state.get("lr_scheduler") is not None:
+    if Restored.SCHEDULE in restored and scheduler is not None and state.get("lr_scheduler") is not None:
         scheduler.load_state_dict(state["lr_scheduler"])
+        last = getattr(scheduler, "get_last_lr", None)
+        if Restored.OPTIMIZER not in restored and last is not None:  # the groups' lr is the scheduler's
+            for group, lr in zip(engine.param_groups, last()):
+                group["lr"] = lr
+
+
+SCHEDULED = ("lr", "initial_lr")  # what a schedule sets on the groups (torch's schedulers add initial_lr)
+SCHEDULE_STEPS = "schedule_steps"  # the counters' entry that is the lr schedule's position
+
+
+def restore_progress(engine: Checkpointable, state: dict[str, Any], rng: dict[str, torch.Tensor],
+                     schedule: bool) -> None:
+    """The counters (the schedule's position too when schedule is True, else the engine's stays) and the
+    random generators."""
+    values = dict(state)
+    if not schedule:
+        values[SCHEDULE_STEPS] = engine.counters.state_dict()[SCHEDULE_STEPS]
+    engine.counters.load_state_dict(values)
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy_random"]

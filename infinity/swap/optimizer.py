@@ -155,6 +155,19 @@ class NvmeOptimizer:
             self.manager.finish_write(key(g.index, "master"))
             self.manager.drop(key(g.index, "master"))
 
+    def clear_states(self) -> None:
+        """The rule's states (Adam: exp_avg, exp_avg_sq) zeroed in their swap files and every step count 0: the
+        optimizer as a new one is (a checkpoint loaded without its optimizer states).  Nothing is read."""
+        for g in self.groups:
+            for state in self.rule.states:
+                k = key(g.index, state)
+                self.manager.stage(k, torch.zeros(1).expand(g.numel))
+                self.manager.start_write(k)
+                self.manager.finish_write(k)
+                self.manager.drop(k)
+        for step in self.steps:
+            step.zero_()
+
     def write_master(self, s: Slice, values: torch.Tensor) -> None:
         """Replaces slice s's fp32 master weights with values (its first elements; a parameter changed
         between steps, by GatheredParameters): its sub-group's master is read, changed and written back."""
@@ -327,6 +340,13 @@ class HostOptimizer:
         for g, flat in zip(self.groups, self.flat):
             for s in g.slices:
                 flat["master"][s.offset:s.end].copy_(values(s).reshape(-1))
+
+    def clear_states(self) -> None:
+        for flat in self.flat:
+            for state in self.rule.states:
+                flat[state].zero_()
+        for step in self.steps:
+            step.zero_()
 
     def write_master(self, s: Slice, values: torch.Tensor) -> None:
         self.flat[s.group]["master"][s.offset:s.offset + values.numel()].copy_(values.reshape(-1))

@@ -61,6 +61,9 @@ class CheckpointView:
     def load_optimizer_steps(self, steps: dict[str, float], where: str) -> None:
         self._run.load_optimizer_steps(steps, where)
 
+    def fresh_optimizer(self) -> None:
+        self._run.optimizer.clear_states()
+
     def read_parameter(self, i: int, dtype: torch.dtype) -> torch.Tensor:
         return self._run.read_values(i, dtype=dtype)
 

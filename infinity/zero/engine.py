@@ -24,6 +24,7 @@ from infinity.checkpoint.format import LATEST
 from infinity.checkpoint.load import load
 from infinity.checkpoint.model_file import save_16bit_model
 from infinity.checkpoint.pretrained_folder import save_pretrained
+from infinity.checkpoint.restored import Restored
 from infinity.checkpoint.save import save
 from infinity.config import Config
 from infinity.errors import InfinityError, UsageError
@@ -231,13 +232,18 @@ class Engine(DeepSpeedApi):
     def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                         load_module_only: bool = False, custom_load_fn: Any = None) -> tuple[str | None, Any]:
-        """Restores everything save_checkpoint wrote for this rank (tag None: the one `latest` names), after
-        checking sizes, checksums, the world size and the model; returns (the tag's folder, client_state).
-        With no `latest` file (tag None) or no folder for the tag: a warning and (None, None), as DeepSpeed.
-        Only the whole state is restored: load_optimizer_states=False, load_lr_scheduler_states=False and
-        load_module_only=True are UsageErrors (docs/engine.md)."""
+        """Restores what save_checkpoint wrote for this rank (tag None: the one `latest` names), after checking
+        sizes, checksums, the world size and the model; returns (the tag's folder, client_state).  With no
+        `latest` file (tag None) or no folder for the tag: a warning and (None, None), as DeepSpeed.
+        load_optimizer_states=False: a fresh optimizer (moments zero, step counts 0) over the loaded weights;
+        load_lr_scheduler_states=False: the schedule keeps its position and a client scheduler its state;
+        load_module_only=True: the weights alone (infinity/checkpoint/restored.py; docs/engine.md)."""
         self._between_steps("load_checkpoint")
-        _check_partial_load(load_optimizer_states, load_lr_scheduler_states, load_module_only, custom_load_fn)
+        if custom_load_fn is not None:
+            raise UsageError("load_checkpoint(custom_load_fn=...): infinity loads the module's weights into their "
+                             "partitions itself (there is no whole state dict to hand the function); load the "
+                             "weights with load_module_only=True, or change the model through "
+                             "infinity.zero.GatheredParameters after loading")
         if not load_module_strict:
             log.warning("load_checkpoint(load_module_strict=False): infinity always checks that the checkpoint "
                         "holds this model's parameters exactly")
@@ -245,8 +251,9 @@ class Engine(DeepSpeedApi):
         if missing:
             log.warning("load_checkpoint: %s; nothing was loaded (None, None), as DeepSpeed returns", missing)
             return None, None
+        restored = Restored.of(load_optimizer_states, load_lr_scheduler_states, load_module_only)
         with self.settled("load_checkpoint()"):
-            loaded = load(self.checkpointable, load_dir, tag)
+            loaded = load(self.checkpointable, load_dir, tag, restored=restored)
         self._follow_schedule()
         return loaded
 
@@ -336,9 +343,10 @@ class Engine(DeepSpeedApi):
 
     @property
     def applied_steps(self) -> int:
-        """Optimizer steps that changed the parameters: the schedule's position (DeepSpeed does not step its
-        scheduler on a skipped step)."""
-        return self.counters.global_steps - self.counters.skipped_steps
+        """The schedule's position: the optimizer steps that changed the parameters (DeepSpeed does not step its
+        scheduler on a skipped step), global_steps - skipped_steps unless a load_checkpoint with
+        load_lr_scheduler_states=False kept the engine's own."""
+        return self.counters.schedule_steps
 
     def _follow_schedule(self) -> None:
         """The next step's lr, and OneCycle's betas (set on the optimizer, as DeepSpeed's scheduler does)."""
@@ -365,19 +373,6 @@ class Engine(DeepSpeedApi):
     def _takes_gradients(self) -> bool:
         """Whether the gradient hook sends gradients on now: at the window's end, outside no_sync()."""
         return self.is_gradient_accumulation_boundary() and not self._no_sync
-
-
-def _check_partial_load(optimizer_states: bool, lr_scheduler_states: bool, module_only: bool,
-                        custom_load_fn: Any) -> None:
-    """infinity restores a checkpoint whole; DeepSpeed's keywords for part of it are refused by name."""
-    asked = [name for name, partial in (("load_optimizer_states=False", not optimizer_states),
-                                        ("load_lr_scheduler_states=False", not lr_scheduler_states),
-                                        ("load_module_only=True", module_only),
-                                        ("custom_load_fn", custom_load_fn is not None)) if partial]
-    if asked:
-        raise UsageError(f"load_checkpoint({', '.join(asked)}): infinity restores a checkpoint whole (weights, "
-                         "optimizer states, counters, schedule); to start from the weights alone, write them with "
-                         "engine.save_16bit_model and load them into the model before initialize")
 
 
 def _missing_checkpoint(load_dir: Path, tag: str | None) -> str | None:

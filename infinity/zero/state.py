@@ -62,25 +62,32 @@ class Phase:
 
 class Counters:
     """The engine's step counters, as DeepSpeed's engine keeps them: optimizer steps (skipped fp16 steps
-    included), step() calls (micro-steps), skipped steps, and samples."""
+    included), step() calls (micro-steps), skipped steps, and samples; and the lr schedule's position, the
+    applied steps it has followed (global_steps - skipped_steps, unless a load_checkpoint with
+    load_lr_scheduler_states=False kept the engine's own)."""
 
     def __init__(self) -> None:
         self.global_steps = 0
         self.micro_steps = 0
         self.skipped_steps = 0
         self.global_samples = 0
+        self.schedule_steps = 0
 
     def count_step(self, skipped: bool, samples: int) -> None:
         """One optimizer step at a window's end."""
         self.global_steps += 1
         self.skipped_steps += skipped
         self.global_samples += samples
+        self.schedule_steps += not skipped
 
     def state_dict(self) -> dict[str, Any]:
         return {"global_steps": self.global_steps, "micro_steps": self.micro_steps,
-                "skipped_steps": self.skipped_steps, "global_samples": self.global_samples}
+                "skipped_steps": self.skipped_steps, "global_samples": self.global_samples,
+                "schedule_steps": self.schedule_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Checkpoints written before skipped_steps and global_samples were kept read as none skipped."""
+        """Checkpoints written before skipped_steps and global_samples were kept read as none skipped; before
+        schedule_steps, as global_steps - skipped_steps."""
         self.global_steps, self.micro_steps = int(state["global_steps"]), int(state["micro_steps"])
         self.skipped_steps, self.global_samples = int(state.get("skipped_steps", 0)), int(state.get("global_samples", 0))
+        self.schedule_steps = int(state.get("schedule_steps", self.global_steps - self.skipped_steps))

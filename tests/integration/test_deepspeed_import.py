@@ -163,3 +163,36 @@ def test_a_client_scheduler_gets_the_state_deepspeed_saved_of_it(tmp_path):
         assert optimizer.param_groups[0]["lr"] == reference.get_last_lr()[0] == LR / 4  # DeepSpeed's optimizer's
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("keyword", ["load_optimizer_states", "load_module_only"])
+def test_a_deepspeed_save_loads_without_its_optimizer_states(tmp_path, keyword):
+    """DeepSpeed's keywords on the import: the weights are DeepSpeed's fp32 masters, bit for bit; the optimizer
+    is fresh (the next steps are a new torch AdamW's from those weights); the counters are DeepSpeed's, or
+    with load_module_only the engine's own."""
+    (params, states), _, _ = torch_run()
+    write_deepspeed(tmp_path / "ds", 2, params, states)
+    (tmp_path / "swap").mkdir()
+    engine, _, _, _ = infinity.initialize(model=model(), config=config(tmp_path / "swap"))
+    try:
+        kw = {"load_optimizer_states": False} if keyword == "load_optimizer_states" else {"load_module_only": True}
+        folder, client_state = engine.load_checkpoint(str(tmp_path / "ds"), **kw)
+        assert folder.endswith("global_step5") and client_state == {"epoch": 2}
+        assert engine.global_steps == (5 if keyword == "load_optimizer_states" else 0)
+        loaded = engine.parameter_values()
+        assert all(torch.equal(loaded[n], params[n]) for n in params)
+        for x, y in batches()[5:7]:
+            engine.backward(engine(x, y))
+            engine.step()
+        got = engine.parameter_values()
+    finally:
+        engine.close()
+    m = model()
+    m.load_state_dict(params)
+    opt = torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=WD)
+    for x, y in batches()[5:7]:
+        m(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in m.named_parameters():
+        assert torch.allclose(got[name], p.detach(), rtol=0, atol=1e-5), name

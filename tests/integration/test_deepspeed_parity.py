@@ -88,8 +88,8 @@ def test_engine_api_answers_as_deepspeed(tmp_path, caplog):
             assert engine.load_checkpoint(str(tmp_path / "none")) == (None, None)
             assert engine.load_checkpoint(str(tmp_path), tag="global_step9") == (None, None)
         assert sum("None, None" in r.getMessage() for r in caplog.records) == 2
-        with pytest.raises(UsageError, match="load_module_only=True"):
-            engine.load_checkpoint(str(tmp_path), load_module_only=True)
+        with pytest.raises(UsageError, match="custom_load_fn"):
+            engine.load_checkpoint(str(tmp_path), custom_load_fn=lambda *a: None)
         engine.save_checkpoint(str(tmp_path / "ckpt"))
         folder, client = engine.load_checkpoint(str(tmp_path / "ckpt"), load_optimizer_states=True,
                                                 load_lr_scheduler_states=True, load_module_only=False)

@@ -24,7 +24,7 @@ def config(path, precision: str, sub_group_size: int) -> dict:
     offload = {"device": "nvme", "nvme_path": str(path)}
     mixed = {precision: {"enabled": True}} if precision != "fp32" else {}
     return mixed | {
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
         "zero_optimization": {"stage": 3, "sub_group_size": sub_group_size, "stage3_param_persistence_threshold": 0,
                               "offload_param": offload | {"buffer_count": 3, "buffer_size": 1_000_000, "max_in_cpu": 0},
                               "offload_optimizer": offload | {"buffer_count": 4}}}

@@ -142,3 +142,17 @@ def test_nproc_2_trains_two_data_parallel_ranks_under_torchrun(tmp_path):
     record = json.loads(out.read_text())
     assert all(s["tokens"] == 2 * 2 * 16 and s["bytes_read"] > 0 for s in record["steps"])  # the global batch
     assert {p.name for p in (swap / "infinity-swap").iterdir()} == {"rank-0", "rank-1"}
+
+
+def test_a_config_without_batch_sizes_needs_batch(tmp_path, capsys):
+    """DeepSpeed refuses a config with neither train_batch_size nor train_micro_batch_size_per_gpu; --batch
+    gives the micro size."""
+    cfg = tmp_path / "nobatch.json"
+    cfg.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+                               "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"},
+                                                     "offload_optimizer": {"device": "cpu"}}}))
+    small = [a for a in SMALL if a not in ("--batch", "2")]
+    assert main(["--config", str(cfg), *small, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "train_micro_batch_size_per_gpu" in err and "train_batch_size" in err and "--batch N" in err
+    assert main(["--config", str(cfg), *SMALL, "--steps", "1"]) == 0
