@@ -23,7 +23,8 @@ checkpoint/restored.py); then removes it.  Parameters take DeepSpeed's fp32 mast
 to the compute dtype), the optimizer its fp32 states and per-sub-group step counts, the engine DeepSpeed's
 global_steps, skipped_steps and global_samples (micro_steps: global_steps x gradient_accumulation_steps), the buffers the module state's, each parameter group the lr
 DeepSpeed's optimizer had (when the two have as many groups), and a client LR scheduler (initialize's
-lr_scheduler=) the state_dict DeepSpeed saved of its scheduler.
+lr_scheduler=) the state_dict DeepSpeed saved of its scheduler, and an fp16 engine DeepSpeed's dynamic loss
+scale (its scale, hysteresis and good steps since the last overflow).
 DeepSpeed's files are read with torch.load's mmap, one rank's file at a time per state, never unpickling
 anything outside torch, the standard containers and DeepSpeed's own classes (which become inert stand-ins).
 """
@@ -107,6 +108,7 @@ class DeepSpeedSave:
         self.steps: list[list[float]] = []  # per rank, per sub-group
         self.group_lrs: list[float] = []  # each of DeepSpeed's optimizer parameter groups' lr (rank 0's)
         self.bounds: list[list[int]] = []  # per rank, each sub-group's first flat element, then the end
+        self.loss_scale: dict[str, float | int] = {}  # DeepSpeed's dynamic fp16 loss scaler, as LossScaler's state
 
     @classmethod
     def read(cls, folder: Path) -> "DeepSpeedSave":
@@ -136,6 +138,7 @@ class DeepSpeedSave:
         groups = [inner["state"][k] for k in sorted(inner["state"])]
         if rank == 0:
             self.group_lrs = [float(g["lr"]) for g in inner.get("param_groups", []) if "lr" in g]
+            self.loss_scale = _scaler_state(zero.get("loss_scaler"))
         self._flat.setdefault("master", []).append(torch.cat([t.reshape(-1).float() for t in flat]))
         for name in groups[0] if groups else {}:
             if isinstance(groups[0][name], torch.Tensor) and groups[0][name].dim() > 0:
@@ -184,6 +187,9 @@ class Imported:
                                    "skipped_steps": ds.skipped_steps, "global_samples": ds.global_samples})
         self.global_steps = ds.global_steps
         self.lr = engine.lr
+        scaler = engine.loss_scaler
+        if scaler is not None and ds.loss_scale:  # an fp16 run resumed from DeepSpeed's dynamic scaler
+            self.loss_scaler = _Saved({**scaler.state_dict(), **ds.loss_scale, "skipped_steps": ds.skipped_steps})
         self._copy_buffers()
 
     def _check_names(self) -> None:
@@ -247,6 +253,22 @@ class _Counters:
 
     def load_state_dict(self, values: dict[str, Any]) -> None:
         self.values = dict(values)
+
+
+def _scaler_state(saved: Any) -> dict[str, float | int]:
+    """DeepSpeed's DynamicLossScaler (a stand-in, or its state as a dict) as infinity's LossScaler state, or {}
+    for a static scaler (bf16, fp32, a fixed fp16 scale) or none.
+
+    [Note: the window count]  DeepSpeed counts iterations (cur_iter, last_overflow_iter: -1 before any
+    overflow) and grows the scale when (cur_iter - last_overflow_iter - 1) is a positive multiple of the
+    window; infinity counts the good steps since the last overflow, which is that same difference.
+    """
+    values = saved if isinstance(saved, dict) else getattr(saved, "__dict__", {})
+    if not all(k in values for k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")):
+        return {}
+    return {"scale": float(values["cur_scale"]),
+            "good_steps": max(int(values["cur_iter"]) - int(values["last_overflow_iter"]) - 1, 0),
+            "hysteresis": int(values["cur_hysteresis"])}
 
 
 def _partitioned(numel: int, world: int) -> int:

@@ -4,6 +4,8 @@ ranks), resumed in infinity with parameters and optimizer on NVMe, trains steps 
 No DeepSpeed needed (benchmarks/deepspeed_resume.py compares against DeepSpeed itself)."""
 from __future__ import annotations
 
+import sys
+import types
 from collections import OrderedDict
 
 import pytest
@@ -52,7 +54,7 @@ def torch_run():
     return at_five, losses[5:], {n: p.detach().clone() for n, p in m.named_parameters()}
 
 
-def write_deepspeed(folder, world, params, states, global_steps=5, lr_scheduler=None, lr=LR):
+def write_deepspeed(folder, world, params, states, global_steps=5, lr_scheduler=None, lr=LR, loss_scaler=None):
     """DeepSpeed's ZeRO-3 files for `world` ranks (zero_to_fp32's layout: each parameter takes
     ceil(numel / world) elements of every rank's flat vector; two sub-groups per rank)."""
     tag = folder / f"global_step{global_steps}"
@@ -71,7 +73,8 @@ def write_deepspeed(folder, world, params, states, global_steps=5, lr_scheduler=
         inner = {"state": {g: {"step": torch.tensor(float(global_steps)), "exp_avg": groups["exp_avg"][g],
                                "exp_avg_sq": groups["exp_avg_sq"][g]} for g in range(2)},
                  "param_groups": [{"lr": lr, "weight_decay": WD, "params": [0, 1]}]}
-        torch.save({"optimizer_state_dict": {"zero_stage": 3, "loss_scaler": {"cur_scale": 1.0}, "partition_count": world,
+        torch.save({"optimizer_state_dict": {"zero_stage": 3, "loss_scaler": loss_scaler or {"cur_scale": 1.0},
+                                             "partition_count": world,
                                              "fp32_flat_groups": groups["master"], "optimizer_state_dict": inner},
                     "ds_config": {}, "ds_version": "0.19.8"},
                    tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
@@ -196,3 +199,45 @@ def test_a_deepspeed_save_loads_without_its_optimizer_states(tmp_path, keyword):
         opt.zero_grad()
     for name, p in m.named_parameters():
         assert torch.allclose(got[name], p.detach(), rtol=0, atol=1e-5), name
+
+
+def test_an_fp16_engine_takes_deepspeeds_dynamic_loss_scale(tmp_path, monkeypatch):
+    """DeepSpeed pickles its DynamicLossScaler object; the import reads it as an inert stand-in and gives the
+    engine its scale, hysteresis and good steps since the last overflow (cur_iter - last_overflow_iter - 1)."""
+    module = types.ModuleType("deepspeed.runtime.fp16.loss_scaler")  # the class DeepSpeed's file names
+    scaler_class = type("DynamicLossScaler", (), {"__module__": module.__name__})
+    module.DynamicLossScaler = scaler_class
+    for parent in ("deepspeed", "deepspeed.runtime", "deepspeed.runtime.fp16"):  # pickle imports the module
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    saved = scaler_class()
+    saved.__dict__.update(cur_scale=2.0 ** 12, cur_iter=5, last_overflow_iter=1, cur_hysteresis=1, scale_window=3,
+                          delayed_shift=2, min_scale=1.0, consecutive_hysteresis=False, dynamic=True)
+    (params, states), _, _ = torch_run()
+    write_deepspeed(tmp_path / "ds", 2, params, states, loss_scaler=saved)
+    for name in ("deepspeed", "deepspeed.runtime", "deepspeed.runtime.fp16", module.__name__):
+        monkeypatch.delitem(sys.modules, name)  # the reader needs no DeepSpeed
+    (tmp_path / "swap").mkdir()
+    cfg = {**config(tmp_path / "swap"), "fp16": {"enabled": True, "loss_scale_window": 3}}
+    engine, _, _, _ = infinity.initialize(model=model(), config=cfg)
+    try:
+        engine.load_checkpoint(str(tmp_path / "ds"))
+        assert engine.scaler.state_dict() == {"scale": 4096.0, "good_steps": 3, "hysteresis": 1, "skipped_steps": 0}
+        x, y = batches()[5]
+        engine.backward(engine(x.half(), y.half()))
+        engine.step()  # a fourth good step after a run of 3 = the window: the scale doubles, as DeepSpeed's would
+        assert engine.scaler.scale == 8192.0
+    finally:
+        engine.close()
+
+
+def test_a_bf16_or_static_deepspeed_scaler_leaves_the_engines_own(tmp_path):
+    (params, states), _, _ = torch_run()
+    write_deepspeed(tmp_path / "ds", 1, params, states)  # {"cur_scale": 1.0}: DeepSpeed's static scaler
+    (tmp_path / "swap").mkdir()
+    engine, _, _, _ = infinity.initialize(model=model(), config={**config(tmp_path / "swap"), "fp16": {"enabled": True}})
+    try:
+        engine.load_checkpoint(str(tmp_path / "ds"))
+        assert engine.scaler.state_dict() == {"scale": 65536.0, "good_steps": 0, "hysteresis": 2, "skipped_steps": 0}
+    finally:
+        engine.close()
