@@ -13,6 +13,7 @@ from dataclasses import fields
 from typing import Any, Sequence
 
 from infinity.config import Config, Precision, TrainingArgs
+from infinity.config.batch import BATCH_KEYS, batch_sizes
 from infinity.config.auto import Unfilled
 from infinity.errors import ConfigError, Problem
 
@@ -75,7 +76,10 @@ def check(ns: argparse.Namespace) -> tuple[dict[str, Any], int]:
     report: dict[str, Any] = {"file": ns.file, "valid": False}
     try:
         config = Config.load(ns.file, overrides=parse_set(ns.set))
-        config = config.resolve(training_args(ns), Unfilled.KEEP if ns.defer_auto else Unfilled.ERROR)
+        args = training_args(ns)
+        config = config.resolve(args, Unfilled.KEEP if ns.defer_auto else Unfilled.ERROR)
+        if not set(BATCH_KEYS) & set(config.pending_auto):
+            batch_sizes(config, args.world_size or 1)  # the rules the engine applies at start
     except ConfigError as err:
         report["problems"] = [{"key": p.key, "message": p.message, "fix": p.fix} for p in err.problems]
         return report, EXIT_INVALID

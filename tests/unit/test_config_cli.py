@@ -65,7 +65,7 @@ def test_rechecking_the_printed_json_names_no_key_without_effect(capsys, tmp_pat
     # Every key is printed, each at its value; those at their default must not read as given.
     base = tmp_path / "base.json"
     base.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-                                "zero_optimization": {"stage": 3}}))
+                                "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2}))
     status, report = run(capsys, str(base))
     assert status == 0 and report["no_effect"] == []
     assert report["config"]["optimizer"]["params"]["torch_adam"] is False
@@ -75,6 +75,17 @@ def test_rechecking_the_printed_json_names_no_key_without_effect(capsys, tmp_pat
         status, again = run(capsys, str(printed))
     assert status == 0 and again["no_effect"] == [] and again["config"] == report["config"]
     assert [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()] == []
+
+
+def test_a_config_without_batch_sizes_is_a_problem_as_the_engine_finds_it(capsys, tmp_path):
+    path = tmp_path / "no-batch.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
+    status, report = run(capsys, str(path))
+    assert status == 2 and [p["key"] for p in report["problems"]] == ["train_micro_batch_size_per_gpu"]
+    assert "train_batch_size" in report["problems"][0]["message"]
+    path.write_text(json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 3}))
+    status, report = run(capsys, str(path))
+    assert status == 2 and report["problems"][0]["key"] == "train_batch_size"
 
 
 def test_every_shipped_config_passes_check(capsys):

@@ -70,8 +70,8 @@ def test_more_libaio_events_than_the_machine_has_free_is_refused_naming_the_limi
 
 
 def test_the_events_rule_only_counts_when_something_goes_to_nvme(capsys, tmp_path):
-    status, _ = check(capsys, tmp_path, f'{{"aio": {{"intra_op_parallelism": {MAX_THREADS}, '
-                                        f'"queue_depth": {MAX_QUEUE_DEPTH}}}}}')
+    status, _ = check(capsys, tmp_path, f'{{"train_micro_batch_size_per_gpu": 1, "aio": {{"intra_op_parallelism": '
+                                        f'{MAX_THREADS}, "queue_depth": {MAX_QUEUE_DEPTH}}}}}')
     assert status == 0
 
 
