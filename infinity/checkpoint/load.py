@@ -123,7 +123,7 @@ def check_world(manifest: Manifest, world: int, rank: int, folder: Path) -> None
 def check_model(manifest: Manifest, contents: Contents, folder: Path) -> None:
     """Raises a CheckpointError saying how the checkpoint's model differs from this engine's."""
     diffs = differences({p.name: p for p in manifest.params}, {p.name: p for p in contents.params},
-                        ("shape", "start", "length", "replicated", "dtype"), "parameters")
+                        ("shape", "start", "length", "replicated", "dtype", "frozen"), "parameters")
     diffs += differences({b.name: b for b in manifest.buffers}, {b.name: b for b in contents.buffers},
                          ("shape", "dtype"), "buffers")
     if diffs:

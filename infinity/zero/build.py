@@ -51,9 +51,13 @@ class Run:
         if self.ranks.several and settings.rank != self.rank:
             settings = dataclasses.replace(settings, rank=self.rank)  # swap files in this rank's own folder
         self.module, self.settings = model, settings
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if _in_run(p)]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        # [Note: frozen parameters]  (docs/engine.md) Parameters with requires_grad=False have homes and are
+        # gathered like the others, but no sub-group slot, optimizer state, gradient or hook; the step never
+        # writes them.  Which ones are frozen is fixed here: check_usable refuses a change of requires_grad.
+        self.frozen = frozenset(i for i, p in enumerate(self.params) if not p.requires_grad)
         self.device = self.params[0].device if self.params else torch.device("cpu")
         warn_slow_half_precision(settings.precision, self.device)
         self._managers: dict[str, MemoryManager] = {}
@@ -85,9 +89,10 @@ class Run:
         self.setup = setup if setup is not None else optimizer_setup(model, settings)
         self.param_groups = self.setup.groups  # torch-style dicts whose hyperparameters each step reads
         self.groups = plan_groups([(sh.name, sh.length) for sh in self.shards], settings.sub_group_size,
-                                  self.setup.group_of(self.params))
+                                  self.setup.group_of(self.params))  # frozen parameters: in no sub-group
         self.optimizer = self._build_optimizer()
-        self.reporter = StepReporter(settings.report_every, self.rank, sum(sh.real for sh in self.shards))
+        self.reporter = StepReporter(settings.report_every, self.rank,
+                                     sum(sh.real for i, sh in enumerate(self.shards) if i not in self.frozen))
         self.gradients = Gradients(self.shards, self.ranks, self.optimizer, self._slice, self.reporter.clock,
                                    self.device)
         self.homes, self.offloaded = self._build_param_homes()
@@ -110,6 +115,11 @@ class Run:
         self.external = ExternalParameters(model, self.coordinator, self.names, self.shapes)
         moved = self.io_stats()
         self.reporter.start(moved.bytes_read, moved.bytes_written)
+
+    @property
+    def trains(self) -> bool:
+        """Whether any parameter is trained (a model frozen whole, a reference model, has no optimizer)."""
+        return len(self.frozen) < len(self.params)
 
     @property
     def managers(self) -> list[MemoryManager]:
@@ -199,6 +209,7 @@ class Run:
         for m in self._managers.values():
             m.check_healthy()
         check_placeholders(self)
+        self._check_frozen()
         now = {id(p): n for n, p in self.module.named_parameters()}
         if now.keys() != self._param_names.keys():
             added = [n for i, n in now.items() if i not in self._param_names]
@@ -210,6 +221,18 @@ class Run:
             raise UsageError(f"the model's parameters changed ({what}); the engine trains the Parameter objects it "
                              f"was given: build the whole model first, then call initialize, and assign no new "
                              f"Parameters after")
+
+    def _check_frozen(self) -> None:
+        """A UsageError naming the parameters whose requires_grad changed since initialize: a frozen one has
+        no optimizer state to train with, and a trained one frozen later would keep a stale gradient."""
+        changed = [(self.names[i], p.requires_grad) for i, p in enumerate(self.params)
+                   if p.requires_grad == (i in self.frozen)]
+        if changed:
+            what = ", ".join(f"{name} (now requires_grad={now})" for name, now in changed[:5])
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            raise UsageError(f"requires_grad changed after infinity.initialize: {what}{more}; the engine fixes at "
+                             "initialize which parameters it trains (their optimizer states and sub-groups): set "
+                             "requires_grad before initialize, or close this engine and initialize a new one")
 
     def close(self) -> None:
         """Removes the hooks and this run's swap files."""
@@ -324,6 +347,8 @@ class Run:
     def _build_optimizer(self) -> HostOptimizer | NvmeOptimizer:
         s = self.settings
         self._slice = {sl.index: sl for g in self.groups for sl in g.slices}
+        if not self.groups:  # nothing trained: no states anywhere, no optimizer swap files
+            return HostOptimizer((), self.setup.rule, self.param_groups)
         if s.optimizer_tier is not Tier.NVME:
             return HostOptimizer(self.groups, self.setup.rule, self.param_groups)
         self._optimizer_pool = optimizer_pool(s, self.groups, self._pin())
@@ -375,6 +400,12 @@ class Run:
 
     def pools(self) -> list[BufferPool]:
         return [p for p in (self._param_pool, self._optimizer_pool) if p is not None]
+
+
+def _in_run(p: nn.Parameter) -> bool:
+    """Whether the run holds p: every trained parameter, every frozen floating-point one, and whatever zero.Init
+    placed.  A frozen integer parameter stays whole in the module, as a buffer does."""
+    return p.requires_grad or p.is_floating_point() or placed(p) is not None
 
 
 def _shape_of(p: nn.Parameter) -> torch.Size:

@@ -99,7 +99,8 @@ class Coordinator:
             if mine:
                 self._hook_module(name, module, mine)
         for i, p in enumerate(self.params):
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
+            if p.requires_grad:  # [Note: a frozen parameter in backward]
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
         self._check_live_budget()
 
     def _hook_module(self, name: str, module: nn.Module, mine: tuple[int, ...]) -> int:
@@ -358,6 +359,10 @@ class Coordinator:
         self.homes[i].release(i)
         self.clock.live_changed(-self.sizes[i])
 
+    # [Note: a frozen parameter in backward]  A frozen parameter (requires_grad=False) gets no gradient, so no
+    # hook says when autograd is done with it.  One that the backward pre-hook gathered (autograd reads it for
+    # its module's input gradients) stays until the backward ends (release_all), as an external parameter
+    # does; one whose module needs no input gradients (a frozen embedding) is not gathered in backward at all.
     def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             self.on_grad(i, p)

@@ -1,0 +1,185 @@
+"""Frozen parameters (requires_grad=False): held on the param tier and gathered like trained ones, but with
+no optimizer state, sub-group, gradient or hook, never written by the step; a model frozen whole has no
+optimizer at all.  Real models against plain torch, real swap files under tmp_path."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import infinity
+from infinity.errors import UsageError
+from infinity.models.gpt import Gpt
+
+from test_initialize import close_to, config
+from test_training import assert_same_weights
+from training_reference import SPEC, fresh_model, make_batches, plain_torch_run, train
+
+STEPS = 4
+
+
+def freeze_embeddings(model: Gpt) -> Gpt:
+    model.tokens.requires_grad_(False)
+    model.positions.requires_grad_(False)
+    return model
+
+
+def built(how: str, cfg: dict) -> Gpt:
+    """The reference model's initial weights (seed 0), built plainly or under zero.Init, embeddings frozen."""
+    torch.manual_seed(0)
+    if how == "zero_init":
+        with infinity.zero.Init(config=cfg):
+            return freeze_embeddings(Gpt(SPEC))
+    return freeze_embeddings(Gpt(SPEC))
+
+
+def swap_config(tmp_path) -> dict:
+    """The test config with its swap files in tmp_path/swap (beside a checkpoint or a pretrained folder)."""
+    (tmp_path / "swap").mkdir(exist_ok=True)
+    return config(tmp_path / "swap")
+
+
+def regions(engine) -> list[str]:
+    """The swap files of an engine's run folders."""
+    return sorted(p.name for m in engine.run.managers for p in m.store.folder.iterdir() if p.name != "lock")
+
+
+@pytest.mark.parametrize("tier", ["nvme", "cpu"])
+@pytest.mark.parametrize("how", ["plain", "zero_init"])
+def test_a_frozen_embedding_trains_equal_to_plain_adamw_and_stays_bit_for_bit(tmp_path, how, tier):
+    batches = make_batches()[:STEPS]
+    want_losses, want_weights = plain_torch_run(batches, model=freeze_embeddings(fresh_model()))
+    initial = {n: p.detach().clone() for n, p in fresh_model().named_parameters()}
+    cfg = config(tmp_path, param_device=tier)
+    engine, *_ = infinity.initialize(model=built(how, cfg), config=cfg)
+    try:
+        run = engine.run
+        frozen = {run.names[i] for i in run.frozen}
+        assert frozen == {"tokens.weight", "positions.weight"}
+        assert run.offloaded >= run.frozen  # homes on the param tier like the trained ones
+        assert not any(s.index in run.frozen for g in run.groups for s in g.slices)  # no sub-group slot
+        losses = train(engine, batches)
+        weights = engine.parameter_values()
+        report = engine.step_report()
+    finally:
+        engine.close()
+    assert close_to(losses, want_losses), (losses, want_losses)
+    for name in frozen:
+        assert torch.equal(weights[name], initial[name]), name
+    assert_same_weights(weights, want_weights, STEPS)
+    assert report.params == sum(w.numel() for n, w in want_weights.items() if n not in frozen)
+
+
+def test_a_reference_model_frozen_whole_runs_forward_with_no_optimizer(tmp_path):
+    x, y = make_batches()[0]
+    cfg = config(tmp_path)
+    plain = fresh_model()
+    with infinity.zero.Init(config=cfg):
+        torch.manual_seed(0)
+        model = Gpt(SPEC)
+    model.requires_grad_(False)
+    engine, *_ = infinity.initialize(model=model, config=cfg)
+    try:
+        assert regions(engine) == ["param.swp"]  # no optimizer swap files
+        assert engine.run.offloaded == set(range(len(engine.run.params)))
+        with torch.no_grad():
+            assert torch.equal(engine(x, y), plain(x, y))
+            assert torch.equal(engine(x), plain(x))  # released and fetched again: the same values
+        with pytest.raises(UsageError, match="no trainable parameters"):
+            engine.step()
+        with pytest.raises(UsageError, match="no trainable parameters"):
+            engine.backward(engine(x, y))
+    finally:
+        engine.close()
+
+
+def test_a_change_of_requires_grad_after_initialize_is_refused_naming_the_parameter(tmp_path):
+    model = freeze_embeddings(fresh_model())
+    engine, *_ = infinity.initialize(model=model, config=config(tmp_path))
+    try:
+        x, y = make_batches()[0]
+        engine.backward(engine(x, y))
+        engine.step()
+        model.tokens.weight.requires_grad_(True)
+        with pytest.raises(UsageError, match=r"tokens\.weight \(now requires_grad=True\)"):
+            engine(x, y)
+        model.tokens.weight.requires_grad_(False)
+        model.head.weight.requires_grad_(False)
+        with pytest.raises(UsageError, match=r"head\.weight \(now requires_grad=False\)"):
+            engine.step()
+    finally:
+        engine.close()
+
+
+def test_checkpoint_round_trip_with_frozen_parameters_built_under_zero_init(tmp_path):
+    batches = make_batches()[:6]
+    want_losses, _ = plain_torch_run(batches, model=freeze_embeddings(fresh_model()))
+    cfg = swap_config(tmp_path)
+    engine, *_ = infinity.initialize(model=built("zero_init", cfg), config=cfg)
+    try:
+        first = train(engine, batches[:3])
+        engine.save_checkpoint(str(tmp_path / "ckpt"))
+        saved = engine.parameter_values()
+    finally:
+        engine.close()
+    torch.manual_seed(5)  # other initial weights: the checkpoint must bring every parameter back
+    with infinity.zero.Init(config=cfg):
+        fresh = freeze_embeddings(Gpt(SPEC))
+    engine, *_ = infinity.initialize(model=fresh, config=cfg)
+    try:
+        engine.load_checkpoint(str(tmp_path / "ckpt"))
+        loaded = engine.parameter_values()
+        rest = train(engine, batches[3:])
+    finally:
+        engine.close()
+    assert all(torch.equal(loaded[n], saved[n]) for n in saved)
+    assert close_to(first + rest, want_losses), (first + rest, want_losses)
+
+
+def test_consolidated_and_16bit_files_hold_the_frozen_parameters(tmp_path):
+    from infinity.checkpoint.consolidate import consolidate
+    from safetensors.torch import load_file
+
+    batches = make_batches()[:2]
+    plain = freeze_embeddings(fresh_model())
+    initial = copy.deepcopy(plain.state_dict())
+    cfg = swap_config(tmp_path)
+    cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    engine, *_ = infinity.initialize(model=built("zero_init", cfg), config=cfg)
+    try:
+        train(engine, batches)
+        engine.save_checkpoint(str(tmp_path / "ckpt"))
+        assert engine.save_16bit_model(str(tmp_path / "out"), "model.safetensors")
+        assert engine.save_16bit_model(str(tmp_path / "out"), "trained.safetensors", exclude_frozen_parameters=True)
+        values = engine.parameter_values()
+    finally:
+        engine.close()
+    consolidate(tmp_path / "ckpt", tmp_path / "whole.safetensors")
+    whole, half = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "out/model.safetensors"))
+    for name in ("tokens.weight", "positions.weight"):
+        assert torch.equal(whole[name], initial[name]) and torch.equal(half[name], initial[name])
+    assert all(torch.equal(whole[n], values[n]) for n in values)
+    plain.load_state_dict(whole, strict=True)
+    assert set(load_file(str(tmp_path / "out/trained.safetensors"))) == set(whole) - {"tokens.weight",
+                                                                                      "positions.weight"}
+
+
+def test_a_transformers_reference_model_frozen_whole_gives_plain_transformers_logits(tmp_path):
+    pytest.importorskip("transformers", reason="the transformers package is not installed")
+    from infinity.integrations.transformers import from_pretrained
+    from hf_models import auto_class, batches, save_plain
+
+    folder = save_plain("gpt2", tmp_path / "pretrained")
+    plain = auto_class("gpt2").from_pretrained(folder)
+    cfg = swap_config(tmp_path)
+    reference = from_pretrained(auto_class("gpt2"), folder, cfg)
+    reference.requires_grad_(False)
+    engine, *_ = infinity.initialize(model=reference, config=cfg)
+    try:
+        assert regions(engine) == ["param.swp"] and engine.run.offloaded
+        with torch.no_grad():
+            for x in batches(2):
+                assert torch.equal(engine(input_ids=x).logits, plain(input_ids=x).logits)
+    finally:
+        engine.close()
