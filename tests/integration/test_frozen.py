@@ -71,6 +71,37 @@ def test_a_frozen_embedding_trains_equal_to_plain_adamw_and_stays_bit_for_bit(tm
     assert report.params == sum(w.numel() for n, w in want_weights.items() if n not in frozen)
 
 
+@pytest.mark.parametrize("how", ["plain", "zero_init"])
+def test_a_frozen_middle_block_is_gathered_for_input_gradients_and_stays_bit_for_bit(tmp_path, how):
+    """Block 1 frozen: backward needs its weights for the gradients of block 0 below it (gathered again by
+    the backward pre-hooks, released when the backward ends), and never updates them."""
+    batches = make_batches()[:STEPS]
+    plain = fresh_model()
+    plain.blocks[1].requires_grad_(False)
+    want_losses, want_weights = plain_torch_run(batches, model=plain)
+    initial = {n: p.detach().clone() for n, p in fresh_model().named_parameters()}
+    cfg = config(tmp_path)
+    torch.manual_seed(0)
+    if how == "zero_init":
+        with infinity.zero.Init(config=cfg):
+            model = Gpt(SPEC)
+    else:
+        model = Gpt(SPEC)
+    model.blocks[1].requires_grad_(False)
+    engine, *_ = infinity.initialize(model=model, config=cfg)
+    try:
+        frozen = {engine.run.names[i] for i in engine.run.frozen}
+        assert frozen and all(n.startswith("blocks.1.") for n in frozen)
+        losses = train(engine, batches)
+        assert not engine.run.coordinator.gathered()  # everything released after each backward
+        weights = engine.parameter_values()
+    finally:
+        engine.close()
+    assert close_to(losses, want_losses), (losses, want_losses)
+    assert all(torch.equal(weights[n], initial[n]) for n in frozen)
+    assert_same_weights(weights, {n: w for n, w in want_weights.items() if n not in frozen}, STEPS)
+
+
 def test_a_reference_model_frozen_whole_runs_forward_with_no_optimizer(tmp_path):
     x, y = make_batches()[0]
     cfg = config(tmp_path)

@@ -147,7 +147,8 @@ def test_frozen_parameters_have_no_optimizer_states_in_the_nvme_rows():
     frozen = ModelSize(SIZE.total_params, SIZE.largest_layer_params, trained_params=0)
     ref = rows_by_option(estimate(frozen, Cluster(), config, step_seconds=1))[(NVME, NVME, ZeroInit.ON)]
     # parameters on NVMe alike; optimizer swap files and per-step optimizer bytes of the trained half only
-    assert abs((whole.need.nvme_per_node - part.need.nvme_per_node) - 16 * (SIZE.total_params - half.trained)) < 4096 * 200
+    frozen_bytes = 16 * (SIZE.total_params - half.trained)
+    assert abs((whole.need.nvme_per_node - part.need.nvme_per_node) - frozen_bytes) < 4096 * 200
     assert whole.traffic.read_per_node - part.traffic.read_per_node == 16 * (SIZE.total_params - half.trained)
     assert abs(ref.need.nvme_per_node - 2 * SIZE.total_params) < 4096  # the parameters' file alone
     assert "optimizer_pool" not in ref.need.host_parts and ref.traffic.write_per_node == 0
