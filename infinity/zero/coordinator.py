@@ -90,6 +90,8 @@ class Coordinator:
         self._names: list[str] = []  # module names, for the timeline
         self._started: dict[int, float] = {}  # forward: module -> timeline start (µs)
         self._backward: tuple[int, float] | None = None  # the module whose backward runs, since when (µs)
+        self._frozen = frozenset(i for i, p in enumerate(params) if not p.requires_grad) & offloaded
+        self._frozen_release_queued = False  # [Note: a frozen parameter in backward]
 
     # ---- installation ---------------------------------------------------------------
     def install(self) -> None:
@@ -165,6 +167,9 @@ class Coordinator:
             self._make_room(position, mine)
         for i in mine:
             self._gather(i, mine)
+        if phase is Phase.BACKWARD and not self._frozen_release_queued and not self._frozen.isdisjoint(mine):
+            torch.autograd.Variable._execution_engine.queue_callback(self._release_frozen)
+            self._frozen_release_queued = True
         if position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)
             for i in self.residence.reading():
@@ -341,6 +346,7 @@ class Coordinator:
             if self.residence.users(i) > 0 or self.residence.state(i) is Residency.KEPT:
                 self._drop(i)
         self._close_backward()
+        self._frozen_release_queued = False  # a backward that failed never ran its callback
         self.settle()
         self.cursor.end_step()
 
@@ -359,10 +365,18 @@ class Coordinator:
         self.homes[i].release(i)
         self.clock.live_changed(-self.sizes[i])
 
-    # [Note: a frozen parameter in backward]  A frozen parameter (requires_grad=False) gets no gradient, so no
-    # hook says when autograd is done with it.  One that the backward pre-hook gathered (autograd reads it for
-    # its module's input gradients) stays until the backward ends (release_all), as an external parameter
-    # does; one whose module needs no input gradients (a frozen embedding) is not gathered in backward at all.
+    def _release_frozen(self) -> None:
+        """[Note: a frozen parameter in backward]  A frozen parameter (requires_grad=False) gets no gradient, so
+        no hook says when autograd is done with it.  One that a backward pre-hook gathered (autograd reads it
+        for its module's input gradients) stays until the backward ends: this callback, queued on autograd's
+        engine by the first such gather, releases it then, also in a backward that another engine runs through
+        this model (a frozen model whose input needs gradients).  One whose module needs no input gradients (a
+        frozen embedding at the bottom) is not gathered in backward at all."""
+        self._frozen_release_queued = False
+        for i in sorted(self._frozen):
+            if self.residence.users(i) > 0:
+                self._drop(i)
+
     def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             self.on_grad(i, p)

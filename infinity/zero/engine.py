@@ -82,7 +82,7 @@ class Engine(DeepSpeedApi):
     # ---- the DeepSpeed-shaped API -----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._check_usable()
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.run.trains:  # a model frozen whole has no backward of its own to await
             self.phase.to(TrainingState.FORWARD)
         with self.timeline.span("forward", Track.COMPUTE), self.latching_failure(half_done=False), \
                 self.run.external.watching():  # zero/external.py

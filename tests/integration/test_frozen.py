@@ -102,6 +102,43 @@ def test_a_frozen_middle_block_is_gathered_for_input_gradients_and_stays_bit_for
     assert_same_weights(weights, {n: w for n, w in want_weights.items() if n not in frozen}, STEPS)
 
 
+def test_a_frozen_loss_network_passes_gradients_through_and_lets_its_parameters_go(tmp_path):
+    """A model frozen whole whose input needs gradients (a loss network, a critic): the student's backward
+    runs through it, gathering its parameters, and they are released when that backward ends."""
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+    critic = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    critic.requires_grad_(False)
+    plain_student, plain_critic = copy.deepcopy(student), copy.deepcopy(critic)
+    opt = torch.optim.AdamW(plain_student.parameters(), lr=1e-3, weight_decay=0.01)
+    data = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(STEPS)]
+    want = []
+    for x in data:
+        loss = plain_critic(plain_student(x)).square().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain_student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        want.append(loss.item())
+    cfg = config(tmp_path)
+    engine, *_ = infinity.initialize(model=student, config=cfg)
+    critic_engine, *_ = infinity.initialize(model=critic, config=cfg)
+    try:
+        got = []
+        for x in data:
+            loss = critic_engine(engine(x)).square().mean()
+            engine.backward(loss)
+            engine.step()
+            got.append(loss.item())
+            assert not critic_engine.run.coordinator.gathered()  # released at the end of the backward
+        values = critic_engine.parameter_values()
+    finally:
+        critic_engine.close()
+        engine.close()
+    assert close_to(got, want), (got, want)
+    assert all(torch.equal(values[n], p) for n, p in plain_critic.named_parameters())
+
+
 def test_a_reference_model_frozen_whole_runs_forward_with_no_optimizer(tmp_path):
     x, y = make_batches()[0]
     cfg = config(tmp_path)
