@@ -251,3 +251,49 @@ def test_a_transformers_reference_model_frozen_whole_gives_plain_transformers_lo
                 assert torch.equal(engine(input_ids=x).logits, plain(input_ids=x).logits)
     finally:
         engine.close()
+
+
+def test_gathered_parameters_reads_and_changes_a_frozen_parameter(tmp_path):
+    x, y = make_batches()[0]
+    model = freeze_embeddings(fresh_model())
+    want = freeze_embeddings(fresh_model())
+    engine, *_ = infinity.initialize(model=model, config=config(tmp_path))
+    try:
+        with infinity.zero.GatheredParameters(model.positions.weight, modifier_rank=0):
+            assert torch.equal(model.positions.weight, want.positions.weight)  # whole in the block
+            model.positions.weight.data[:5] = 0.5
+        want.positions.weight.data[:5] = 0.5
+        assert model.positions.weight.numel() == want.positions.weight.numel()  # released again: its whole size
+        assert torch.equal(engine.parameter_values()["positions.weight"], want.positions.weight)
+        with torch.no_grad():
+            assert torch.equal(engine(x, y), want(x, y))  # the forward reads the new values from its home
+    finally:
+        engine.close()
+
+
+def test_a_checkpoint_that_saved_frozen_parameters_as_buffers_is_refused_with_the_fix(tmp_path):
+    """Checkpoints of an infinity before frozen parameters were held listed them as buffers, whole."""
+    import json
+
+    from infinity.errors import CheckpointError
+
+    cfg = config(tmp_path)
+    engine, *_ = infinity.initialize(model=freeze_embeddings(fresh_model()), config=cfg)
+    try:
+        train(engine, make_batches()[:1])
+        engine.save_checkpoint(str(tmp_path / "ckpt"), tag="old")
+    finally:
+        engine.close()
+    path = tmp_path / "ckpt" / "old" / "rank_0" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = next(p for p in manifest["params"] if p["name"] == "positions.weight")
+    manifest["params"].remove(entry)
+    manifest["buffers"].append({k: entry[k] for k in ("name", "shape", "dtype", "stored")})
+    path.write_text(json.dumps(manifest))
+    engine, *_ = infinity.initialize(model=freeze_embeddings(fresh_model()), config=cfg)
+    try:
+        refused = r"frozen parameter\(s\) positions\.weight as buffers.*infinity-consolidate"
+        with pytest.raises(CheckpointError, match=refused):
+            engine.load_checkpoint(str(tmp_path / "ckpt"), tag="old")
+    finally:
+        engine.close()
