@@ -29,6 +29,7 @@ from infinity.zero.settings import EngineSettings, budgets_of, dtype_of, warn_sl
 from infinity.zero.gather import ShardedHome, piece_of
 from infinity.zero.gathered import claim
 from infinity.zero.external import ExternalParameters, check_placeholders
+from infinity.zero.frozen import check_frozen, frozen_of, held
 from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
 from infinity.shard import Shard, shard_of
@@ -51,13 +52,10 @@ class Run:
         if self.ranks.several and settings.rank != self.rank:
             settings = dataclasses.replace(settings, rank=self.rank)  # swap files in this rank's own folder
         self.module, self.settings = model, settings
-        named = [(n, p) for n, p in model.named_parameters() if _in_run(p)]
+        named = [(n, p) for n, p in model.named_parameters() if held(p)]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        # [Note: frozen parameters]  (docs/engine.md) Parameters with requires_grad=False have homes and are
-        # gathered like the others, but no sub-group slot, optimizer state, gradient or hook; the step never
-        # writes them.  Which ones are frozen is fixed here: check_usable refuses a change of requires_grad.
-        self.frozen = frozenset(i for i, p in enumerate(self.params) if not p.requires_grad)
+        self.frozen = frozen_of(self.params)  # [Note: frozen parameters] (zero/frozen.py)
         self.device = self.params[0].device if self.params else torch.device("cpu")
         warn_slow_half_precision(settings.precision, self.device)
         self._managers: dict[str, MemoryManager] = {}
@@ -209,7 +207,7 @@ class Run:
         for m in self._managers.values():
             m.check_healthy()
         check_placeholders(self)
-        self._check_frozen()
+        check_frozen(self.names, self.params, self.frozen)
         now = {id(p): n for n, p in self.module.named_parameters()}
         if now.keys() != self._param_names.keys():
             added = [n for i, n in now.items() if i not in self._param_names]
@@ -221,18 +219,6 @@ class Run:
             raise UsageError(f"the model's parameters changed ({what}); the engine trains the Parameter objects it "
                              f"was given: build the whole model first, then call initialize, and assign no new "
                              f"Parameters after")
-
-    def _check_frozen(self) -> None:
-        """A UsageError naming the parameters whose requires_grad changed since initialize: a frozen one has
-        no optimizer state to train with, and a trained one frozen later would keep a stale gradient."""
-        changed = [(self.names[i], p.requires_grad) for i, p in enumerate(self.params)
-                   if p.requires_grad == (i in self.frozen)]
-        if changed:
-            what = ", ".join(f"{name} (now requires_grad={now})" for name, now in changed[:5])
-            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-            raise UsageError(f"requires_grad changed after infinity.initialize: {what}{more}; the engine fixes at "
-                             "initialize which parameters it trains (their optimizer states and sub-groups): set "
-                             "requires_grad before initialize, or close this engine and initialize a new one")
 
     def close(self) -> None:
         """Removes the hooks and this run's swap files."""
@@ -400,12 +386,6 @@ class Run:
 
     def pools(self) -> list[BufferPool]:
         return [p for p in (self._param_pool, self._optimizer_pool) if p is not None]
-
-
-def _in_run(p: nn.Parameter) -> bool:
-    """Whether the run holds p: every trained parameter, every frozen floating-point one, and whatever zero.Init
-    placed.  A frozen integer parameter stays whole in the module, as a buffer does."""
-    return p.requires_grad or p.is_floating_point() or placed(p) is not None
 
 
 def _shape_of(p: nn.Parameter) -> torch.Size:
