@@ -1,8 +1,10 @@
 """infinity-consolidate's logic: one full state dict from the per-rank folders of one checkpoint tag.
 
-Each trainable parameter is the ranks' fp32 master pieces put end to end in rank order (Shard start and
+Each trained parameter is the ranks' fp32 master pieces put end to end in rank order (Shard start and
 length), cut to the parameter's elements and reshaped (format.full_parameter), converted to the asked
-dtype and written at once; then the persistent buffers and frozen parameters, whole, from rank 0.  The
+dtype and written at once; a frozen one (no master) the same from the ranks' model.safetensors parts, in
+the compute dtype the run held it in, converted; then the persistent buffers (and the parameters the
+engine did not hold), whole, from rank 0.  The
 output is streamed tensor by tensor (safetensors), so memory holds about one parameter: its pieces,
 the joined copy and its converted copy.  Every file read is checked against its manifest's size and
 checksum first.  The result loads into the plain torch model with load_state_dict(strict=True).
@@ -31,7 +33,7 @@ RANK_PREFIX = "rank_"
 
 
 class OutputDtype(enum.Enum):
-    """The dtype trainable parameters are written in (buffers keep their own)."""
+    """The dtype parameters are written in (buffers keep their own)."""
 
     FP32 = "fp32"  # the master weights as they are
     BF16 = "bf16"
@@ -84,7 +86,7 @@ def consolidate(ckpt_dir: str | os.PathLike[str], out: str | os.PathLike[str], t
 
 def _tensors(ranks: list[RankFiles], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     for p in ranks[0].manifest.params:
-        values = full_parameter(ranks, p.name, OptimizerState.MASTER).to(dtype)
+        values = full_parameter(ranks, p.name, None if p.frozen else OptimizerState.MASTER).to(dtype)
         for key in (p.name, *p.aliases):  # a tied parameter under each of its state_dict keys
             yield key, values
     for b in ranks[0].manifest.buffers:
@@ -140,8 +142,8 @@ def _ranks(ckpt_dir: Path, tag: str) -> list[RankFiles]:
 
 
 def _check_same_model(first: RankFiles, other: RankFiles) -> None:
-    mine = [(p.name, p.shape, p.numel, p.replicated) for p in first.manifest.params]
-    theirs = [(p.name, p.shape, p.numel, p.replicated) for p in other.manifest.params]
+    mine = [(p.name, p.shape, p.numel, p.replicated, p.frozen) for p in first.manifest.params]
+    theirs = [(p.name, p.shape, p.numel, p.replicated, p.frozen) for p in other.manifest.params]
     if mine != theirs:
         differ = next((a[0] for a, b in zip(mine, theirs) if a != b), f"{len(mine)} against {len(theirs)} parameters")
         raise CheckpointError(str(other.folder), f"lists other parameters than rank 0 (first difference: {differ})",

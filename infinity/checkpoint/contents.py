@@ -31,7 +31,8 @@ class Contents:
 def contents_of(engine: Checkpointable) -> Contents:
     dtype = engine.dtype
     aliases = aliases_of(engine)
-    params = tuple(ParamEntry.of(shard, dtype, aliases.get(shard.name, ())) for shard in engine.shards)
+    params = tuple(ParamEntry.of(shard, dtype, aliases.get(shard.name, ()), frozen=i in engine.frozen)
+                   for i, shard in enumerate(engine.shards))
     model = [StoredTensor(p.name, dtype, p.stored, engine.param_part(i)) for i, p in enumerate(params)]
     buffers = []
     for name, tensor in extra_tensors(engine):
@@ -44,12 +45,12 @@ def contents_of(engine: Checkpointable) -> Contents:
         model.append(StoredTensor(name, tensor.dtype, entry.stored, HostPart(tensor)))
     optimizer = [StoredTensor(optimizer_tensor(state, p.name), torch.float32, stored_numel(p.real, 4),
                             engine.optimizer_part(i, state))
-                 for state in engine.optimizer_states for i, p in enumerate(params)]
+                 for state in engine.optimizer_states for i, p in enumerate(params) if not p.frozen]
     return Contents(params, tuple(buffers), tuple(model), tuple(optimizer))
 
 
 def aliases_of(engine: Checkpointable) -> dict[str, tuple[str, ...]]:
-    """The other state_dict keys of each tied trained parameter (named_parameters lists it once, under its
+    """The other state_dict keys of each tied parameter (named_parameters lists it once, under its
     first name; state_dict lists it under every one), so that a consolidated file has them all."""
     first = {id(p): name for name, p in zip(engine.names, engine.params)}
     found: dict[str, list[str]] = {}
@@ -61,6 +62,7 @@ def aliases_of(engine: Checkpointable) -> dict[str, tuple[str, ...]]:
 
 
 def extra_tensors(engine: Checkpointable) -> list[tuple[str, torch.Tensor]]:
-    """Persistent buffers and frozen parameters (state_dict entries that are not trained parameters)."""
-    trained = {id(p) for p in engine.params}
-    return [(name, t) for name, t in engine.module.state_dict(keep_vars=True).items() if id(t) not in trained]
+    """Persistent buffers, and parameters the engine does not hold (frozen integer ones): the state_dict
+    entries that are not the engine's parameters."""
+    held = {id(p) for p in engine.params}
+    return [(name, t) for name, t in engine.module.state_dict(keep_vars=True).items() if id(t) not in held]

@@ -25,6 +25,9 @@ global_steps, skipped_steps and global_samples (micro_steps: global_steps x grad
 DeepSpeed's optimizer had (when the two have as many groups), and a client LR scheduler (initialize's
 lr_scheduler=) the state_dict DeepSpeed saved of its scheduler, and an fp16 engine DeepSpeed's dynamic loss
 scale (its scale, hysteresis and good steps since the last overflow).
+[Note: frozen parameters keep the model's values]  Frozen parameters (requires_grad=False) are not in
+DeepSpeed's param_shapes nor its optimizer; they keep the values the engine holds (the model's, as built or
+loaded before initialize), which a run that froze them never changed.
 DeepSpeed's files are read with torch.load's mmap, one rank's file at a time per state, never unpickling
 anything outside torch, the standard containers and DeepSpeed's own classes (which become inert stand-ins).
 """
@@ -172,7 +175,7 @@ class Imported:
 
     def __init__(self, engine: Checkpointable, ds: DeepSpeedSave):
         self._engine, self._ds = engine, ds
-        for attr in ("module", "names", "params", "shapes", "shards", "ranks", "rank", "world", "config",
+        for attr in ("module", "names", "params", "shapes", "shards", "frozen", "ranks", "rank", "world", "config",
                      "settings", "dtype", "loss_scaler", "optimizer_states"):
             setattr(self, attr, getattr(engine, attr))
         self.param_groups = [dict(g) for g in engine.param_groups]
@@ -192,14 +195,19 @@ class Imported:
             self.loss_scaler = _Saved({**scaler.state_dict(), **ds.loss_scale, "skipped_steps": ds.skipped_steps})
         self._copy_buffers()
 
+    @property
+    def _trained(self) -> list[str]:
+        """The trained parameters' names (DeepSpeed's param_shapes list only those)."""
+        return [n for i, n in enumerate(self.names) if i not in self.frozen]
+
     def _check_names(self) -> None:
-        mine, theirs = set(self.names), set(self._ds.shapes)
+        mine, theirs = set(self._trained), set(self._ds.shapes)
         if mine != theirs:
             raise CheckpointError(str(self._ds.folder), f"holds other trained parameters than this model: only in the "
                                   f"checkpoint {sorted(theirs - mine)[:5]}, only in the model {sorted(mine - theirs)[:5]}",
                                   "build the model the DeepSpeed run trained")
         for name, shape in zip(self.names, self.shapes):
-            if self._ds.shapes[name] != shape:
+            if name in self._ds.shapes and self._ds.shapes[name] != shape:
                 raise CheckpointError(str(self._ds.folder), f"holds {name!r} of shape {tuple(self._ds.shapes[name])}; "
                                       f"the model's is {tuple(shape)}", "build the model the DeepSpeed run trained")
 
@@ -216,13 +224,15 @@ class Imported:
         return values[shard.start:shard.start + shard.real].contiguous()
 
     def param_part(self, i: int) -> Part:
+        if i in self.frozen:  # [Note: frozen parameters keep the model's values]
+            return self._engine.param_part(i)
         return HostPart(self._piece(i, self._ds.whole(self.names[i], "master")).to(self.dtype))
 
     def optimizer_part(self, i: int, state_name: str) -> Part:
         return HostPart(self._piece(i, self._ds.whole(self.names[i], state_name)))
 
     def optimizer_steps(self) -> dict[str, float]:
-        return {name: self._ds.step_of(name) for name in self.names}
+        return {name: self._ds.step_of(name) for name in self._trained}
 
     def io_handle(self) -> Any:
         return self._engine.io_handle()

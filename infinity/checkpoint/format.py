@@ -5,10 +5,13 @@ Layout::
 
     CKPT_DIR/latest                 the tag of the last complete checkpoint (UTF-8 text, one line)
     CKPT_DIR/TAG/rank_<r>/          one folder per rank r, written only by rank r
-        model.safetensors           the rank's part of every trainable parameter, compute dtype
-                                    (tensor name: the parameter's name), then every persistent buffer
-                                    and frozen parameter whole (tensor name: its state_dict key)
-        optimizer.safetensors       fp32 "master/<name>" for each trainable parameter in engine order, then
+        model.safetensors           the rank's part of every parameter the engine holds (trained, and
+                                    frozen: requires_grad=False), compute dtype (tensor name: the
+                                    parameter's name), then every persistent buffer and parameter the
+                                    engine does not hold (an integer one) whole (tensor name: its
+                                    state_dict key).  Checkpoints before frozen parameters were held
+                                    listed them here, whole, as buffers
+        optimizer.safetensors       fp32 "master/<name>" for each trained parameter in engine order, then
                                     each of the optimizer's states the same way: Adam "exp_avg/<name>",
                                     then "exp_avg_sq/<name>"; Lion "exp_avg"; SGD "momentum_buffer";
                                     Adagrad "sum" (a torch optimizer's own state names)
@@ -165,8 +168,8 @@ def check_tag(tag: str) -> str:
 
 @dataclass(frozen=True)
 class ParamEntry:
-    """One trainable parameter's part held by this rank (the Shard's fields), its dtype in
-    model.safetensors, and the elements stored per tensor (padding included)."""
+    """One parameter's part held by this rank (the Shard's fields), its dtype in model.safetensors, and the
+    elements stored per tensor (padding included); frozen: requires_grad=False, no optimizer states."""
 
     name: str
     shape: tuple[int, ...]
@@ -179,6 +182,7 @@ class ParamEntry:
     dtype: str  # the compute dtype, as model.safetensors holds it
     stored: int  # elements of its tensor in model.safetensors (optimizer.safetensors: stored_numel(real, 4))
     aliases: tuple[str, ...] = ()  # other state_dict keys of the same (tied) parameter
+    frozen: bool = False  # held by the engine but not trained: no tensors in optimizer.safetensors
 
     @property
     def real(self) -> int:
@@ -189,9 +193,10 @@ class ParamEntry:
                      self.replicated)
 
     @classmethod
-    def of(cls, shard: Shard, dtype: torch.dtype, aliases: tuple[str, ...] = ()) -> "ParamEntry":
+    def of(cls, shard: Shard, dtype: torch.dtype, aliases: tuple[str, ...] = (), frozen: bool = False) -> "ParamEntry":
         return cls(shard.name, tuple(shard.shape), shard.numel, shard.world, shard.rank, shard.start, shard.length,
-                   shard.replicated, dtype_name(dtype), stored_numel(shard.real, element_size(dtype)), aliases)
+                   shard.replicated, dtype_name(dtype), stored_numel(shard.real, element_size(dtype)), aliases,
+                   frozen)
 
 
 @dataclass(frozen=True)

@@ -147,8 +147,16 @@ def check_world(manifest: Manifest, world: int, rank: int, folder: Path) -> None
 
 def check_model(manifest: Manifest, contents: Contents, folder: Path) -> None:
     """Raises a CheckpointError saying how the checkpoint's model differs from this engine's."""
+    saved_params = {p.name for p in manifest.params}
+    legacy = [p.name for p in contents.params if p.frozen and p.name not in saved_params
+              and any(b.name == p.name for b in manifest.buffers)]
+    if legacy:
+        raise CheckpointError(str(folder), f"holds frozen parameter(s) {', '.join(legacy[:SHOWN])} as buffers: it was "
+                              "saved by an infinity that kept frozen parameters in the module, and this engine "
+                              "holds them on the param tier", "merge it with `infinity-consolidate CKPT_DIR OUT`, load "
+                              "that into the model with load_state_dict before initialize, and train on from there")
     diffs = differences({p.name: p for p in manifest.params}, {p.name: p for p in contents.params},
-                        ("shape", "start", "length", "replicated", "dtype"), "parameters")
+                        ("shape", "start", "length", "replicated", "dtype", "frozen"), "parameters")
     diffs += differences({b.name: b for b in manifest.buffers}, {b.name: b for b in contents.buffers},
                          ("shape", "dtype"), "buffers")
     if diffs:

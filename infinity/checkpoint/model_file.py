@@ -46,15 +46,16 @@ def save_16bit_model(engine: Checkpointable, save_dir: Path, save_filename: str,
 
 
 def _entries(engine: Checkpointable, exclude_frozen: bool) -> list[tuple[TensorSpec, int | None]]:
-    """(what the file holds, the trainable parameter's index or None) for each state-dict key, in order."""
+    """(what the file holds, the engine's parameter index or None) for each state-dict key, in order; frozen
+    parameters (requires_grad=False) left out with exclude_frozen."""
     index_of = {id(p): i for i, p in enumerate(engine.params)}
     dtype = engine.dtype
     out: list[tuple[TensorSpec, int | None]] = []
     for key, tensor in engine.module.state_dict(keep_vars=True).items():
         index = index_of.get(id(tensor))
-        if index is not None:
+        if index is not None and not (exclude_frozen and index in engine.frozen):
             out.append((TensorSpec(key, dtype, tuple(engine.shapes[index])), index))
-        elif not (exclude_frozen and isinstance(tensor, torch.nn.Parameter)):
+        elif index is None and not (exclude_frozen and isinstance(tensor, torch.nn.Parameter)):
             out.append((TensorSpec.of(key, tensor), None))
     return out
 

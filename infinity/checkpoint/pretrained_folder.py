@@ -39,8 +39,8 @@ UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 @dataclass(frozen=True)
 class Entry:
-    """One tensor of the folder: what the file holds, and the trained parameter's index (None: a buffer or a
-    frozen parameter, whole in the module)."""
+    """One tensor of the folder: what the file holds, and the engine's parameter index (None: a buffer, or a
+    parameter the engine does not hold, whole in the module)."""
 
     spec: TensorSpec
     index: int | None

@@ -37,13 +37,15 @@ class Stateful(Protocol):
 
 
 class Checkpointable(Protocol):
-    """A training engine as checkpoints see it.  Parameter i is the i-th trained parameter."""
+    """A training engine as checkpoints see it.  Parameter i is the i-th parameter the engine holds: trained
+    ones and frozen ones (requires_grad=False: in `frozen`, with no optimizer state)."""
 
     module: nn.Module
-    names: list[str]  # trained parameters' names, in engine order
+    names: list[str]  # the engine's parameters' names, in engine order
     params: list[nn.Parameter]
-    shapes: list[torch.Size]  # each trained parameter's whole shape
-    shards: Sequence[Shard]  # this rank's part of each trained parameter
+    shapes: list[torch.Size]  # each parameter's whole shape
+    shards: Sequence[Shard]  # this rank's part of each parameter
+    frozen: frozenset[int]  # the parameters with no optimizer state (no optimizer_part), by index
     ranks: RankGroup
     rank: int
     world: int
@@ -83,10 +85,10 @@ class Checkpointable(Protocol):
         """The optimizer's torch-style parameter groups ("params" and hyperparameters)."""
 
     def optimizer_part(self, i: int, state: str) -> Part:
-        """Where this rank's optimizer state (one of optimizer_states) of parameter i rests."""
+        """Where this rank's optimizer state (one of optimizer_states) of trained parameter i rests."""
 
     def optimizer_steps(self) -> dict[str, float]:
-        """The optimizer's step counter of each parameter's sub-group, by parameter name."""
+        """The optimizer's step counter of each trained parameter's sub-group, by parameter name."""
 
     def load_optimizer_steps(self, steps: dict[str, float], where: str) -> None:
         """Sets each sub-group's step counter from steps (a CheckpointError naming where when a sub-group's

@@ -43,7 +43,7 @@ def engine_state(engine: Checkpointable) -> dict[str, Any]:
 def groups_state(engine: Checkpointable) -> list[dict[str, Any]]:
     """Each parameter group: its trained parameters' names and its hyperparameters that JSON holds (numbers,
     strings, booleans, None, and lists of those, as betas), as torch's optimizer state_dict keeps them."""
-    names = {id(p): n for n, p in zip(engine.names, engine.params)}
+    names = trained_names(engine)
     return [{"params": [names[id(p)] for p in group["params"] if id(p) in names],
              **{k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k != "params" and _plain(v)}}
             for group in engine.param_groups]
@@ -70,7 +70,7 @@ def check_groups(engine: Checkpointable, state: dict[str, Any], where: str) -> N
     if "param_groups" not in state:
         return
     saved = state["param_groups"]
-    names = {id(p): n for n, p in zip(engine.names, engine.params)}
+    names = trained_names(engine)
     mine = [[names[id(p)] for p in group["params"] if id(p) in names] for group in engine.param_groups]
     theirs = [group["params"] for group in saved]
     if mine != theirs:
@@ -78,6 +78,11 @@ def check_groups(engine: Checkpointable, state: dict[str, Any], where: str) -> N
                               f"parameters; this run has {len(mine)} of {[len(g) for g in mine]} (or the same "
                               "sizes holding other parameters)", "build the engine with the parameter groups the "
                               "run was saved with (initialize's model_parameters or optimizer)")
+
+
+def trained_names(engine: Checkpointable) -> dict[int, str]:
+    """id -> name of each trained parameter (a frozen one is in no group's state, even where a group lists it)."""
+    return {id(p): n for i, (n, p) in enumerate(zip(engine.names, engine.params)) if i not in engine.frozen}
 
 
 def _plain(value: Any) -> bool:

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a callable returning an nn.Module; built on the meta device, nothing allocated")
     parser.add_argument("--largest-layer", type=float, metavar="N", help="parameters of the largest layer "
                         "(with --params)")
+    parser.add_argument("--trained-params", type=float, metavar="N", help="of --params, those trained "
+                        "(requires_grad; default all): frozen ones have no optimizer states")
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs per node (default 1)")
     parser.add_argument("--num-nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--config", metavar="FILE", help="a DeepSpeed-style config: its NVMe settings are used "
@@ -49,9 +51,11 @@ def model_size(ns: argparse.Namespace) -> ModelSize:
     total = as_count(ns.params, "--params", problems, minimum=1)
     layer = as_count(ns.largest_layer, "--largest-layer", problems, minimum=0) if ns.largest_layer is not None \
         else None
+    trained = as_count(ns.trained_params, "--trained-params", problems, minimum=0) \
+        if ns.trained_params is not None else None
     if problems or total is None or layer is None:
         raise ConfigError(problems.items, source="command line")
-    return ModelSize(total, layer)
+    return ModelSize(total, layer, trained_params=trained)
 
 
 def run(ns: argparse.Namespace) -> str:

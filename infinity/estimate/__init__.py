@@ -58,7 +58,7 @@ def _notes(size: ModelSize, cluster: Cluster, config: Config) -> list[str]:
         notes.append(f"offload_param.buffer_size {buffer_size} elements is smaller than the partition of the "
                      f"{what}, {partition} elements: parameters on NVMe need buffer_size >= {partition}")
     optimizer = config.zero_optimization.offload_optimizer
-    part = -(-size.total_params // cluster.world_size)
+    part = -(-size.trained // cluster.world_size)
     depth, group = optimizer_pipeline(config, part, largest_partition(size, cluster))
     pool = optimizer.buffer_count * depth * group * FP32
     if pool > OPTIMIZER_BYTES * part // 4 and pool >= 2 ** 30:  # large, and large next to what it streams

@@ -17,7 +17,8 @@ def gib(nbytes: int) -> str:
 def to_json(result: Estimate) -> dict[str, Any]:
     """Every figure in bytes (bandwidth in bytes per second)."""
     return {
-        "model": {"total_params": result.size.total_params, "largest_layer_params": result.size.largest_layer_params,
+        "model": {"total_params": result.size.total_params, "trained_params": result.size.trained,
+                  "largest_layer_params": result.size.largest_layer_params,
                   "largest_param": result.size.largest_param},
         "cluster": {"gpus_per_node": result.cluster.gpus_per_node, "nodes": result.cluster.nodes,
                     "world_size": result.cluster.world_size},
@@ -46,7 +47,8 @@ def _row_json(row: Row) -> dict[str, Any]:
 def table(result: Estimate) -> str:
     """One line per option; the zero_init on/off pair shares a line where its figures agree."""
     size, cluster = result.size, result.cluster
-    lines = [f"Model states of {size.total_params / 1e6:.0f}M parameters (largest layer "
+    frozen = f", {size.trained / 1e6:.0f}M trained" if size.trained != size.total_params else ""
+    lines = [f"Model states of {size.total_params / 1e6:.0f}M parameters{frozen} (largest layer "
              f"{size.largest_layer_params / 1e6:.0f}M) on {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s), "
              f"world size {cluster.world_size}.",
              "Sizes in GiB (2^30 bytes; DeepSpeed's estimator prints the same figures as \"GB\"); "

@@ -13,11 +13,18 @@ from infinity.errors import ConfigError, Problem
 @dataclass(frozen=True)
 class ModelSize:
     """Parameter counts.  largest_layer_params is the most parameters one module owns directly;
-    largest_param, when known (from a model), the biggest single tensor."""
+    largest_param, when known (from a model), the biggest single tensor; trained_params those with
+    requires_grad (None: all), the only ones with optimizer states (frozen ones live on the param tier)."""
 
     total_params: int
     largest_layer_params: int
     largest_param: int | None = None
+    trained_params: int | None = None
+
+    @property
+    def trained(self) -> int:
+        """Parameters with optimizer states: trained_params, or all of them."""
+        return self.total_params if self.trained_params is None else self.trained_params
 
     def __post_init__(self) -> None:
         problems = []
@@ -26,6 +33,9 @@ class ModelSize:
         if not 0 <= self.largest_layer_params <= self.total_params:
             problems.append(Problem("--largest-layer", f"must be between 0 and --params ({self.total_params}), got "
                                     f"{self.largest_layer_params}", "give the parameters of the largest layer"))
+        if self.trained_params is not None and not 0 <= self.trained_params <= self.total_params:
+            problems.append(Problem("--trained-params", f"must be between 0 and --params ({self.total_params}), "
+                                    f"got {self.trained_params}", "give the parameters with requires_grad"))
         if problems:
             raise ConfigError(problems, source="model size")
 
@@ -51,8 +61,10 @@ def count_module(module: Any) -> ModelSize:
     (module.parameters() yields it once), and in every layer that owns it, as DeepSpeed does."""
     params = list(module.parameters())
     largest_layer = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
-    return ModelSize(total_params=sum(p.numel() for p in params), largest_layer_params=largest_layer,
-                     largest_param=max((p.numel() for p in params), default=0))
+    total, trained = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    return ModelSize(total_params=total, largest_layer_params=largest_layer,
+                     largest_param=max((p.numel() for p in params), default=0),
+                     trained_params=None if trained == total else trained)
 
 
 def build_on_meta(target: str) -> Any:

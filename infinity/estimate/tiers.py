@@ -133,6 +133,7 @@ def _infinity_need(option: Option, size: ModelSize, cluster: Cluster, config: Co
     never more sub-groups than there are (infinity/swap/optimizer.py's pool_buffers)."""
     zero = config.zero_optimization
     part = -(-size.total_params // cluster.world_size)  # a rank's partition, in elements
+    trained = -(-size.trained // cluster.world_size)  # of it, the elements with optimizer states
     largest = largest_partition(size, cluster)
     param_bytes = PARAM_BYTES[config.precision]
     layer = 2 * FP16 * size.largest_layer_params
@@ -144,16 +145,16 @@ def _infinity_need(option: Option, size: ModelSize, cluster: Cluster, config: Co
         buffer = min(zero.offload_param.buffer_size, largest)  # larger than buffer_size: a config error
         parts["param_pool"] = zero.offload_param.buffer_count * _aligned(buffer * param_bytes)
         parts["params_in_cpu"] = min(zero.offload_param.max_in_cpu, part) * param_bytes
-    depth, group = optimizer_pipeline(config, part, largest)
+    depth, group = optimizer_pipeline(config, trained, largest)
     if option.offload_optimizer is CPU:
-        parts["optimizer_states"] = OPTIMIZER_BYTES * part
-    else:
+        parts["optimizer_states"] = OPTIMIZER_BYTES * trained
+    elif trained:  # a model frozen whole builds no optimizer
         parts["optimizer_pool"] = zero.offload_optimizer.buffer_count * depth * group * FP32
     parts = {name: bytes_ * cluster.gpus_per_node for name, bytes_ in parts.items()}
     host = sum(parts.values())
     if option.zero_init is ZeroInit.OFF:
         host = max(host, FP32 * size.total_params * cluster.gpus_per_node)
-    return Need(per_gpu=gpu, host_per_node=host, nvme_per_node=_swap_bytes(option, part, group, config)
+    return Need(per_gpu=gpu, host_per_node=host, nvme_per_node=_swap_bytes(option, part, trained, group, config)
                 * cluster.gpus_per_node, basis=Basis.INFINITY, host_parts=parts)
 
 
@@ -166,19 +167,22 @@ def largest_partition(size: ModelSize, cluster: Cluster) -> int:
 def optimizer_pipeline(config: Config, part: int, largest: int = 0) -> tuple[int, int]:
     """(sub-groups in flight, elements per sub-group) of a rank whose partition is `part` elements
     and whose largest parameter is `largest`: a sub-group holds whole parameters, so it is never
-    smaller than the largest one, and never more sub-groups are in flight than the partition has."""
+    smaller than the largest one, and never more sub-groups are in flight than the partition has.
+    (0, 0) for an empty partition (nothing trained)."""
     group = min(max(config.zero_optimization.sub_group_size, largest), part)
+    if group == 0:
+        return 0, 0
     return min(config.zero_optimization.offload_optimizer.pipeline_depth, -(-part // group)), group
 
 
-def _swap_bytes(option: Option, part: int, group: int, config: Config) -> int:
-    """A rank's swap files: parameters in the compute dtype, and per optimizer sub-group four fp32
-    tensors, each extent rounded up to the O_DIRECT alignment."""
+def _swap_bytes(option: Option, part: int, trained: int, group: int, config: Config) -> int:
+    """A rank's swap files: parameters (part elements) in the compute dtype, and per optimizer sub-group of
+    the trained ones four fp32 tensors, each extent rounded up to the O_DIRECT alignment."""
     total = 0
     if option.offload_param is NVME:
         total += _aligned(PARAM_BYTES[config.precision] * part)
-    if option.offload_optimizer is NVME:
-        full, rest = divmod(part, group)
+    if option.offload_optimizer is NVME and trained:
+        full, rest = divmod(trained, group)
         total += OPTIMIZER_BYTES // FP32 * (full * _aligned(FP32 * group) + _aligned(FP32 * rest))
     return total
 
@@ -186,20 +190,22 @@ def _swap_bytes(option: Option, part: int, group: int, config: Config) -> int:
 def traffic(option: Option, size: ModelSize, cluster: Cluster, config: Config, seconds: float) -> Traffic | None:
     """NVMe bytes of one optimizer step: parameters read in forward and backward of every
     micro-step (less those kept in host memory) and written once after the update; optimizer
-    states and gradients read once and written once."""
+    states and gradients read once and written once (trained parameters' only: frozen ones are never
+    written, and have no optimizer states)."""
     if not option.uses_nvme:
         return None
     zero = config.zero_optimization
     steps = config.gradient_accumulation_steps if isinstance(config.gradient_accumulation_steps, int) else 1
     part = -(-size.total_params // cluster.world_size)
+    trained = -(-size.trained // cluster.world_size)
     read = write = 0
     if option.offload_param is NVME:
         swapped = part - min(zero.offload_param.max_in_cpu, part)
         read += 2 * steps * PARAM_BYTES[config.precision] * swapped
-        write += PARAM_BYTES[config.precision] * swapped
+        write += PARAM_BYTES[config.precision] * min(swapped, trained)
     if option.offload_optimizer is NVME:
-        read += OPTIMIZER_BYTES * part
-        write += OPTIMIZER_BYTES * part
+        read += OPTIMIZER_BYTES * trained
+        write += OPTIMIZER_BYTES * trained
     gpus = cluster.gpus_per_node
     return Traffic(read_per_node=read * gpus, write_per_node=write * gpus, seconds=seconds)
 

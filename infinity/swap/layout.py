@@ -17,6 +17,7 @@ A slice keeps its parameter's engine index, so the flat order need not be the en
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 FP32 = 4
 PAD = 4096 // FP32
@@ -57,15 +58,16 @@ class Group:
 
 
 def plan_groups(sizes: list[tuple[str, int]], sub_group_size: int,
-                param_groups: list[int] | None = None) -> tuple[Group, ...]:
+                param_groups: Sequence[int | None] | None = None) -> tuple[Group, ...]:
     """Groups of whole parameters, each of at most sub_group_size elements unless one parameter is larger,
-    and each of one parameter group (param_groups[i]: parameter i's; None: all in group 0).  See the note
-    on one parameter group per sub-group."""
+    and each of one parameter group (param_groups[i]: parameter i's, None for a frozen parameter, which is in
+    no sub-group; param_groups None: all in group 0).  See the note on one parameter group per sub-group."""
     of = param_groups if param_groups is not None else [0] * len(sizes)
     groups: list[Group] = []
     current: list[Slice] = []
     used, group_of_current = 0, None
-    for index in sorted(range(len(sizes)), key=lambda i: of[i]):  # stable: engine order within a group
+    trained = [i for i in range(len(sizes)) if of[i] is not None]
+    for index in sorted(trained, key=lambda i: of[i] or 0):  # stable: engine order within a group
         name, numel = sizes[index]
         if current and (used + numel > sub_group_size or of[index] != group_of_current):
             groups.append(Group(len(groups), tuple(current), group_of_current or 0))

@@ -29,6 +29,7 @@ from infinity.zero.settings import EngineSettings, budgets_of, dtype_of, warn_sl
 from infinity.zero.gather import ShardedHome, piece_of
 from infinity.zero.gathered import claim
 from infinity.zero.external import ExternalParameters, check_placeholders
+from infinity.zero.frozen import check_frozen, frozen_of, held
 from infinity.zero.gradients import Gradients
 from infinity.zero.ranks import current
 from infinity.shard import Shard, shard_of
@@ -51,9 +52,10 @@ class Run:
         if self.ranks.several and settings.rank != self.rank:
             settings = dataclasses.replace(settings, rank=self.rank)  # swap files in this rank's own folder
         self.module, self.settings = model, settings
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if held(p)]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self.frozen = frozen_of(self.params)  # [Note: frozen parameters] (zero/frozen.py)
         self.device = self.params[0].device if self.params else torch.device("cpu")
         warn_slow_half_precision(settings.precision, self.device)
         self._managers: dict[str, MemoryManager] = {}
@@ -85,9 +87,10 @@ class Run:
         self.setup = setup if setup is not None else optimizer_setup(model, settings)
         self.param_groups = self.setup.groups  # torch-style dicts whose hyperparameters each step reads
         self.groups = plan_groups([(sh.name, sh.length) for sh in self.shards], settings.sub_group_size,
-                                  self.setup.group_of(self.params))
+                                  self.setup.group_of(self.params))  # frozen parameters: in no sub-group
         self.optimizer = self._build_optimizer()
-        self.reporter = StepReporter(settings.report_every, self.rank, sum(sh.real for sh in self.shards))
+        self.reporter = StepReporter(settings.report_every, self.rank,
+                                     sum(sh.real for i, sh in enumerate(self.shards) if i not in self.frozen))
         self.gradients = Gradients(self.shards, self.ranks, self.optimizer, self._slice, self.reporter.clock,
                                    self.device)
         self.homes, self.offloaded = self._build_param_homes()
@@ -110,6 +113,11 @@ class Run:
         self.external = ExternalParameters(model, self.coordinator, self.names, self.shapes)
         moved = self.io_stats()
         self.reporter.start(moved.bytes_read, moved.bytes_written)
+
+    @property
+    def trains(self) -> bool:
+        """Whether any parameter is trained (a model frozen whole, a reference model, has no optimizer)."""
+        return len(self.frozen) < len(self.params)
 
     @property
     def managers(self) -> list[MemoryManager]:
@@ -199,6 +207,7 @@ class Run:
         for m in self._managers.values():
             m.check_healthy()
         check_placeholders(self)
+        check_frozen(self.names, self.params, self.frozen)
         now = {id(p): n for n, p in self.module.named_parameters()}
         if now.keys() != self._param_names.keys():
             added = [n for i, n in now.items() if i not in self._param_names]
@@ -324,6 +333,8 @@ class Run:
     def _build_optimizer(self) -> HostOptimizer | NvmeOptimizer:
         s = self.settings
         self._slice = {sl.index: sl for g in self.groups for sl in g.slices}
+        if not self.groups:  # nothing trained: no states anywhere, no optimizer swap files
+            return HostOptimizer((), self.setup.rule, self.param_groups)
         if s.optimizer_tier is not Tier.NVME:
             return HostOptimizer(self.groups, self.setup.rule, self.param_groups)
         self._optimizer_pool = optimizer_pool(s, self.groups, self._pin())

@@ -26,6 +26,7 @@ class CheckpointView:
         self._engine = engine
         self.module, self.names, self.params, self.shapes, self.shards = (run.module, run.names, run.params,
                                                                           run.shapes, run.shards)
+        self.frozen = run.frozen
         self.ranks, self.rank, self.world, self.settings = run.ranks, run.rank, run.world, run.settings
         self.config, self.counters, self.loss_scaler = engine.config, engine.counters, engine.scaler
         self.client_scheduler = engine.client_scheduler

@@ -90,6 +90,8 @@ class Coordinator:
         self._names: list[str] = []  # module names, for the timeline
         self._started: dict[int, float] = {}  # forward: module -> timeline start (µs)
         self._backward: tuple[int, float] | None = None  # the module whose backward runs, since when (µs)
+        self._frozen = frozenset(i for i, p in enumerate(params) if not p.requires_grad) & offloaded
+        self._frozen_release_queued = False  # [Note: a frozen parameter in backward]
 
     # ---- installation ---------------------------------------------------------------
     def install(self) -> None:
@@ -99,7 +101,8 @@ class Coordinator:
             if mine:
                 self._hook_module(name, module, mine)
         for i, p in enumerate(self.params):
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
+            if p.requires_grad:  # [Note: a frozen parameter in backward]
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(i)))
         self._check_live_budget()
 
     def _hook_module(self, name: str, module: nn.Module, mine: tuple[int, ...]) -> int:
@@ -164,6 +167,9 @@ class Coordinator:
             self._make_room(position, mine)
         for i in mine:
             self._gather(i, mine)
+        if phase is Phase.BACKWARD and not self._frozen_release_queued and not self._frozen.isdisjoint(mine):
+            torch.autograd.Variable._execution_engine.queue_callback(self._release_frozen)
+            self._frozen_release_queued = True
         if position is not None and self.prefetch is Prefetch.TRACE:
             self._read_ahead(position)
             for i in self.residence.reading():
@@ -340,6 +346,7 @@ class Coordinator:
             if self.residence.users(i) > 0 or self.residence.state(i) is Residency.KEPT:
                 self._drop(i)
         self._close_backward()
+        self._frozen_release_queued = False  # a backward that failed never ran its callback
         self.settle()
         self.cursor.end_step()
 
@@ -357,6 +364,18 @@ class Coordinator:
         self.params[i].data = self._empty[i]
         self.homes[i].release(i)
         self.clock.live_changed(-self.sizes[i])
+
+    def _release_frozen(self) -> None:
+        """[Note: a frozen parameter in backward]  A frozen parameter (requires_grad=False) gets no gradient, so
+        no hook says when autograd is done with it.  One that a backward pre-hook gathered (autograd reads it
+        for its module's input gradients) stays until the backward ends: this callback, queued on autograd's
+        engine by the first such gather, releases it then, also in a backward that another engine runs through
+        this model (a frozen model whose input needs gradients).  One whose module needs no input gradients (a
+        frozen embedding at the bottom) is not gathered in backward at all."""
+        self._frozen_release_queued = False
+        for i in sorted(self._frozen):
+            if self.residence.users(i) > 0:
+                self._drop(i)
 
     def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:

@@ -83,7 +83,7 @@ class Engine(DeepSpeedApi):
     # ---- the DeepSpeed-shaped API -----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._check_usable()
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.run.trains:  # a model frozen whole has no backward of its own to await
             self.phase.to(TrainingState.FORWARD)
         with self.timeline.span("forward", Track.COMPUTE), self.latching_failure(half_done=False), \
                 self.run.external.watching():  # zero/external.py
@@ -95,6 +95,7 @@ class Engine(DeepSpeedApi):
         """Backward of loss (scaled for fp16, divided by gradient_accumulation_steps unless scale_wrt_gas is
         False, as DeepSpeed's: Transformers' Trainer divides the loss itself)."""
         self._check_usable()
+        self._check_trains("backward")
         gas = self.settings.gradient_accumulation_steps if scale_wrt_gas else 1
         scaled = loss.float() / gas
         self.finite.saw_loss(loss)
@@ -120,6 +121,7 @@ class Engine(DeepSpeedApi):
         """The optimizer step, at the end of each gradient-accumulation window.  As DeepSpeed's, every call
         counts a micro-step, and global_steps counts every window's step, skipped fp16 steps included."""
         self._check_usable()
+        self._check_trains("step")
         if self._no_sync:
             raise UsageError("step() was called inside engine.no_sync(); call it after the block (DeepSpeed refuses "
                              "it there too)")
@@ -184,8 +186,8 @@ class Engine(DeepSpeedApi):
         self.run.trace_to(timeline)
 
     def parameter_values(self) -> dict[str, torch.Tensor]:
-        """Every parameter's current values by name, as fp32 copies in host memory (read one at a time
-        from wherever they live, inside settled())."""
+        """Every parameter's current values by name (frozen ones too), as fp32 copies in host memory (read
+        one at a time from wherever they live, inside settled())."""
         with self.settled("parameter_values()"):
             return {name: self.run.read_values(i, dtype=torch.float32).clone()
                     for i, name in enumerate(self.run.names)}
@@ -327,6 +329,15 @@ class Engine(DeepSpeedApi):
     def _check_usable(self) -> None:
         self.phase.check()
         self.run.check_usable()
+
+    def _check_trains(self, what: str) -> None:
+        """A model frozen whole (a reference model) has no optimizer: backward and step are refused, as
+        DeepSpeed's engine refuses backward without an optimizer."""
+        if not self.run.trains:
+            raise UsageError(f"{what}() was called on an engine whose model has no trainable parameters (every "
+                             "parameter has requires_grad=False), so it has no optimizer; run it forward only, "
+                             "under torch.no_grad(), as a reference model, or set requires_grad=True on the "
+                             "parameters to train before infinity.initialize")
 
     def _between_steps(self, what: str) -> None:
         self._check_usable()

@@ -181,5 +181,6 @@ def _write_owned(run: Any, i: int, p: nn.Parameter, source: int) -> None:
         run.homes[i].write(i, full, AfterWrite.DROP)
         for m in run.managers:
             m.flush()
-    run.optimizer.write_master(run.slices[i], piece)
+    if i in run.slices:  # a frozen parameter has no fp32 master
+        run.optimizer.write_master(run.slices[i], piece)
 

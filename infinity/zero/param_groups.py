@@ -46,10 +46,12 @@ class OptimizerSetup:
             self.groups[0]["params"] += [p for p in now.values() if p.requires_grad and id(p) not in placed]
         return self
 
-    def group_of(self, params: list[nn.Parameter]) -> list[int]:
-        """The group index of each of params (trained parameters, each in exactly one group)."""
+    def group_of(self, params: list[nn.Parameter]) -> list[int | None]:
+        """The group index of each of params (a trained parameter is in exactly one group); None for a frozen
+        one (requires_grad=False), which has no optimizer state even where a group lists it, as DeepSpeed
+        leaves frozen parameters out of its optimizer's groups."""
         index = {id(p): g for g, group in enumerate(self.groups) for p in group["params"]}
-        return [index[id(p)] for p in params]
+        return [index[id(p)] if p.requires_grad else None for p in params]
 
 
 def optimizer_setup(model: nn.Module, settings: EngineSettings, model_parameters: Iterable[Any] | None = None,

@@ -37,12 +37,12 @@ def _write_rank(whole: RankFiles, folder: Path, world: int, rank: int, replicate
     entries, model, optimizer = [], [], {state: [] for state in OptimizerState}
     for p in m.params:
         shard = shard_of(p.name, torch.Size(p.shape), world, rank, p.name in replicated)
-        entry = ParamEntry.of(shard, dtype_of_name(p.dtype), p.aliases)
+        entry = ParamEntry.of(shard, dtype_of_name(p.dtype), p.aliases, frozen=p.frozen)
         entries.append(entry)
         cut = slice(shard.start, shard.start + shard.real)
         model.append(tensors.StoredTensor(p.name, dtype_of_name(p.dtype), entry.stored,
                                         HostPart(whole.parameter_part(p.name)[cut].contiguous())))
-        for state in OptimizerState:
+        for state in OptimizerState if not p.frozen else ():  # a frozen parameter has no optimizer states
             optimizer[state].append(tensors.StoredTensor(optimizer_tensor(state, p.name), torch.float32,
                                                        stored_numel(shard.real, 4),
                                                        HostPart(whole.parameter_part(p.name, state)[cut].contiguous())))

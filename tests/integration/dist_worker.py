@@ -91,6 +91,9 @@ def main() -> None:
     if not torch.distributed.is_initialized():  # world 1 (init_distributed starts none): for the loss all-reduce
         torch.distributed.init_process_group("gloo")
     world = torch.distributed.get_world_size()
+    if os.environ.get("FREEZE_EMBEDDINGS"):  # frozen parameters: held and gathered, never trained
+        model.tokens.requires_grad_(False)
+        model.positions.requires_grad_(False)
     settings = config(nvme_root, tier, rank)
     if os.environ.get("DELETE_NVME_ON_RANK") == str(rank):
         shutil.rmtree(os.path.join(nvme_root, f"rank{rank}"))  # this rank's swap folder is gone at the start

@@ -299,9 +299,12 @@ def test_buffers_and_frozen_parameters_round_trip(tmp_path, batches):
     engine = Engine(fresh, settings(str(tmp_path)))
     try:
         engine.load_checkpoint(str(tmp_path / "ckpt"))
-        assert torch.equal(fresh.seen, torch.arange(7)) and torch.equal(fresh.frozen, torch.linspace(0, 1, 5000))
+        # the frozen parameter lives on the param tier like the others (docs/engine.md, "Frozen parameters")
+        frozen = engine.parameter_values()["frozen"]
+        assert torch.equal(fresh.seen, torch.arange(7)) and torch.equal(frozen, torch.linspace(0, 1, 5000))
         files = open_rank(tmp_path / "ckpt")
         assert torch.equal(files.buffer("seen"), torch.arange(7))
+        assert files.param("frozen").frozen and not files.param("head.weight").frozen
     finally:
         engine.close()
 

@@ -219,6 +219,35 @@ def test_consolidating_a_two_rank_checkpoint_gives_the_models_state_dict(tmp_pat
     fresh_model().load_state_dict(merged, strict=True)
 
 
+def test_two_ranks_with_frozen_embeddings_equal_plain_torch_and_consolidate_them_unchanged(tmp_path):
+    """Frozen embeddings built under zero.Init on two ranks: each rank holds half of them and gathers them for
+    each use, nothing reduces or updates them; the checkpoint's consolidation holds them whole, unchanged."""
+    from safetensors.torch import load_file
+
+    from infinity.cli.consolidate import main as consolidate
+    from training_reference import fresh_model
+
+    plain = fresh_model()
+    plain.tokens.requires_grad_(False)
+    plain.positions.requires_grad_(False)
+    initial = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    want_losses, want_weights = plain_torch_run(make_batches()[:STEPS], model=plain)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "model.safetensors"
+    check_ran(launch(tmp_path, 2, "nvme", FREEZE_EMBEDDINGS="1", BUILD_UNDER_ZERO_INIT="1", CKPT_DIR=str(ckpt),
+                     CKPT_SAVE_AT=str(STEPS)))
+    runs = results(tmp_path, 2)
+    for run in runs:
+        assert all(abs(g - w) <= 1e-4 * abs(w) for g, w in zip(run["losses"], want_losses, strict=True))
+        trained = [(numel, start, length) for name, numel, start, length, _ in run["shards"]
+                   if name not in ("tokens.weight", "positions.weight")]
+        assert run["reports"][-1]["params"] == sum(max(0, min(n, numel - start)) for numel, start, n in trained)
+    assert consolidate([str(ckpt), str(out)]) == 0
+    merged = load_file(out)
+    for name in ("tokens.weight", "positions.weight"):
+        assert torch.equal(merged[name], initial[name]) and torch.equal(runs[1]["weights"][name], initial[name])
+    assert all(relative(merged[n], w) <= 1e-4 for n, w in want_weights.items() if not n.endswith("qkv.bias"))
+
+
 def test_save_16bit_model_with_two_ranks_writes_the_whole_model_once(tmp_path):
     from safetensors.torch import load_file
 

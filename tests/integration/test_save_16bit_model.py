@@ -87,7 +87,7 @@ def test_a_torch_file_name_writes_torchs_format_and_frozen_parameters_may_be_lef
         engine.close()
     got = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     assert "scale" not in got and "seen" in got
-    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k != "scale")
     Tagged().load_state_dict(got, strict=False)
 
 

@@ -139,6 +139,24 @@ def test_json_output(capsys):
     assert all("per_step" in row for row in report["rows"] if row["basis"] == "infinity")
 
 
+def test_frozen_parameters_have_no_optimizer_states_in_the_nvme_rows():
+    config = Config.load({"bf16": {"enabled": True}, **nvme_config(sub_group_size=100_000_000)})
+    whole = rows_by_option(estimate(SIZE, Cluster(), config, step_seconds=1))[(NVME, NVME, ZeroInit.ON)]
+    half = ModelSize(SIZE.total_params, SIZE.largest_layer_params, trained_params=SIZE.total_params // 2)
+    part = rows_by_option(estimate(half, Cluster(), config, step_seconds=1))[(NVME, NVME, ZeroInit.ON)]
+    frozen = ModelSize(SIZE.total_params, SIZE.largest_layer_params, trained_params=0)
+    ref = rows_by_option(estimate(frozen, Cluster(), config, step_seconds=1))[(NVME, NVME, ZeroInit.ON)]
+    # parameters on NVMe alike; optimizer swap files and per-step optimizer bytes of the trained half only
+    frozen_bytes = 16 * (SIZE.total_params - half.trained)
+    assert abs((whole.need.nvme_per_node - part.need.nvme_per_node) - frozen_bytes) < 4096 * 200
+    assert whole.traffic.read_per_node - part.traffic.read_per_node == 16 * (SIZE.total_params - half.trained)
+    assert abs(ref.need.nvme_per_node - 2 * SIZE.total_params) < 4096  # the parameters' file alone
+    assert "optimizer_pool" not in ref.need.host_parts and ref.traffic.write_per_node == 0
+    assert ref.traffic.read_per_node == 2 * 2 * SIZE.total_params  # forward and backward reads counted
+    with pytest.raises(ConfigError, match="--trained-params"):
+        ModelSize(10, 5, trained_params=11)
+
+
 def test_model_built_on_meta_device(tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny_models.py").write_text(textwrap.dedent("""
         import torch
@@ -156,6 +174,8 @@ def test_model_built_on_meta_device(tmp_path, monkeypatch, capsys):
     assert size == ModelSize(64_000 + 64 * 64 + 64, 64_000, 64_000)
     assert cli.main(["--model", "tiny_models:build", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["total_params"] == 64_000 + 64 * 64 + 64
+    model[1].requires_grad_(False)
+    assert count_module(model).trained == 64_000
 
 
 def test_bad_input_is_reported(capsys):

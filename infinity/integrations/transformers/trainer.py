@@ -168,7 +168,8 @@ class InfinityTrainerMixin:
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             engine = self.build_engine(self.state.max_steps or self._planned_steps())
-            self._engine_optimizer = EngineOptimizer(engine, engine.run.params)
+            trained = [p for i, p in enumerate(engine.run.params) if i not in engine.run.frozen]
+            self._engine_optimizer = EngineOptimizer(engine, trained)
             self.optimizer = self._engine_optimizer
         return self.optimizer
 
