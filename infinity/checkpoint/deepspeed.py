@@ -25,9 +25,10 @@ global_steps, skipped_steps and global_samples (micro_steps: global_steps x grad
 DeepSpeed's optimizer had (when the two have as many groups), and a client LR scheduler (initialize's
 lr_scheduler=) the state_dict DeepSpeed saved of its scheduler, and an fp16 engine DeepSpeed's dynamic loss
 scale (its scale, hysteresis and good steps since the last overflow).
-[Note: frozen parameters keep the model's values]  Frozen parameters (requires_grad=False) are not in
-DeepSpeed's param_shapes nor its optimizer; they keep the values the engine holds (the model's, as built or
-loaded before initialize), which a run that froze them never changed.
+[Note: frozen parameters]  Frozen parameters (requires_grad=False) are not in DeepSpeed's param_shapes nor
+its optimizer: its model states list them in frozen_param_shapes, and each rank's file holds its fragment of
+each (frozen_param_fragments: ceil(numel / W) elements, zero-padded, as zero_to_fp32.py merges them).  They
+take those values; one the save does not list keeps the value the engine holds.
 DeepSpeed's files are read with torch.load's mmap, one rank's file at a time per state, never unpickling
 anything outside torch, the standard containers and DeepSpeed's own classes (which become inert stand-ins).
 """
@@ -112,6 +113,9 @@ class DeepSpeedSave:
         self.group_lrs: list[float] = []  # each of DeepSpeed's optimizer parameter groups' lr (rank 0's)
         self.bounds: list[list[int]] = []  # per rank, each sub-group's first flat element, then the end
         self.loss_scale: dict[str, float | int] = {}  # DeepSpeed's dynamic fp16 loss scaler, as LossScaler's state
+        self.frozen_shapes = {name: torch.Size(shape) for name, shape in
+                              (model_states.get("frozen_param_shapes") or {}).items()}
+        self._frozen: dict[str, list[torch.Tensor]] = {}  # each frozen parameter's fragment on every rank
 
     @classmethod
     def read(cls, folder: Path) -> "DeepSpeedSave":
@@ -127,7 +131,26 @@ class DeepSpeedSave:
         save = cls(folder, len(ranks), model_states, prefix)
         for r in range(save.world):
             save._read_rank(r)
+            if save.frozen_shapes:
+                save._read_frozen(r, model_states if r == 0 else
+                                  _load(folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
         return save
+
+    def _read_frozen(self, rank: int, model_states: dict[str, Any]) -> None:
+        """Rank's fragments of the frozen parameters: ceil(numel / W) elements each, as its trained pieces."""
+        fragments = model_states.get("frozen_param_fragments") or {}
+        for name in self.frozen_shapes:
+            if name not in fragments:
+                raise CheckpointError(str(self.folder), f"lists the frozen parameter {name!r} but rank {rank}'s "
+                                      "model states hold no fragment of it", "copy every rank's files of the save")
+            self._frozen.setdefault(name, []).append(fragments[name].reshape(-1))
+
+    def frozen_whole(self, name: str) -> torch.Tensor | None:
+        """A frozen parameter's saved values, whole and flat (in the dtype DeepSpeed kept it), or None when the
+        save holds none of it."""
+        if name not in self._frozen:
+            return None
+        return torch.cat(self._frozen[name])[:self.frozen_shapes[name].numel()]
 
     def _read_rank(self, rank: int) -> None:
         path = self.folder / OPTIM_STATES.format(prefix=self.prefix, rank=rank)
@@ -206,9 +229,10 @@ class Imported:
             raise CheckpointError(str(self._ds.folder), f"holds other trained parameters than this model: only in the "
                                   f"checkpoint {sorted(theirs - mine)[:5]}, only in the model {sorted(mine - theirs)[:5]}",
                                   "build the model the DeepSpeed run trained")
+        saved_shapes = {**self._ds.frozen_shapes, **self._ds.shapes}
         for name, shape in zip(self.names, self.shapes):
-            if name in self._ds.shapes and self._ds.shapes[name] != shape:
-                raise CheckpointError(str(self._ds.folder), f"holds {name!r} of shape {tuple(self._ds.shapes[name])}; "
+            if name in saved_shapes and saved_shapes[name] != shape:
+                raise CheckpointError(str(self._ds.folder), f"holds {name!r} of shape {tuple(saved_shapes[name])}; "
                                       f"the model's is {tuple(shape)}", "build the model the DeepSpeed run trained")
 
     def _copy_buffers(self) -> None:
@@ -224,8 +248,11 @@ class Imported:
         return values[shard.start:shard.start + shard.real].contiguous()
 
     def param_part(self, i: int) -> Part:
-        if i in self.frozen:  # [Note: frozen parameters keep the model's values]
-            return self._engine.param_part(i)
+        if i in self.frozen:  # [Note: frozen parameters]
+            saved = self._ds.frozen_whole(self.names[i])
+            if saved is None:
+                return self._engine.param_part(i)
+            return HostPart(self._piece(i, saved).to(self.dtype))
         return HostPart(self._piece(i, self._ds.whole(self.names[i], "master")).to(self.dtype))
 
     def optimizer_part(self, i: int, state_name: str) -> Part:

@@ -54,7 +54,8 @@ def torch_run():
     return at_five, losses[5:], {n: p.detach().clone() for n, p in m.named_parameters()}
 
 
-def write_deepspeed(folder, world, params, states, global_steps=5, lr_scheduler=None, lr=LR, loss_scaler=None):
+def write_deepspeed(folder, world, params, states, global_steps=5, lr_scheduler=None, lr=LR, loss_scaler=None,
+                    frozen=None):
     """DeepSpeed's ZeRO-3 files for `world` ranks (zero_to_fp32's layout: each parameter takes
     ceil(numel / world) elements of every rank's flat vector; two sub-groups per rank)."""
     tag = folder / f"global_step{global_steps}"
@@ -78,7 +79,12 @@ def write_deepspeed(folder, world, params, states, global_steps=5, lr_scheduler=
                                              "fp32_flat_groups": groups["master"], "optimizer_state_dict": inner},
                     "ds_config": {}, "ds_version": "0.19.8"},
                    tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        frozen = frozen or {}
+        fragments = {n: torch.cat([v.reshape(-1), torch.zeros(-(-v.numel() // world) * world - v.numel())]
+                                  ).chunk(world)[r].clone() for n, v in frozen.items()}
         torch.save({"module": {n: torch.empty(0) for n in params}, "param_shapes": [shapes], "buffer_names": [],
+                    "frozen_param_shapes": OrderedDict((n, v.shape) for n, v in frozen.items()),
+                    "frozen_param_fragments": fragments,
                     "global_steps": global_steps, "global_samples": global_steps * 8, "skipped_steps": 0,
                     "lr_scheduler": lr_scheduler, "ds_config": {}, "ds_version": "0.19.8", "epoch": 2},
                    tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
@@ -239,5 +245,26 @@ def test_a_bf16_or_static_deepspeed_scaler_leaves_the_engines_own(tmp_path):
     try:
         engine.load_checkpoint(str(tmp_path / "ds"))
         assert engine.scaler.state_dict() == {"scale": 65536.0, "good_steps": 0, "hysteresis": 2, "skipped_steps": 0}
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_frozen_parameters_take_the_values_deepspeed_saved_of_them(tmp_path, world):
+    """DeepSpeed keeps frozen parameters out of param_shapes and its optimizer: each rank's model states hold
+    its fragment of each (frozen_param_fragments, as zero_to_fp32.py merges them)."""
+    (params, states), _, _ = torch_run()
+    frozen = {n: torch.full_like(params.pop(n), 0.25 + i) for i, n in enumerate(["body.1.weight", "body.1.bias"])}
+    for n in frozen:
+        states.pop(n)
+    write_deepspeed(tmp_path / "ds", world, params, states, frozen=frozen)
+    (tmp_path / "swap").mkdir()
+    net = model()
+    net.body[1].requires_grad_(False)
+    engine, _, _, _ = infinity.initialize(model=net, config=config(tmp_path / "swap"))
+    try:
+        engine.load_checkpoint(str(tmp_path / "ds"))
+        loaded = engine.parameter_values()
+        assert all(torch.equal(loaded[n], v) for n, v in {**params, **frozen}.items())
     finally:
         engine.close()
