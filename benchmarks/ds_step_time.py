@@ -189,17 +189,19 @@ def table(model: str, runs: list[dict[str, Any]]) -> list[str]:
     for key, target in TARGETS.items():
         value = ratio(runs, key)
         lines.append(f"  {key[:-2]:<16} {value:6.3f}  (<= {target}: {'met' if value <= target else 'NOT met'})")
-    lines.append("steady step against its floor, max(compute-only step, I/O-only time of the step's bytes), medians:")
-    compute = statistics.median(p["resident"]["figures"]["steady_s"] for p in runs)
+    lines.append("steady step against its floor, max(compute-only step, I/O-only time), both from the same pair; "
+                 "medians over pairs:")
     for engine in ("infinity", "deepspeed"):
-        io = statistics.median(p[engine]["io_only"]["read_s"] + p[engine]["io_only"]["write_s"] for p in runs)
-        moved = statistics.median(p[engine]["io_only"]["read_bytes"] + p[engine]["io_only"]["written_bytes"]
-                                  for p in runs)
-        steady = statistics.median(p[engine]["figures"]["steady_s"] for p in runs)
-        floor = max(compute, io)
-        lines.append(f"  {engine:<9} steady {steady:.2f} s; compute-only {compute:.2f} s; I/O-only {io:.2f} s "
-                     f"({mb(moved)} MB at {moved / io / 1e9:.2f} GB/s through its own handle); "
-                     f"steady / floor {steady / floor:.2f}")
+        rows = []
+        for p in runs:
+            io = p[engine]["io_only"]
+            seconds, moved = io["read_s"] + io["write_s"], io["read_bytes"] + io["written_bytes"]
+            compute, steady = p["resident"]["figures"]["steady_s"], p[engine]["figures"]["steady_s"]
+            rows.append((steady, compute, seconds, moved, moved / seconds, steady / max(compute, seconds)))
+        steady, compute, seconds, moved, rate, over = (statistics.median(r[k] for r in rows) for k in range(6))
+        lines.append(f"  {engine:<9} steady {steady:.2f} s; compute-only {compute:.2f} s; I/O-only {seconds:.2f} s "
+                     f"({mb(moved)} MB at {rate / 1e9:.2f} GB/s through its own handle); steady / floor {over:.2f} "
+                     f"(pairs: {', '.join(f'{r[5]:.2f}' for r in rows)})")
     return lines
 
 
@@ -212,11 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="steps per run, N >= 3 (default %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="aio intra_op_parallelism (default %(default)s)")
     p.add_argument("--json", help="write every run's record here")
+    p.add_argument("--report", help="print the tables of an earlier run's --json file, and run nothing")
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--model", choices=cases.MODELS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.report:
+        print("\n".join(json.loads(Path(args.report).read_text())["report"][:2]))
+        for model, runs in json.loads(Path(args.report).read_text())["results"].items():
+            print("\n".join(table(model, runs)))
         return 0
     if args.pairs < 2 or args.steps < 3:
         p.error("--pairs must be at least 2 and --steps at least 3")
