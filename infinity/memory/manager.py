@@ -20,10 +20,12 @@ host and NVMe hold the same bytes whenever nothing is in flight.
 [Note: an extent never written reads as zeros]
 Extents are laid out at the end of a swap file this run created (nvme_store.py), so until something is
 written into one it holds zeros.  A read of such a partition (Adam's moments at the first step, a gradient
-file no parameter wrote) zeroes the borrowed buffer instead of asking the drive: 8 bytes per parameter
-less at an fp32 AdamW model's first step.  Every write into an extent (`_submit`, and `copy_in` from a
-checkpoint) marks its entry written first, so a partition's bytes never come from the zeroing once the
-file could hold anything else.
+file no parameter wrote) zeroes the borrowed buffer instead of asking for them: 8 bytes per parameter
+fewer requested at an fp32 AdamW model's first step.  (The drive was not read for them before either: the
+files are fallocated, and the kernel answers a read of space never written with zeros; what goes is the
+requests and the kernel's zero-filling, docs/benchmarks.md "Step time against DeepSpeed".)  Every write
+into an extent (`_submit`, and `copy_in` from a checkpoint) marks its entry written first, so a
+partition's bytes never come from the zeroing once the file could hold anything else.
 
 [Note: why this module is over 400 lines]  It is the one place that drives the state table: the compute
 tier (compute_tier.py), pending writes (writes.py) and the per-partition entry (entry.py) live apart, but
