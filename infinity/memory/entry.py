@@ -39,3 +39,4 @@ class Entry:
     kind: str = "other"  # for metrics: param, grad or optimizer_state, from its region
     cache: CacheBudget | None = None  # the HostCache it may be kept under, decided at its first fetch
     fetched: bool = False  # a fetch has started its read at least once (the HostCache decision is made)
+    written: bool = False  # bytes went into its extent ([Note: an extent never written reads as zeros])

@@ -17,6 +17,16 @@ New values of other partitions come in through `stage` (HOST_DIRTY) and go out t
 (WRITING -> HOST_CLEAN); `drop` returns the buffer.  A kept host copy (HostCache) is written through:
 host and NVMe hold the same bytes whenever nothing is in flight.
 
+[Note: an extent never written reads as zeros]
+Extents are laid out at the end of a swap file this run created (nvme_store.py), so until something is
+written into one it holds zeros.  A read of such a partition (Adam's moments at the first step, a gradient
+file no parameter wrote) zeroes the borrowed buffer instead of asking for them: 8 bytes per parameter
+fewer requested at an fp32 AdamW model's first step.  (The drive was not read for them before either: the
+files are fallocated, and the kernel answers a read of space never written with zeros; what goes is the
+requests and the kernel's zero-filling, docs/benchmarks.md "Step time against DeepSpeed".)  Every write
+into an extent (`_submit`, and `copy_in` from a checkpoint) marks its entry written first, so a
+partition's bytes never come from the zeroing once the file could hold anything else.
+
 [Note: why this module is over 400 lines]  It is the one place that drives the state table: the compute
 tier (compute_tier.py), pending writes (writes.py) and the per-partition entry (entry.py) live apart, but
 every verb that moves a partition between states stays here, so that no other module reads a state to
@@ -98,12 +108,16 @@ class MemoryManager:
 
     # ---- NVMe -> host -> compute -------------------------------------------
     def start_read(self, key: str, timeout: float | None = None) -> None:
-        """Borrows a host buffer and starts reading the partition into it."""
+        """Borrows a host buffer and starts reading the partition into it (a partition never written:
+        zeroes it instead, [Note: an extent never written reads as zeros])."""
         self.check_healthy()
         self.flush({key})  # the engine does not order requests: a read must not overtake a write
         e = self._entry(key)
         e.record.move_to(State.READING)
         e.slot = self._borrow(e, timeout)
+        if not e.written:
+            e.future = Zeroed(self._host_bytes(e).zero_())
+            return
         e.future = self._submit(True, self._host_bytes(e), e, 0)
 
     def ready(self, key: str) -> bool:
@@ -338,6 +352,9 @@ class MemoryManager:
         half overwritten)."""
         try:
             chain = self._chain(pieces)
+            for piece in pieces:
+                if isinstance(piece, SwapRange):
+                    self._entry(piece.key).written = True
             record = self.checksums.recorder(self._positions(pieces, chain))
             copy(self.handle, FileEnd(source, source_offset), chain, chain.nbytes, staging, _both(record, seen))
             entries = (self._entries[r.key] for r in pieces if isinstance(r, SwapRange))
@@ -411,6 +428,7 @@ class MemoryManager:
         """Starts a transfer of e's extent through the store's open file; an error here latches too."""
         submit = self.handle.submit_read if read else self.handle.submit_write
         key, extent = e.record.key, e.extent
+        e.written = e.written or not read
         crc = None if read else self.checksums.writing(key, extent, byte_offset, source)  # beside the write
         try:
             transfer = submit(source, self.store.file(extent), extent.offset + byte_offset)
@@ -467,6 +485,19 @@ class MemoryManager:
                 self._give_back(e)
             raise
         e.record.move_to(ok)
+
+
+class Zeroed:
+    """The finished "read" of a partition never written: its host buffer was zeroed instead."""
+
+    def __init__(self, data: torch.Tensor):
+        self.nbytes = data.numel()
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> int:
+        return self.nbytes
 
 
 def _both(mine: Callable[[torch.Tensor], None], theirs: Seen | None) -> Seen:

@@ -146,7 +146,8 @@ class NvmeOptimizer:
         self._take_resident()
 
     def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
-        """Writes the initial fp32 master weights.  Moments and gradients start as the zeros of new files."""
+        """Writes the initial fp32 master weights.  Moments and gradients start as the zeros of new files (the
+        first step reads none of them back: [Note: an extent never written reads as zeros] in memory/manager.py)."""
         for g in self.groups:
             flat = self.manager.stage(key(g.index, "master"), torch.zeros(g.numel))
             for s in g.slices:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from infinity import metrics
 from infinity.cli.train import describe
 from infinity.swap.optimizer import AdamSettings
 from infinity.swap.params import Tier
@@ -92,3 +93,51 @@ def test_infinity_train_step_records_carry_the_figures():
     assert "(18.0 / 20.0 B/param)" in describe(stats)
     assert StepStats(step=1, loss=1.0, step_s=1.0, tokens=8, bytes_read=0, bytes_written=0, lr=0.0).to_dict()[
         "bytes_read_per_param"] == 0.0
+
+
+
+def optimizer_state_reads() -> int:
+    """Bytes the memory managers have read from NVMe into host memory for the optimizer (master and moments)."""
+    return sum(v for k, v in metrics.TALLY.counters.items() if k[0] == "infinity_tier_transfer_bytes_total"
+               and k[1][:3] == ("nvme", "host", "optimizer_state"))
+
+
+def test_the_first_step_does_not_read_the_moments_it_never_wrote(tmp_path):
+    """[Note: an extent never written reads as zeros] (memory/manager.py): Adam's moments start as zeros
+    that nothing wrote, so the first step reads only the fp32 master (4 B per parameter) and the second
+    master and moments (12 B), and the updates are unchanged: the losses equal plain torch's AdamW's within
+    1e-5 (tests/integration/test_training.py compares the weights of longer runs)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, WIDTH, generator=g), torch.randn(8, WIDTH, generator=g)) for _ in range(3)]
+    metrics.enable()
+    engine = mlp_engine(tmp_path, 10**9)
+    try:
+        reads, losses = [], []
+        for x, y in batches:
+            before = optimizer_state_reads()
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            reads.append((optimizer_state_reads() - before) / (LAYERS * WIDTH * WIDTH))
+            losses.append(float(loss.detach()))
+    finally:
+        engine.close()
+        metrics.disable()
+    assert reads == [4.0, 12.0, 12.0]
+    want = torch_losses(batches)
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, want)) <= 1e-5
+
+
+def torch_losses(batches: list) -> list[float]:
+    model = Mlp()
+    adam = AdamSettings()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=adam.lr, betas=adam.betas, eps=adam.eps,
+                                  weight_decay=adam.weight_decay)
+    out = []
+    for x, y in batches:
+        loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        out.append(float(loss))
+    return out

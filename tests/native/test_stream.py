@@ -149,3 +149,41 @@ def test_host_tensors_between_swap_parts_ride_in_their_managers_copy():
     assert [len(r) for r, _ in runs] == [5, 1, 2]
     assert [pos for _, pos in runs] == [100, 100 + 6 * ALIGNMENT, 100 + 7 * ALIGNMENT]
     assert runs[1][0][0].manager is second and runs[2][0][0] is strided
+
+
+def test_a_partition_never_written_reads_as_zeros_without_the_drive(tmp_path, make_handle):
+    """[Note: an extent never written reads as zeros] (memory/manager.py): the buffer a start_read borrows
+    for a partition nothing was written into is zeroed, with no request to the drive, even when it held
+    other bytes; once anything is written into the extent (write_part, a write, a checkpoint's copy_in),
+    reads go to the drive and return those bytes."""
+    handle = make_handle()
+    manager = MemoryManager(handle, NvmeStore(tmp_path), torch.device("cpu"))
+    pool = BufferPool("p", 1, 2 * ALIGNMENT, "test")
+    n = 2 * ALIGNMENT // 4
+    try:
+        for key in ("moments", "part", "loaded"):
+            manager.add(key, n, torch.float32, region="optimizer", pool=pool)
+        manager.store.reserve()
+        pool.acquire(2 * ALIGNMENT)[1].tensor.fill_(7)  # the pool's buffer holds other bytes
+        pool.release(0)
+        requests = handle.stats.requests
+        manager.start_read("moments")
+        assert manager.ready("moments") and not manager.finish_read("moments").any()
+        manager.drop("moments")
+        assert handle.stats.requests == requests
+        values = torch.randn(n)
+        manager.write_part("part", ALIGNMENT, values[:n // 2], staging=pool)
+        manager.flush()
+        manager.start_read("part")
+        part = manager.finish_read("part").clone()
+        manager.drop("part")
+        assert not part[:n // 2].any() and torch.equal(part[n // 2:], values[:n // 2])
+        with open_file(tmp_path / "ckpt", Access.READ_WRITE) as f:
+            os.pwrite(f.buffered_fd, values.numpy().tobytes(), 0)
+            manager.copy_in([SwapRange("loaded", 0, 2 * ALIGNMENT)], f, 0, staging(2, ALIGNMENT))
+        manager.start_read("loaded")
+        assert torch.equal(manager.finish_read("loaded"), values)
+        manager.drop("loaded")
+        assert handle.stats.requests > requests
+    finally:
+        manager.close()
