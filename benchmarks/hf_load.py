@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    folder = args.nvme_path / "hf-load"
+    folder = args.nvme_path / f"hf-load-h{args.hidden}-l{args.layers}-v{args.vocab}-{args.shard}"  # one per model
     total, largest = write_model(folder, args.hidden, args.layers, args.vocab, args.shard)
     rows = [one_round(folder, args.nvme_path, total, r) for r in range(args.rounds)]
     median = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
