@@ -166,8 +166,8 @@ class InitRun:
         """[Note: writes left in flight]  flat, in this run's dtype, into key's partition chunk by chunk
         through the write pool's buffers, each write left in flight (write_part): the caller may reuse flat
         at once, and reading and converting the next parameter overlaps these writes.  A borrow from a
-        full pool completes the pool's oldest write first.  On an error, key's writes are completed
-        (their errors latched) before it propagates, so none is left in flight behind it."""
+        full pool completes the pool's oldest write first.  On an error, every write in flight is completed
+        (its error latched) before the error propagates, so none is left in flight behind it."""
         manager = self._manager()
         pool = self._writes_for(flat.numel() * flat.element_size())
         per_chunk = pool.buffer_bytes // flat.element_size()  # whole blocks: every offset stays aligned
@@ -177,7 +177,7 @@ class InitRun:
                                    staging=pool, copy=Staging.ALWAYS)
         except BaseException:
             try:
-                manager.flush({key})
+                manager.flush()
             except InfinityError:
                 pass  # latched by the manager; the first error propagates
             raise
@@ -289,7 +289,11 @@ class Init:
             # opens its own store in the same per-run folder
             self.run.close()
         else:
-            self.run.settle()  # the model leaves the context with its writes completed (a failed one raises)
+            try:
+                self.run.settle()  # the model leaves the context with its writes completed
+            except BaseException:
+                self.run.close()  # a failed write: the swap files go, as for a failed build
+                raise
 
     # ---- wrapping constructors ----------------------------------------------------
     def _wrap(self, cls: type) -> None:
