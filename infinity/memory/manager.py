@@ -58,7 +58,7 @@ from infinity.memory.policy import AfterWrite, CacheBudget, ComputeCopy, CopyAhe
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
 from infinity.memory.stream import Chain, FileEnd, Piece, Seen, SwapRange, copy
-from infinity.memory.writes import PendingWrites
+from infinity.memory.writes import PendingWrites, Staging
 
 log = logging.getLogger("infinity.memory")
 
@@ -298,13 +298,15 @@ class MemoryManager:
 
     # ---- writes into a partition that stays on NVMe ----------------------------
     def write_part(self, key: str, byte_offset: int, values: torch.Tensor, staging: BufferPool,
-                   dtype: torch.dtype | None = None) -> None:
+                   dtype: torch.dtype | None = None, copy: Staging = Staging.WHEN_NEEDED) -> None:
         """Writes values (converted to dtype, if given) into key's extent at byte_offset, padded with zeros
-        to the next 4096 bytes.
+        to the next 4096 bytes.  The write is left in flight: `flush` (or a read of key) completes it, and
+        a borrow from a full staging pool completes that pool's oldest write first.
 
         Values that are aligned host memory of whole blocks in the stored dtype are written in place (the
-        caller keeps them unchanged until `flush`); others are copied, and converted in the same pass, into
-        a buffer borrowed from staging.  The partition must be on NVMe: a host copy would silently go stale.
+        caller keeps them unchanged until `flush`), unless copy is Staging.ALWAYS; others are copied, and
+        converted in the same pass, into a buffer borrowed from staging.  The partition must be on NVMe: a
+        host copy would silently go stale.
         """
         stored = dtype or values.dtype
         self.check_healthy()
@@ -317,7 +319,7 @@ class MemoryManager:
             raise InfinityError(f"write_part of {nbytes} bytes at {byte_offset} does not fit partition {key!r}")
         flat = values.detach().reshape(-1)
         slot = None
-        if flat.device.type == "cpu" and flat.is_contiguous() and flat.data_ptr() % ALIGNMENT == 0 \
+        if copy is Staging.WHEN_NEEDED and flat.device.type == "cpu" and flat.is_contiguous() and flat.data_ptr() % ALIGNMENT == 0 \
                 and nbytes == length and flat.dtype == stored:
             source = flat.view(torch.uint8)
         else:

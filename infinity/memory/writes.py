@@ -2,6 +2,7 @@
 each with the buffer it borrowed from a staging pool, if any, given back when the write is completed."""
 from __future__ import annotations
 
+import enum
 import threading
 from typing import Callable
 
@@ -13,6 +14,13 @@ from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
 
 Pending = tuple[Entry, IoFuture, "Slot | None"]
+
+
+class Staging(enum.Enum):
+    """Whether write_part may write the caller's values in place or always copies them into staging."""
+
+    WHEN_NEEDED = "when needed"  # aligned host values of whole blocks are written in place (kept until flush)
+    ALWAYS = "always"  # copied into a staging buffer: the caller may reuse or free its values at once
 
 
 class PendingWrites:

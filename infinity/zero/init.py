@@ -46,11 +46,12 @@ from torch import nn
 
 from infinity.config import Config
 from infinity.config.config import ConfigSource
-from infinity.errors import UsageError
+from infinity.errors import InfinityError, UsageError
 from infinity.io.align import round_up
 from infinity.memory.manager import MemoryManager
 from infinity.memory.nvme_store import ALIGNMENT
 from infinity.memory.pool import BufferPool
+from infinity.memory.writes import Staging
 from infinity.swap.params import Tier
 from infinity.zero.from_config import settings_from_config
 from infinity.zero.placement import open_manager
@@ -63,6 +64,7 @@ from infinity.shard import shard_of
 log = logging.getLogger("infinity.zero")
 
 ATTR = "_infinity_placed"
+WRITE_BUFFERS = 4  # [Note: writes left in flight]
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class InitRun:
         self.dtype = dtype_of(settings.precision)
         self.manager: MemoryManager | None = open_manager(settings, str(settings.param_nvme_path),
                                                           torch.device("cpu"))
-        self._staging: BufferPool | None = None
+        self._reads: BufferPool | None = None  # whole partitions read back (read_whole), then the engine's pools
+        self._writes: BufferPool | None = None  # [Note: writes left in flight]
         self.count = 0
 
     def place(self, p: nn.Parameter) -> None:
@@ -101,9 +104,8 @@ class InitRun:
             values = values.contiguous()
             self.ranks.broadcast(values, f"zero.Init's parameter {key!r} of shape {tuple(p.shape)}")
             values = piece_of(values, shard_of(key, p.shape, self.ranks.world, self.ranks.rank))
-        nbytes = values.numel() * values.element_size()
-        self.manager.add(key, values.numel(), self.dtype, region="param", pool=self._staging_for(nbytes))
-        self.manager.write_through(key, values)
+        self.manager.add(key, values.numel(), self.dtype, region="param", pool=self._reads_for(values))
+        self._write(key, values)
         setattr(p, ATTR, Placed(self, key, p.shape))
         p.data = torch.empty(0, dtype=self.dtype, device=p.device)
 
@@ -117,6 +119,7 @@ class InitRun:
         piece all-gathered: a collective, every rank reads the same parameters in the same order)."""
         record = _placed_here(self, p)
         manager = self._manager()
+        manager.flush()  # [Note: writes left in flight]
         piece = manager.fetch(record.key).wait().reshape(-1).clone()
         manager.release(record.key)
         if self.ranks.several:
@@ -132,6 +135,7 @@ class InitRun:
         gets a new partition (the old extent stays unused)."""
         record = _placed_here(self, p)
         manager = self._manager()
+        manager.flush()  # [Note: writes left in flight]: the old values' writes complete before new ones start
         values = values.detach().to(self.dtype).contiguous()
         if self.ranks.several:
             self.ranks.broadcast(values, f"zero.Init's parameter {record.key!r}", source)
@@ -143,9 +147,8 @@ class InitRun:
         if self.ranks.several:
             flat = piece_of(flat, shard_of(key, values.shape, self.ranks.world, self.ranks.rank))
         if key != record.key:
-            manager.add(key, flat.numel(), self.dtype, region="param",
-                        pool=self._staging_for(flat.numel() * flat.element_size()))
-        manager.write_through(key, flat)
+            manager.add(key, flat.numel(), self.dtype, region="param", pool=self._reads_for(flat))
+        self._write(key, flat)
         setattr(p, ATTR, Placed(self, key, values.shape))
 
     def _manager(self) -> MemoryManager:
@@ -154,12 +157,49 @@ class InitRun:
                              "by an engine: read or change them through infinity.zero.GatheredParameters")
         return self.manager
 
-    def _staging_for(self, nbytes: int) -> BufferPool:
-        """One host buffer as large as the largest parameter so far (replaced when a larger one comes)."""
-        if self._staging is None or self._staging.buffer_bytes < nbytes:
-            self._staging = BufferPool("zero.Init staging", 1, round_up(max(nbytes, 1), ALIGNMENT),
-                                       "zero_optimization.offload_param.buffer_size")
-        return self._staging
+    def settle(self) -> None:
+        """Completes the writes left in flight ([Note: writes left in flight]); a failed one raises here."""
+        if self.manager is not None:
+            self.manager.flush()
+
+    def _write(self, key: str, flat: torch.Tensor) -> None:
+        """[Note: writes left in flight]  flat, in this run's dtype, into key's partition chunk by chunk
+        through the write pool's buffers, each write left in flight (write_part): the caller may reuse flat
+        at once, and reading and converting the next parameter overlaps these writes.  A borrow from a
+        full pool completes the pool's oldest write first.  On an error, every write in flight is completed
+        (its error latched) before the error propagates, so none is left in flight behind it."""
+        manager = self._manager()
+        pool = self._writes_for(flat.numel() * flat.element_size())
+        per_chunk = pool.buffer_bytes // flat.element_size()  # whole blocks: every offset stays aligned
+        try:
+            for start in range(0, flat.numel(), per_chunk):
+                manager.write_part(key, start * flat.element_size(), flat[start:start + per_chunk],
+                                   staging=pool, copy=Staging.ALWAYS)
+        except BaseException:
+            try:
+                manager.flush()
+            except InfinityError:
+                pass  # latched by the manager; the first error propagates
+            raise
+
+    def _reads_for(self, values: torch.Tensor) -> BufferPool:
+        """One host buffer as large as the largest parameter so far (replaced when a larger one comes), for
+        reading a partition back whole; never touched (so never resident) unless one is."""
+        nbytes = values.numel() * values.element_size()
+        if self._reads is None or self._reads.buffer_bytes < nbytes:
+            self._reads = BufferPool("zero.Init reads", 1, round_up(max(nbytes, 1), ALIGNMENT),
+                                     "zero_optimization.offload_param.buffer_size")
+        return self._reads
+
+    def _writes_for(self, nbytes: int) -> BufferPool:
+        """WRITE_BUFFERS buffers that together hold the largest parameter so far; a larger one replaces
+        them, after the writes from the old ones complete (so the two sets are never resident together)."""
+        chunk = round_up(-(-max(nbytes, 1) // WRITE_BUFFERS), ALIGNMENT)
+        if self._writes is None or self._writes.buffer_bytes < chunk:
+            self._manager().flush()
+            self._writes = BufferPool("zero.Init writes", WRITE_BUFFERS, chunk,
+                                      "zero_optimization.offload_param.buffer_size")
+        return self._writes
 
     def take(self, settings: EngineSettings) -> MemoryManager:
         """Hands the manager to the engine, once; its settings must name the same place and dtype."""
@@ -173,12 +213,13 @@ class InitRun:
                              f"{mine.param_nvme_path!r} in {mine.precision.value}, but initialize was given "
                              f"{theirs.param_tier.value} at {theirs.param_nvme_path!r} in {theirs.precision.value}; "
                              f"pass the same config to both")
-        manager, self.manager, self._staging = self.manager, None, None
+        self.settle()  # the engine takes over a store at rest
+        manager, self.manager, self._reads, self._writes = self.manager, None, None, None
         return manager
 
     def close(self) -> None:
         if self.manager is not None:
-            self.manager.close()
+            self.manager.close()  # completes the writes in flight first
             self.manager = None
 
 
@@ -247,6 +288,12 @@ class Init:
             # the build failed, or every parameter stayed resident: the swap files go, and initialize
             # opens its own store in the same per-run folder
             self.run.close()
+        else:
+            try:
+                self.run.settle()  # the model leaves the context with its writes completed
+            except BaseException:
+                self.run.close()  # a failed write: the swap files go, as for a failed build
+                raise
 
     # ---- wrapping constructors ----------------------------------------------------
     def _wrap(self, cls: type) -> None:

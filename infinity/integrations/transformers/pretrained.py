@@ -13,7 +13,9 @@ non-persistent buffer such as Llama's rotary inv_freq) is initialised by the mod
 for that module, with the loaded tensors flagged `_is_hf_initialized` and written after it, so they are
 never overwritten.  Each parameter read is written to its partition at once, by the same store zero.Init
 writes to (zero/init.py's InitRun), which initialize then takes over: host memory holds one read buffer
-([Note: one read buffer]), the store's staging buffer, and a module's newly initialised tensors.  With
+([Note: one read buffer]), the store's write buffers (together one largest tensor; the writes from them
+overlap the next reads: [Note: writes left in flight] in zero/init.py), and a module's newly initialised
+tensors.  With
 offload_param not on nvme the parameters stay in host memory, where the config puts them anyway.
 
 [Note: Parameter objects are replaced]  A meta tensor's storage cannot be swapped for a host one in
@@ -83,6 +85,8 @@ def from_pretrained(model_class: Any, path: str | Path, config: ConfigSource | C
             store = InitRun(dataclasses.replace(settings, rank=ranks.rank), ranks)
         try:
             info = Loader(transformers, model, weights, wanted, store).load()
+            if store is not None:
+                store.settle()  # the writes left in flight (zero/init.py) complete before the model is handed out
         except BaseException:
             if store is not None:
                 store.close()
