@@ -54,7 +54,7 @@ class Config(Block):
     gradient_clipping: float | Auto = spec(1.0, Kind.NUMBER, at_least=0.0, auto="max_grad_norm")  # DeepSpeed's default
     steps_per_print: int = spec(10, Kind.COUNT, at_least=1)
     wall_clock_breakdown: bool = spec(False, Kind.BOOL)
-    swap_checksum: bool = spec(True, Kind.BOOL)  # infinity only: crc32c of every swap write, checked at each read
+    swap_checksum: bool = spec(False, Kind.BOOL)  # infinity only: crc32c of every swap write, checked at each read
     stop_on_nonfinite: bool = spec(False, Kind.BOOL)  # infinity only: a NaN/inf loss or gradient norm stops the run
     fp16: Fp16Config = spec(Fp16Config, Kind.BLOCK, block=Fp16Config)
     bf16: Bf16Config = spec(Bf16Config, Kind.BLOCK, block=Bf16Config, aliases=("bfloat16",))

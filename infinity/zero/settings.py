@@ -102,7 +102,7 @@ class EngineSettings:
     param_max_in_cpu: int = 0  # parameter elements on NVMe that also keep a host copy (offload_param.max_in_cpu)
     rank: int = 0
     model_save: ModelSave = ModelSave.GATHER
-    integrity: Integrity = Integrity.CRC32C  # swap_checksum: crc32c of every swap write, checked at each read
+    integrity: Integrity = Integrity.NONE  # swap_checksum: crc32c of every swap write, checked at each read
     nonfinite: NonFinite = NonFinite.WARN  # stop_on_nonfinite: what a NaN or infinite loss or gradient norm does
 
     def __post_init__(self) -> None:
