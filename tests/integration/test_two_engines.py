@@ -15,7 +15,9 @@ from test_initialize import close_to, config
 from training_reference import SPEC, make_batches, plain_torch_run
 
 
-def test_a_student_and_a_fixed_reference_model_share_one_nvme_path(tmp_path):
+def student_and_reference(tmp_path):
+    """The batches, plain torch's student losses, the config, a plain reference model, and a student and a
+    reference built under zero.Init (the reference from the plain one's seed)."""
     batches = make_batches()[:4]
     want_losses, _ = plain_torch_run(batches)
     cfg = config(tmp_path)
@@ -27,6 +29,11 @@ def test_a_student_and_a_fixed_reference_model_share_one_nvme_path(tmp_path):
     torch.manual_seed(1)
     with infinity.zero.Init(config=cfg):
         reference = Gpt(SPEC)
+    return batches, want_losses, cfg, plain_reference, student, reference
+
+
+def test_a_student_and_a_fixed_reference_model_share_one_nvme_path(tmp_path):
+    batches, want_losses, cfg, plain_reference, student, reference = student_and_reference(tmp_path)
     student_engine, *_ = infinity.initialize(model=student, config=cfg)
     try:
         reference_engine, *_ = infinity.initialize(model=reference, config=cfg)  # main: FileExistsError
@@ -54,17 +61,7 @@ def test_a_student_and_a_fixed_reference_model_share_one_nvme_path(tmp_path):
 def test_a_student_and_a_reference_frozen_with_requires_grad_false_share_one_nvme_path(tmp_path):
     """The reference frozen as DPO and distillation recipes freeze it (requires_grad_(False)): its parameters
     live in its own run's param swap file and no optimizer state is made for it anywhere."""
-    batches = make_batches()[:4]
-    want_losses, _ = plain_torch_run(batches)
-    cfg = config(tmp_path)
-    torch.manual_seed(1)
-    plain_reference = Gpt(SPEC)
-    torch.manual_seed(0)
-    with infinity.zero.Init(config=cfg):
-        student = Gpt(SPEC)
-    torch.manual_seed(1)
-    with infinity.zero.Init(config=cfg):
-        reference = Gpt(SPEC)
+    batches, want_losses, cfg, plain_reference, student, reference = student_and_reference(tmp_path)
     reference.requires_grad_(False)
     student_engine, *_ = infinity.initialize(model=student, config=cfg)
     try:
