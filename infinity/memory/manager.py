@@ -319,8 +319,8 @@ class MemoryManager:
             raise InfinityError(f"write_part of {nbytes} bytes at {byte_offset} does not fit partition {key!r}")
         flat = values.detach().reshape(-1)
         slot = None
-        if copy is Staging.WHEN_NEEDED and flat.device.type == "cpu" and flat.is_contiguous() and flat.data_ptr() % ALIGNMENT == 0 \
-                and nbytes == length and flat.dtype == stored:
+        if copy is Staging.WHEN_NEEDED and flat.device.type == "cpu" and flat.is_contiguous() \
+                and flat.data_ptr() % ALIGNMENT == 0 and nbytes == length and flat.dtype == stored:
             source = flat.view(torch.uint8)
         else:
             slot = self._writes.borrow(staging, length)
