@@ -268,3 +268,24 @@ def test_frozen_parameters_take_the_values_deepspeed_saved_of_them(tmp_path, wor
         assert all(torch.equal(loaded[n], v) for n, v in {**params, **frozen}.items())
     finally:
         engine.close()
+
+
+def test_a_rank_without_its_fragment_of_a_frozen_parameter_is_named(tmp_path):
+    (params, states), _, _ = torch_run()
+    frozen = {n: params.pop(n) for n in ["body.1.weight", "body.1.bias"]}
+    for n in frozen:
+        states.pop(n)
+    write_deepspeed(tmp_path / "ds", 2, params, states, frozen=frozen)
+    path = tmp_path / "ds" / "global_step5" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    saved = torch.load(path, weights_only=False)
+    del saved["frozen_param_fragments"]["body.1.bias"]
+    torch.save(saved, path)
+    (tmp_path / "swap").mkdir()
+    net = model()
+    net.body[1].requires_grad_(False)
+    engine, _, _, _ = infinity.initialize(model=net, config=config(tmp_path / "swap"))
+    try:
+        with pytest.raises(CheckpointError, match="'body.1.bias' but rank 1's model states hold no fragment"):
+            engine.load_checkpoint(str(tmp_path / "ds"))
+    finally:
+        engine.close()
