@@ -25,6 +25,18 @@ as before, one of them this one).  With one sub-group (sub_group_size at least t
 default) no gradient goes to NVMe at all.  The buffer stands in for the swap file exactly: unwritten
 slices are zeroed by prepare_grad, and every slice's padding is zeroed when the buffer is taken and
 after each put_grad, as write_part pads the file with zeros.  Its gradient file stays, unused.
+
+[Note: the step's I/O beside backward and the next forward]
+The update needs every rank's gradient norm (clipping, fp16's overflow verdict), known only when backward
+ends; its reads and writes do not.  So `read_ahead`, called as the step's backward starts, starts reading
+sub-group 0's master and states (its gradient is the host buffer above), and `step` finds them there; and
+`step` returns with the last sub-groups' state writes still in flight, to complete under the next forward.
+The arithmetic is the same as before, in every setting: only where the waits fall moves.  What is left in
+flight is completed when its buffers are needed (the next reads, a gradient's staging, the resident
+gradient buffer) and by `settle`, which every other use of the swap files calls first (checkpoints,
+GatheredParameters, resizing, close), so none of them sees a partition in flight.  A skipped step (fp16
+overflow) gives the reads up.  The parameters' own writes still complete before `step` returns (the next
+forward reads them first).
 """
 from __future__ import annotations
 
@@ -143,11 +155,16 @@ class NvmeOptimizer:
             for kind in self.kinds:
                 manager.add(key(g.index, kind), g.numel, torch.float32, region=kind, pool=pool)
         self._resident_slot, self._resident_grad = -1, None  # [Note: the first sub-group's gradient ...]
+        # [Note: the step's I/O beside backward and the next forward]
+        self._writing: deque[tuple[int, set[str]]] = deque()  # sub-groups whose state writes are in flight
+        self._ahead = False  # sub-group 0's reads were started by read_ahead
+        self._flush_params: ParamFlush = self.manager.flush
         self._take_resident()
 
     def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
         """Writes the initial fp32 master weights.  Moments and gradients start as the zeros of new files (the
         first step reads none of them back: [Note: an extent never written reads as zeros] in memory/manager.py)."""
+        self.settle()
         for g in self.groups:
             flat = self.manager.stage(key(g.index, "master"), torch.zeros(g.numel))
             for s in g.slices:
@@ -159,6 +176,7 @@ class NvmeOptimizer:
     def clear_states(self) -> None:
         """The rule's states (Adam: exp_avg, exp_avg_sq) zeroed in their swap files and every step count 0: the
         optimizer as a new one is (a checkpoint loaded without its optimizer states).  Nothing is read."""
+        self.settle()
         for g in self.groups:
             for state in self.rule.states:
                 k = key(g.index, state)
@@ -177,6 +195,7 @@ class NvmeOptimizer:
     def read_state(self, state: str, each: Callable[[Slice, torch.Tensor], None]) -> None:
         """Calls each(slice, values) with every slice's state (master, exp_avg or exp_avg_sq), one sub-group
         read at a time; values is a view of the read buffer, valid during the call."""
+        self.settle()
         for g in self.groups:
             k = key(g.index, state)
             self.manager.start_read(k)
@@ -191,6 +210,7 @@ class NvmeOptimizer:
                     groups: tuple[int, ...] | None = None) -> None:
         """Replaces the state of every slice whose values_of(slice) is not None (its first elements), a
         sub-group at a time: read, changed, written back."""
+        self.settle()
         for g in (self.groups[i] for i in groups) if groups is not None else self.groups:
             k = key(g.index, state)
             self.manager.start_read(k)
@@ -205,7 +225,9 @@ class NvmeOptimizer:
             self.manager.drop(k)
 
     def state_part(self, s: Slice, state: str) -> SwapPart:
-        """Where slice s's state (master or one of the rule's) lives: its part of the sub-group's swap file."""
+        """Where slice s's state (master or one of the rule's) lives: its part of the sub-group's swap file
+        (at rest: what was in flight is settled first)."""
+        self.settle()
         return SwapPart(self.manager, key(s.group, state), s.offset * FP32)
 
     def put_grad(self, s: Slice, grad: torch.Tensor) -> None:
@@ -215,6 +237,7 @@ class NvmeOptimizer:
             self._resident_grad[s.offset:s.end].copy_(grad.reshape(-1))
             self._resident_grad[s.end:s.offset + padded(s.numel)].zero_()
         else:
+            self._room_for(1)  # a staging buffer, if the last step's state writes hold the pool
             self.manager.write_part(key(s.group, "grad"), s.offset * FP32, grad, staging=self.pool)
         self._written[s.group].add(s.index)
 
@@ -223,6 +246,7 @@ class NvmeOptimizer:
         if not self.groups or self._resident_grad is not None:
             return
         g = self.groups[0]
+        self._room_for(1)
         self._resident_slot, buffer = self.pool.acquire(g.numel * FP32)
         self._resident_grad = buffer.view(torch.float32, g.numel)
         for s in g.slices:
@@ -243,18 +267,47 @@ class NvmeOptimizer:
         return tuple(k for k in self.kinds if k != GRAD) if self._resident(group) else self.kinds
 
     def discard_grads(self) -> None:
-        """A skipped step (fp16 overflow): the gradients sent are forgotten."""
+        """A skipped step (fp16 overflow): the gradients sent are forgotten, the reads started ahead given up."""
         self.manager.flush()
+        self._give_up_ahead()
         for written in self._written:
             written.clear()
 
+    def read_ahead(self) -> None:
+        """The step's backward is starting: sub-group 0's master and states start coming in now, beside it
+        ([Note: the step's I/O beside backward and the next forward]).  Nothing if they already are, or if
+        the pool has no room for them once the last step's writes are complete: with other sub-groups, one
+        buffer stays free to stage their gradients, which backward sends while these reads hold theirs."""
+        if self._ahead or not self.groups or not self._resident(0):
+            return
+        needed = len(self._read_kinds(0)) + (1 if len(self.groups) > 1 else 0)
+        self._room_for(needed)
+        if self.pool.buffer_count - self.pool.in_use >= needed:
+            self._ahead = self._start_reads(0, self._writing)
+
+    def settle(self) -> None:
+        """Completes the state writes left in flight and gives up reads started ahead: every swap file of the
+        optimizer at rest, for a use other than the step."""
+        while self._writing:
+            self._finish_writes(self._writing.popleft())
+        self._give_up_ahead()
+
+    def _give_up_ahead(self) -> None:
+        if self._ahead:
+            self._ahead = False
+            for kind in self._read_kinds(0):
+                self.manager.cancel(key(0, kind))
+
     def step(self, grad_coef: float, write_params: ParamWriter, flush_params: ParamFlush | None = None) -> None:
-        """One step of every sub-group; grad_coef unscales and clips the gradients."""
+        """One step of every sub-group; grad_coef unscales and clips the gradients.  The last sub-groups' state
+        writes are left in flight ([Note: the step's I/O beside backward and the next forward])."""
         self._flush_params = flush_params or self.manager.flush
         with self._waiting("wait gradients"):
             self.manager.flush()  # every gradient is on NVMe before any is read back
-        writing: deque[tuple[int, set[str]]] = deque()
-        self._start_reads(0, writing)
+        writing = self._writing
+        if not self._ahead:
+            self._start_reads(0, writing)
+        self._ahead = False
         for g in self.groups:
             with self._waiting(f"wait read {g.index}"):
                 views = self._finish_reads(g)
@@ -269,9 +322,12 @@ class NvmeOptimizer:
                 self._finish_writes(writing.popleft())
             if not ahead:
                 self._start_reads(following, writing)
-        while writing:
-            self._finish_writes(writing.popleft())
         self._take_resident()
+
+    def _room_for(self, buffers: int) -> None:
+        """Completes the oldest state writes in flight until the pool has buffers free (or none are left)."""
+        while self.pool.buffer_count - self.pool.in_use < buffers and self._writing:
+            self._finish_writes(self._writing.popleft())
 
     # ---- one sub-group -----------------------------------------------------
     def _start_reads(self, index: int, writing: deque[tuple[int, set[str]]]) -> bool:
@@ -279,6 +335,8 @@ class NvmeOptimizer:
         if index >= len(self.groups):
             return False
         kinds = self._read_kinds(index)
+        while any(i == index for i, _ in writing):  # its own writes, left in flight by the last step
+            self._finish_writes(writing.popleft())
         while self.pool.buffer_count - self.pool.in_use < len(kinds) and writing:
             self._finish_writes(writing.popleft())
         if self.pool.buffer_count - self.pool.in_use < len(kinds):
@@ -375,6 +433,12 @@ class HostOptimizer:
     def discard_grads(self) -> None:
         for written in self._written:
             written.clear()
+
+    def read_ahead(self) -> None:
+        """Host memory: nothing to read."""
+
+    def settle(self) -> None:
+        """Host memory: nothing in flight."""
 
     def step(self, grad_coef: float, write_params: ParamWriter, flush_params: ParamFlush | None = None) -> None:
         for g, v in zip(self.groups, self.flat):

@@ -3,6 +3,7 @@ memory managers) built from the model and the settings, and the operations on th
 The Engine (engine.py) is the facade over a Run: its training phases and the DeepSpeed-shaped API."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable
@@ -10,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from infinity.errors import CheckpointError, UsageError
+from infinity.errors import CheckpointError, InfinityError, UsageError
 from infinity.io.handle import IoHandle, IoStats
 from infinity.memory.host_buffer import PinPolicy
 from infinity.memory.manager import MemoryManager
@@ -146,6 +147,13 @@ class Run:
             m.handle.timeline = timeline
 
     # ---- the optimizer step ----------------------------------------------------------
+    def read_ahead_of_step(self) -> None:
+        """The backward before a window's step is starting: the optimizer starts its first reads now
+        ([Note: the step's I/O beside backward and the next forward] in swap/optimizer.py); waiting for the
+        last step's writes to make room counts as the optimizer's I/O wait."""
+        with self.reporter.clock.waiting(Wait.OPTIMIZER_IO):
+            self.optimizer.read_ahead()
+
     def step_optimizer(self, unscale: Callable[[bool], float]) -> bool:
         """The optimizer step at a window's end (the caller latches its failures); True on an fp16 overflow
         (the step skipped).  unscale, given the overflow verdict, returns the loss scale the gradients are
@@ -224,6 +232,8 @@ class Run:
         """Removes the hooks and this run's swap files."""
         self.coordinator.remove()
         self.external.remove()
+        with contextlib.suppress(InfinityError):  # a latched failure: the managers' close waits for the rest
+            self.optimizer.settle()
         for m in self._managers.values():
             m.close()
         self._managers.clear()

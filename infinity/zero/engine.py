@@ -103,9 +103,12 @@ class Engine(DeepSpeedApi):
             scaled = scaled * self.scaler.scale
         before = self.phase.state
         self.phase.to(TrainingState.BACKWARD)
-        with warnings.catch_warnings(), self.latching_failure(self.is_gradient_accumulation_boundary()):
+        boundary = self.is_gradient_accumulation_boundary()
+        with warnings.catch_warnings(), self.latching_failure(boundary):
             warnings.filterwarnings("ignore", message=EXPECTED_HOOK_WARNING, category=UserWarning)
             try:
+                if boundary and not self._no_sync:  # the step follows: its first reads go beside backward
+                    self.run.read_ahead_of_step()
                 with self.timeline.span("backward", Track.COMPUTE), self.run.external.explaining():
                     scaled.backward()
                     self.run.coordinator.release_all()
