@@ -127,6 +127,7 @@ def test_scrape_during_training_equals_what_the_manager_moved(tmp_path, batches)
         middle, _ = scrape(url)  # a scrape during the run
         reports += train_reporting(engine, batches[2:4])
         engine.run.coordinator.settle()  # the next step's reads, started ahead, are counted once they complete
+        engine.run.optimizer.settle()  # and the last step's state writes, left in flight
         end, _ = scrape(url)
         io_end, report = engine.io_stats(), engine.memory_report()
     finally:
