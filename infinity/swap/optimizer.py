@@ -282,8 +282,8 @@ class NvmeOptimizer:
             return
         needed = len(self._read_kinds(0)) + (1 if len(self.groups) > 1 else 0)
         self._room_for(needed)
-        if self.pool.buffer_count - self.pool.in_use >= needed:
-            self._ahead = self._start_reads(0, self._writing)
+        if self._free() >= needed:
+            self._ahead = self._start_reads(0)
 
     def settle(self) -> None:
         """Completes the state writes left in flight and gives up reads started ahead: every swap file of the
@@ -304,42 +304,43 @@ class NvmeOptimizer:
         self._flush_params = flush_params or self.manager.flush
         with self._waiting("wait gradients"):
             self.manager.flush()  # every gradient is on NVMe before any is read back
-        writing = self._writing
         if not self._ahead:
-            self._start_reads(0, writing)
+            self._start_reads(0)
         self._ahead = False
         for g in self.groups:
             with self._waiting(f"wait read {g.index}"):
                 views = self._finish_reads(g)
             following = g.index + 1
-            ahead = self.pipeline.read and self._start_reads(following, writing)
+            ahead = self.pipeline.read and self._start_reads(following)
             with self.timeline.span(f"update {g.index}", Track.OPTIMIZER, elements=g.numel):
                 self._update(g, views, grad_coef)
             param_keys = write_params_of(g, views["master"], write_params)
             self._start_writes(g)
-            writing.append((g.index, param_keys))
+            self._writing.append((g.index, param_keys))
             if not self.pipeline.write:
-                self._finish_writes(writing.popleft())
+                self._finish_writes(self._writing.popleft())
             if not ahead:
-                self._start_reads(following, writing)
+                self._start_reads(following)
         self._take_resident()
+
+    def _free(self) -> int:
+        return self.pool.buffer_count - self.pool.in_use
 
     def _room_for(self, buffers: int) -> None:
         """Completes the oldest state writes in flight until the pool has buffers free (or none are left)."""
-        while self.pool.buffer_count - self.pool.in_use < buffers and self._writing:
+        while self._free() < buffers and self._writing:
             self._finish_writes(self._writing.popleft())
 
     # ---- one sub-group -----------------------------------------------------
-    def _start_reads(self, index: int, writing: deque[tuple[int, set[str]]]) -> bool:
+    def _start_reads(self, index: int) -> bool:
         """Starts reading sub-group index, completing earlier writes for room; False if it could not."""
         if index >= len(self.groups):
             return False
         kinds = self._read_kinds(index)
-        while any(i == index for i, _ in writing):  # its own writes, left in flight by the last step
-            self._finish_writes(writing.popleft())
-        while self.pool.buffer_count - self.pool.in_use < len(kinds) and writing:
-            self._finish_writes(writing.popleft())
-        if self.pool.buffer_count - self.pool.in_use < len(kinds):
+        while any(i == index for i, _ in self._writing):  # its own writes, left in flight by the last step
+            self._finish_writes(self._writing.popleft())
+        self._room_for(len(kinds))
+        if self._free() < len(kinds):
             return False
         for kind in kinds:
             self.manager.start_read(key(index, kind))
