@@ -175,12 +175,23 @@ def optimizer_pipeline(config: Config, part: int, largest: int = 0) -> tuple[int
     return min(config.zero_optimization.offload_optimizer.pipeline_depth, -(-part // group)), group
 
 
+def shares_master(option: Option, config: Config) -> bool:
+    """Whether a trained parameter's NVMe partition is its range of the optimizer's fp32 master file (fp32,
+    both on NVMe under one nvme_path: [Note: a partition inside another] in memory/views.py)."""
+    zero = config.zero_optimization
+    return (option.offload_param is NVME and option.offload_optimizer is NVME
+            and config.precision is Precision.FP32
+            and zero.offload_param.nvme_path == zero.offload_optimizer.nvme_path)
+
+
 def _swap_bytes(option: Option, part: int, trained: int, group: int, config: Config) -> int:
     """A rank's swap files: parameters (part elements) in the compute dtype, and per optimizer sub-group of
-    the trained ones four fp32 tensors, each extent rounded up to the O_DIRECT alignment."""
+    the trained ones four fp32 tensors, each extent rounded up to the O_DIRECT alignment.  Trained parameters
+    that are master ranges (`shares_master`) take no space of their own, unless zero.Init wrote them first."""
     total = 0
     if option.offload_param is NVME:
-        total += _aligned(PARAM_BYTES[config.precision] * part)
+        shared = trained if shares_master(option, config) and option.zero_init is ZeroInit.OFF else 0
+        total += _aligned(PARAM_BYTES[config.precision] * (part - shared))
     if option.offload_optimizer is NVME and trained:
         full, rest = divmod(trained, group)
         total += OPTIMIZER_BYTES // FP32 * (full * _aligned(FP32 * group) + _aligned(FP32 * rest))
@@ -189,9 +200,9 @@ def _swap_bytes(option: Option, part: int, trained: int, group: int, config: Con
 
 def traffic(option: Option, size: ModelSize, cluster: Cluster, config: Config, seconds: float) -> Traffic | None:
     """NVMe bytes of one optimizer step: parameters read in forward and backward of every
-    micro-step (less those kept in host memory) and written once after the update; optimizer
-    states and gradients read once and written once (trained parameters' only: frozen ones are never
-    written, and have no optimizer states)."""
+    micro-step (less those kept in host memory) and written once after the update (not at all where the
+    master's write is theirs: `shares_master`); optimizer states and gradients read once and written once
+    (trained parameters' only: frozen ones are never written, and have no optimizer states)."""
     if not option.uses_nvme:
         return None
     zero = config.zero_optimization
@@ -202,7 +213,7 @@ def traffic(option: Option, size: ModelSize, cluster: Cluster, config: Config, s
     if option.offload_param is NVME:
         swapped = part - min(zero.offload_param.max_in_cpu, part)
         read += 2 * steps * PARAM_BYTES[config.precision] * swapped
-        write += PARAM_BYTES[config.precision] * min(swapped, trained)
+        write += 0 if shares_master(option, config) else PARAM_BYTES[config.precision] * min(swapped, trained)
     if option.offload_optimizer is NVME:
         read += OPTIMIZER_BYTES * trained
         write += OPTIMIZER_BYTES * trained

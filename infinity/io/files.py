@@ -2,6 +2,7 @@
 buffered one for unaligned tails, on the same file."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import logging
@@ -37,9 +38,14 @@ class AioFile:
     alignment: int
     closed: bool = field(default=False)
     label: str = ""  # what the file holds, for metrics: a swap region ("param", "grad", ...) or ""
+    owner: bool = True  # False: another AioFile's descriptors under another label (`relabelled`); never closes
+
+    def relabelled(self, label: str) -> "AioFile":
+        """The same open file under another metrics label; closing it (or dropping it) closes nothing."""
+        return dataclasses.replace(self, label=label, owner=False)
 
     def close(self) -> None:
-        if self.closed:
+        if self.closed or not self.owner:
             return
         self.closed = True
         for fd in (self.direct_fd, self.buffered_fd):

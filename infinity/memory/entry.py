@@ -40,3 +40,5 @@ class Entry:
     cache: CacheBudget | None = None  # the HostCache it may be kept under, decided at its first fetch
     fetched: bool = False  # a fetch has started its read at least once (the HostCache decision is made)
     written: bool = False  # bytes went into its extent ([Note: an extent never written reads as zeros])
+    base: str | None = None  # its bytes are part of this partition's extent ([Note: a partition inside another])
+    base_offset: int = 0  # where they start in the base's extent

@@ -64,6 +64,7 @@ class Checksums:
     def __init__(self, integrity: Integrity = Integrity.CRC32C):
         self.integrity = integrity
         self._written: dict[str, list[Written]] = {}
+        self._cuts: dict[str, list[int]] = {}  # a base's views' bounds ([Note: a partition inside another])
         self._lock = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None  # started at the first transfer (see the note above)
 
@@ -75,16 +76,28 @@ class Checksums:
         self._replace(key, byte_offset, data.numel(), None)
         return Checked(self._pool().submit(self.wrote, key, extent, byte_offset, data))
 
-    def reading(self, key: str, extent: Extent, read: IoFuture, data: torch.Tensor) -> Checked | None:
-        """data (uint8, host) is being read from the start of key's extent by read: the worker waits for it,
-        then checks it (`check`); None when checksums are off."""
+    def reading(self, key: str, extent: Extent, read: IoFuture, data: torch.Tensor, at: int = 0,
+                name: str | None = None) -> Checked | None:
+        """data (uint8, host) is being read from byte at of key's extent by read: the worker waits for it,
+        then checks it (`check`; a mismatch names the partition name, key's own by default); None when
+        checksums are off."""
         if not self.enabled:
             return None
 
         def verify() -> None:
             read.wait()
-            self.check(key, extent, data)
+            self.check(key, extent, data, at, name)
         return Checked(self._pool().submit(verify))
+
+    def cut(self, key: str, bounds: Iterable[int]) -> None:
+        """Writes into key's extent record one range per piece between bounds (a view's start and end, memory/
+        views.py), so that a read of just one piece finds its range recorded whole."""
+        self._cuts[key] = sorted(set(self._cuts.get(key, [])) | set(bounds))
+
+    def forget(self, key: str) -> None:
+        """key's extent is no longer read (its partition moved into another's): its records go."""
+        with self._lock:
+            self._written.pop(key, None)
 
     def close(self) -> None:
         """Stops the worker (after what it was given)."""
@@ -104,22 +117,29 @@ class Checksums:
 
     def wrote(self, key: str, extent: Extent, byte_offset: int, data: torch.Tensor) -> None:
         """data (uint8, host) is about to be written at byte_offset of key's extent."""
-        if self.enabled:
-            real = data[: max(0, min(data.numel(), extent.nbytes - byte_offset))]
-            self._replace(key, byte_offset, data.numel(), Written(byte_offset, real.numel(), crc_of(real)))
+        if not self.enabled:
+            return
+        real = max(0, min(data.numel(), extent.nbytes - byte_offset))
+        pieces = [p for p in self._cuts.get(key, ()) if byte_offset < p < byte_offset + real]
+        edges = [byte_offset] + pieces + [byte_offset + real]
+        written = [Written(a, b - a, crc_of(data[a - byte_offset:b - byte_offset])) for a, b in zip(edges, edges[1:])]
+        with self._lock:
+            kept = [w for w in self._written.get(key, ()) if w.offset + w.nbytes <= byte_offset
+                    or w.offset >= byte_offset + data.numel()]
+            self._written[key] = kept + [w for w in written if w.nbytes]
 
-    def check(self, key: str, extent: Extent, data: torch.Tensor) -> None:
-        """data (uint8, host) was just read from key's extent, from its start: every recorded range inside
+    def check(self, key: str, extent: Extent, data: torch.Tensor, at: int = 0, name: str | None = None) -> None:
+        """data (uint8, host) was just read from key's extent, from byte at: every recorded range inside
         it must match."""
         if not self.enabled:
             return
         with self._lock:
             ranges = list(self._written.get(key, ()))
         for w in ranges:
-            if w.offset + w.nbytes <= data.numel():
-                found = crc_of(data[w.offset:w.offset + w.nbytes])
+            if w.offset >= at and w.offset + w.nbytes <= at + data.numel():
+                found = crc_of(data[w.offset - at:w.offset - at + w.nbytes])
                 if found != w.crc:
-                    raise mismatch(key, extent, w, found)
+                    raise mismatch(name or key, extent, w, found)
 
     def verifier(self, ranges: Iterable[tuple[int, str, Extent, int, int]]) -> Callable[[torch.Tensor], None]:
         """For a streamed read: ranges are (position in the stream, key, extent, byte_offset, nbytes) of

@@ -52,12 +52,13 @@ from infinity.memory.compute_tier import ComputeTier
 from infinity.memory.entry import Entry, Slot
 from infinity.memory.host_buffer import HostBuffer
 from infinity.memory.integrity import Checksums, Integrity, joined
-from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore
+from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore, whole_blocks
 from infinity.memory.record import Record, State
 from infinity.memory.policy import AfterWrite, CacheBudget, ComputeCopy, CopyAhead, HostCache
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
 from infinity.memory.stream import Chain, FileEnd, Piece, Seen, SwapRange, copy
+from infinity.memory.views import Views
 from infinity.memory.writes import PendingWrites, Staging
 
 log = logging.getLogger("infinity.memory")
@@ -73,6 +74,7 @@ class MemoryManager:
         self._failure: BaseException | None = None
         self._writes = PendingWrites(self.ledger, self.fail)
         self.compute = ComputeTier(compute_device, self.ledger)
+        self._views = Views()
 
     @property
     def device(self) -> torch.device:
@@ -91,6 +93,43 @@ class MemoryManager:
         self._entries[key] = Entry(record, extent, dtype, pool, kind=metrics.kind_of_region(region) or "other")
         self.ledger.add("nvme", extent.nbytes)
         return record
+
+    def share(self, key: str, base: str, byte_offset: int, numel: int, dtype: torch.dtype,
+              pool: BufferPool) -> Record:
+        """From now on key's numel elements are bytes [byte_offset, ...) of base's extent ([Note: a partition
+        inside another] in views.py): a new partition, or one with an extent of its own (zero.Init's, whose
+        values the base must already hold), which must be at rest.  Its host copies come from pool."""
+        b = self._entry(base)
+        size = torch.empty(0, dtype=dtype).element_size()
+        nbytes = numel * size
+        if b.base is not None or dtype != b.dtype or byte_offset % ALIGNMENT \
+                or byte_offset + whole_blocks(nbytes) > b.extent.capacity:
+            raise InfinityError(f"partition {key!r} cannot be bytes [{byte_offset}, {byte_offset + nbytes}) of "
+                                f"{base!r} ({b.extent.capacity} bytes of {b.dtype})")
+        extent = Extent(b.extent.path, b.extent.offset + byte_offset, nbytes, whole_blocks(nbytes))
+        if key in self._entries:
+            e = self._entries[key]
+            self.flush({key})
+            if e.record.numel != numel or e.record.state not in (State.ON_NVME, State.HOST_CLEAN) \
+                    or (e.slot is not None and not e.kept):
+                raise InfinityError(f"partition {key!r} ({e.record.numel} elements, {e.record.state.value}) "
+                                    f"cannot move into {base!r} now")
+            self.checksums.forget(key)
+            e.extent, e.pool = extent, pool
+        else:
+            e = self._entries[key] = Entry(Record(key, numel, size), extent, dtype, pool, kind="param")
+        e.base, e.base_offset = base, byte_offset
+        self._views.add(key, base)
+        self.checksums.cut(base, (byte_offset, byte_offset + nbytes))
+        return e.record
+
+    def extent(self, key: str) -> Extent:
+        """Where key's bytes lie (for a view, its range of the base's file)."""
+        return self._entry(key).extent
+
+    def base_of(self, key: str) -> str | None:
+        """The partition whose extent holds key's bytes (`share`), or None when key has an extent of its own."""
+        return self._entry(key).base
 
     def use_pool(self, key: str, pool: BufferPool) -> None:
         """From now on key's host copies come from pool (zero.Init wrote it through a staging pool)."""
@@ -115,10 +154,14 @@ class MemoryManager:
         e = self._entry(key)
         e.record.move_to(State.READING)
         e.slot = self._borrow(e, timeout)
-        if not e.written:
-            e.future = Zeroed(self._host_bytes(e).zero_())
+        newest = self._base_copy(e)
+        if newest is not None:  # [Note: a partition inside another], rule 2
+            e.future = Done(self._fill(e, newest))
             return
-        e.future = self._submit(True, self._host_bytes(e), e, 0)
+        if not self._origin(e).written:
+            e.future = Done(self._host_bytes(e).zero_().numel())
+            return
+        e.future = self._submit(True, self._host_bytes(e), e, 0)  # a base being read, too, is no conflict
 
     def ready(self, key: str) -> bool:
         """The host copy is there, or its read has completed (finish_read will not wait)."""
@@ -202,6 +245,22 @@ class MemoryManager:
         else:
             self.write_part(key, 0, values, staging=e.pool, dtype=dtype)
 
+    def updated(self, key: str, values: torch.Tensor, after: AfterWrite) -> None:
+        """key is a view whose base's owner has written values (key's, padded or not) into the base
+        ([Note: a partition inside another], rule 4): a kept host copy takes them, and one to hold
+        (AfterWrite.HOLD) that fits a buffer gets a host copy of them, as a completed read; nothing is written."""
+        e = self._entry(key)
+        if e.base is None:
+            raise InfinityError(f"partition {key!r} is not part of another; its new values must be written")
+        if e.record.state not in (State.ON_NVME, State.HOST_CLEAN):
+            raise InfinityError(f"partition {key!r} is {e.record.state.value}; new values need it at rest")
+        if e.slot is not None:
+            self._fill(e, values)
+        elif e.kept or (after is AfterWrite.HOLD and e.pool.buffer_bytes >= e.extent.capacity):
+            e.record.move_to(State.READING)
+            e.slot = self._borrow(e, None)
+            e.future = Done(self._fill(e, values))
+
     def _write_held(self, e: Entry, values: torch.Tensor) -> None:
         """New values into e's host copy (HOST_DIRTY), written from there (WRITING); `flush` completes the
         write (HOST_CLEAN).  A kept partition uses its own buffer; another one, which must be on NVMe,
@@ -213,6 +272,7 @@ class MemoryManager:
             raise InfinityError(f"partition {key!r} is {e.record.state.value}; holding new values needs a kept "
                                 f"partition at rest or one on NVMe")
         self.stage(key, values.reshape(-1)[: e.record.numel])
+        self._into_base(e, 0, values.reshape(-1)[: e.record.numel])
         e.record.move_to(State.WRITING)
         e.future = self._submit(False, e.slot.buffer.tensor[: e.extent.capacity], e, 0)  # type: ignore[union-attr]
         self._writes.add(e, e.future, None)
@@ -275,6 +335,8 @@ class MemoryManager:
 
     def start_write(self, key: str) -> None:
         self.check_healthy()
+        if self._views.views_of(key):
+            self.flush({key})  # a view's own write must not land after the base's (views.py, rule 3)
         e = self._entry(key)
         e.record.move_to(State.WRITING)
         e.future = self._submit(False, self._host_bytes(e), e, 0)
@@ -318,6 +380,8 @@ class MemoryManager:
         if nbytes > length or byte_offset % ALIGNMENT:
             raise InfinityError(f"write_part of {nbytes} bytes at {byte_offset} does not fit partition {key!r}")
         flat = values.detach().reshape(-1)
+        if e.base is not None:
+            self._into_base(e, byte_offset, flat.to(stored))
         slot = None
         if copy is Staging.WHEN_NEEDED and flat.device.type == "cpu" and flat.is_contiguous() \
                 and flat.data_ptr() % ALIGNMENT == 0 and nbytes == length and flat.dtype == stored:
@@ -330,8 +394,9 @@ class MemoryManager:
         self._writes.add(e, self._submit(False, source, e, byte_offset), slot)
 
     def flush(self, keys: set[str] | None = None) -> None:
-        """Waits for write_part transfers and write-throughs (of keys, or all), giving back their buffers."""
-        self._writes.flush(keys)
+        """Waits for write_part transfers and write-throughs (of keys and of their family, views.py; or all),
+        giving back their buffers."""
+        self._writes.flush(self._views.family(keys) if keys is not None else None)
 
     # ---- checkpoints: ranges of extents to or from another file -------------------
     def copy_out(self, pieces: Sequence[Piece], target: AioFile, target_offset: int,
@@ -356,13 +421,16 @@ class MemoryManager:
             chain = self._chain(pieces)
             for piece in pieces:
                 if isinstance(piece, SwapRange):
-                    self._entry(piece.key).written = True
+                    self._origin(self._entry(piece.key)).written = True
             record = self.checksums.recorder(self._positions(pieces, chain))
             copy(self.handle, FileEnd(source, source_offset), chain, chain.nbytes, staging, _both(record, seen))
-            entries = (self._entries[r.key] for r in pieces if isinstance(r, SwapRange))
-            for e in {id(e): e for e in entries if e.slot is not None}.values():
-                self.handle.pread(self._host_bytes(e), self.store.file(e.extent), e.extent.offset)
-                self.checksums.check(e.record.key, e.extent, self._host_bytes(e))
+            family = self._views.family(r.key for r in pieces if isinstance(r, SwapRange))
+            for e in (self._entries[k] for k in sorted(family)):
+                if e.slot is not None and e.record.state is not State.READING:
+                    data = self._host_bytes(e)
+                    self.handle.pread(data, self.store.file(e.extent), e.extent.offset)
+                    key, extent, at = self._checked_as(e, 0)
+                    self.checksums.check(key, extent, data, at, e.record.key)
         except BaseException as err:
             self.fail(err)
             raise
@@ -380,6 +448,7 @@ class MemoryManager:
                 continue
             key, byte_offset, nbytes = piece.key, piece.byte_offset, piece.nbytes
             e = self._entry(key)
+            self._quiet_base(e)
             if e.record.state not in (State.ON_NVME, State.HOST_CLEAN):
                 raise InfinityError(f"partition {key!r} is {e.record.state.value}; copies to or from a file "
                                     f"need it at rest (on NVMe or a clean host copy)")
@@ -391,7 +460,7 @@ class MemoryManager:
 
     def _positions(self, pieces: Sequence[Piece], chain: Chain) -> list[tuple[int, str, Extent, int, int]]:
         """Each swap range of a copy with its position in the chain (for the checksums)."""
-        return [(start, p.key, self._entry(p.key).extent, p.byte_offset, p.nbytes)
+        return [(start, *self._checked_as(self._entry(p.key), p.byte_offset), p.nbytes)
                 for p, start in zip(pieces, chain.starts) if isinstance(p, SwapRange)]
 
     # ---- health ------------------------------------------------------------
@@ -429,19 +498,70 @@ class MemoryManager:
     def _submit(self, read: bool, source: torch.Tensor, e: Entry, byte_offset: int) -> IoFuture:
         """Starts a transfer of e's extent through the store's open file; an error here latches too."""
         submit = self.handle.submit_read if read else self.handle.submit_write
-        key, extent = e.record.key, e.extent
-        e.written = e.written or not read
-        crc = None if read else self.checksums.writing(key, extent, byte_offset, source)  # beside the write
+        extent = e.extent
+        origin = self._origin(e)
+        origin.written = origin.written or not read
+        key, checked, at = self._checked_as(e, byte_offset)
+        crc = None if read else self.checksums.writing(key, checked, at, source)  # beside the write
         try:
-            transfer = submit(source, self.store.file(extent), extent.offset + byte_offset)
+            transfer = submit(source, self._file(e), extent.offset + byte_offset)
         except InfinityError as err:
             if crc is not None:
                 crc.wait()  # it reads source: done with it before the caller reuses it
             self.fail(err)
             raise
         if read:  # checked on the checksums' worker as soon as it completes (a whole extent from its start)
-            crc = self.checksums.reading(key, extent, transfer, source) if byte_offset == 0 else None
+            crc = self.checksums.reading(key, checked, transfer, source, at, e.record.key) if byte_offset == 0 else None
         return joined(transfer, crc)
+
+    # ---- [Note: a partition inside another] (views.py) ----------------------------
+    def _origin(self, e: Entry) -> Entry:
+        """The entry whose extent holds e's bytes: its base, or itself."""
+        return self._entries[e.base] if e.base is not None else e
+
+    def _file(self, e: Entry) -> AioFile:
+        """The open file of e's transfers, labelled for metrics by e's kind when e is a view (a parameter)."""
+        return self.store.file(e.extent) if e.base is None else self.store.labelled(e.extent, e.kind)
+
+    def _checked_as(self, e: Entry, byte_offset: int) -> tuple[str, Extent, int]:
+        """The key, extent and offset under which the checksums know byte_offset of e (rule 1)."""
+        if e.base is None:
+            return e.record.key, e.extent, byte_offset
+        return e.base, self._entries[e.base].extent, e.base_offset + byte_offset
+
+    def _base_copy(self, e: Entry) -> torch.Tensor | None:
+        """e's bytes in its base's host copy, when the base holds one that is complete (rule 2)."""
+        if e.base is None:
+            return None
+        b = self._entries[e.base]
+        if b.slot is None or b.record.state is State.READING:
+            return None
+        return self._host_bytes(b)[e.base_offset:e.base_offset + e.extent.capacity].view(e.dtype)
+
+    def _fill(self, e: Entry, values: torch.Tensor) -> int:
+        """values (e's elements, then padding or nothing) into e's host copy, its padding zeroed; the bytes."""
+        data = self._host_bytes(e)
+        view = data[: data.numel() - data.numel() % e.record.element_size].view(e.dtype)
+        n = min(values.numel(), view.numel())
+        view[:n].copy_(values.reshape(-1)[:n])
+        view[n:].zero_()
+        return data.numel()
+
+    def _quiet_base(self, e: Entry) -> None:
+        """Waits for the transfer in flight of e's base, if any (its state stays: its owner completes it)."""
+        if e.base is not None and self._entries[e.base].future is not None:
+            self._entries[e.base].future.wait()  # type: ignore[union-attr]
+
+    def _into_base(self, e: Entry, byte_offset: int, values: torch.Tensor) -> None:
+        """A view's new values (at byte_offset of it) into its base's host copy too (rule 3)."""
+        if e.base is None:
+            return
+        self._quiet_base(e)
+        b = self._entries[e.base]
+        if b.slot is not None:
+            start = e.base_offset + byte_offset
+            self._host_bytes(b)[start:start + values.numel() * values.element_size()].copy_(
+                values.reshape(-1).view(torch.uint8))
 
     def _borrow(self, e: Entry, timeout: float | None) -> Slot:
         if e.kept:
@@ -472,7 +592,8 @@ class MemoryManager:
         this reason, and a kept copy, whose buffer is its extent's capacity, does the same."""
         if e.slot is None:
             raise InfinityError(f"partition {e.record.key!r} has no host buffer to transfer")
-        return e.slot.buffer.tensor[: e.extent.capacity if e.slot.pool is None else e.extent.nbytes]
+        whole = e.slot.pool is None or e.base is not None  # a view moves whole blocks of its base's file too
+        return e.slot.buffer.tensor[: e.extent.capacity if whole else e.extent.nbytes]
 
     def _settle(self, e: Entry, ok: State, failed: State, what: str) -> None:
         future, e.future = e.future, None
@@ -489,11 +610,12 @@ class MemoryManager:
         e.record.move_to(ok)
 
 
-class Zeroed:
-    """The finished "read" of a partition never written: its host buffer was zeroed instead."""
+class Done:
+    """The finished "read" of a partition whose host buffer was filled without one: zeroed (never written),
+    or copied from its base's host copy or from values given (views.py)."""
 
-    def __init__(self, data: torch.Tensor):
-        self.nbytes = data.numel()
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
 
     def done(self) -> bool:
         return True

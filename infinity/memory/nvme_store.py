@@ -77,6 +77,7 @@ class NvmeStore:
         self._extents: dict[str, Extent] = {}
         self._ends: dict[str, int] = {}  # region -> bytes laid out so far
         self._files: dict[str, AioFile] = {}  # path -> the open region file (see the note above)
+        self._labelled: dict[tuple[str, str], AioFile] = {}  # (path, label) -> the same, labelled otherwise
         self.key = key
         self._reported_deleted = False
         metrics.watch(self, metrics.read_store)  # swap bytes laid out: the nvme tier's capacity
@@ -109,6 +110,17 @@ class NvmeStore:
     def file(self, extent: Extent) -> AioFile:
         """The open file extent lives in: transfers use it, never the path (see the note above)."""
         return self._files[extent.path]
+
+    def labelled(self, extent: Extent, label: str) -> AioFile:
+        """extent's open file under another metrics label: the same descriptors, for transfers of data of
+        another kind than the region's (a parameter's range of the master file, memory/views.py).  The
+        store closes the descriptors once, through its own file."""
+        f = self.file(extent)
+        if f.label == label:
+            return f
+        if (extent.path, label) not in self._labelled:
+            self._labelled[extent.path, label] = f.relabelled(label)
+        return self._labelled[extent.path, label]
 
     def deleted(self) -> list[str]:
         """Region files of this run that no longer have a name (their folder or they were removed)."""

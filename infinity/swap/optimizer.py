@@ -161,6 +161,11 @@ class NvmeOptimizer:
         self._flush_params: ParamFlush = self.manager.flush
         self._take_resident()
 
+    def master_range(self, s: Slice) -> tuple[str, int]:
+        """The partition and byte offset where slice s's fp32 master weights lie (a whole-block range, zero-padded:
+        a parameter's partition may be that range, [Note: a partition inside another] in memory/views.py)."""
+        return key(s.group, MASTER), s.offset * FP32
+
     def set_master(self, values: Callable[[Slice], torch.Tensor]) -> None:
         """Writes the initial fp32 master weights.  Moments and gradients start as the zeros of new files (the
         first step reads none of them back: [Note: an extent never written reads as zeros] in memory/manager.py)."""

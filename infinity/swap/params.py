@@ -141,18 +141,43 @@ class NvmeHome(ParamHome):
 
     def __init__(self, manager: MemoryManager, pool: BufferPool, names: dict[int, str],
                  shapes: dict[int, torch.Size], dtype: torch.dtype, adopted: dict[int, str] | None = None,
-                 max_in_cpu: int = 0):
-        """adopted: partitions already in manager (written by zero.Init), by index."""
+                 max_in_cpu: int = 0, masters: dict[int, tuple[str, int]] | None = None):
+        """adopted: partitions already in manager (written by zero.Init), by index.  masters: where in the
+        manager each fp32 parameter's master weights lie (key, byte offset), for those whose partition is that
+        range ([Note: a partition inside another] in memory/views.py): new ones are made so here, adopted
+        ones by `share_masters`, once the master holds their values."""
         self.manager, self.pool, self.dtype = manager, pool, dtype
         adopted = adopted or {}
         self._keys = {i: adopted.get(i, f"param/{names[i]}") for i in names}
         self._shapes = shapes
+        self._masters = masters or {}
         for i, k in self._keys.items():
+            numel = int(torch.Size(shapes[i]).numel())
             if i in adopted:
                 manager.use_pool(k, pool)
+            elif i in self._masters:
+                manager.share(k, *self._masters[i], numel, dtype, pool)
             else:
-                manager.add(k, int(torch.Size(shapes[i]).numel()), dtype, region="param", pool=pool)
+                manager.add(k, numel, dtype, region="param", pool=pool)
+        self._adopted = set(adopted)
         manager.cache_host_copies(self._keys.values(), HostCache(max_in_cpu))
+
+    @property
+    def shared(self) -> set[int]:
+        """The parameters whose partition is their range of the optimizer's master weights."""
+        return set(self._masters)
+
+    def share_masters(self) -> None:
+        """Adopted partitions (zero.Init's) move into their master ranges, which now hold the same values."""
+        for i in sorted(self._adopted & self._masters.keys()):
+            self.manager.share(self._keys[i], *self._masters[i], int(torch.Size(self._shapes[i]).numel()),
+                               self.dtype, self.pool)
+
+    def updated(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP) -> set[str]:
+        """The optimizer wrote new values into this shared parameter's master range: only host copies follow
+        (MemoryManager.updated); nothing is left to flush."""
+        self.manager.updated(self._keys[index], values, after)
+        return set()
 
     def key(self, index: int) -> str:
         return self._keys[index]

@@ -61,6 +61,7 @@ class Run:
         warn_slow_half_precision(settings.precision, self.device)
         self._managers: dict[str, MemoryManager] = {}
         self._param_pool: BufferPool | None = None  # built with the homes when parameters are on NVMe
+        self._nvme_home: NvmeHome | None = None  # the home of the parameters on NVMe, when they are
         self._optimizer_pool: BufferPool | None = None  # built with the optimizer when its states are
         self._param_names = {id(p): n for n, p in model.named_parameters()}  # to catch later changes
         self._hold: frozenset[int] = frozenset()  # parameters whose new values the optimizer step holds
@@ -98,6 +99,8 @@ class Run:
         for m in self._managers.values():
             m.store.reserve()  # before any transfer: whole-block reads of zero.Init's partitions need the room
         self.optimizer.set_master(self._initial_values)
+        if self._nvme_home is not None:
+            self._nvme_home.share_masters()  # zero.Init's partitions: into the master, which now holds them
         self._place_params()
         for i in self.offloaded:  # [Note: the whole size] (zero/placeholders.py)
             mark_partitioned(self.params[i], self.shapes[i])
@@ -173,6 +176,8 @@ class Run:
 
     def _write_param(self, s: Any, values: torch.Tensor) -> set[str]:
         after = AfterWrite.HOLD if s.index in self._hold else AfterWrite.DROP
+        if self._nvme_home is not None and s.index in self._nvme_home.shared:  # the master write is its write
+            return self._nvme_home.updated(s.index, values, after)
         return self.homes[s.index].write(s.index, values, after)
 
     def finish_step(self, global_steps: int, started: float, waited: float) -> StepReport:
@@ -371,19 +376,35 @@ class Run:
             home: ParamHome = HostHome(shapes, dtype, self.device, pin=pin, where=device)
         elif offloaded:
             self._param_pool = param_pool(s, max(shape.numel() for shape in shapes.values()), dtype, self._pin())
-            home = NvmeHome(self._manager(str(s.param_nvme_path), PARAM_PATH), self._param_pool,
-                            {i: self.names[i] for i in offloaded}, shapes, dtype, adopted=self._adopted,
-                            max_in_cpu=s.param_max_in_cpu)
+            manager = self._manager(str(s.param_nvme_path), PARAM_PATH)
+            home = self._nvme_home = NvmeHome(manager, self._param_pool, {i: self.names[i] for i in offloaded},
+                                              shapes, dtype, adopted=self._adopted, max_in_cpu=s.param_max_in_cpu,
+                                              masters=self._master_ranges(manager, offloaded, shapes, dtype))
         if offloaded and sharded:
             home = ShardedHome(home, {i: self.shards[i] for i in offloaded}, self.ranks, dtype, self.device)
         for i in offloaded:
             homes[i] = home
         return homes, offloaded
 
+    def _master_ranges(self, manager: MemoryManager, offloaded: set[int], shapes: dict[int, torch.Size],
+                       dtype: torch.dtype) -> dict[int, tuple[str, int]]:
+        """Where each offloaded fp32 parameter's master weights lie, when they are in the parameters' own
+        memory manager: its partition is then that range ([Note: a partition inside another] in
+        memory/views.py).  Empty with half-precision parameters or the optimizer elsewhere."""
+        opt = self.optimizer
+        if dtype != torch.float32 or not isinstance(opt, NvmeOptimizer) or opt.manager is not manager:
+            return {}
+        return {i: opt.master_range(self._slice[i]) for i in sorted(offloaded)
+                if i in self._slice and self._slice[i].numel == shapes[i].numel()}
+
     def _place_params(self) -> None:
         dtype = dtype_of(self.settings.precision)
+        shared = self._nvme_home.shared if self._nvme_home is not None else set()
         for i, p in enumerate(self.params):
             if i in self._adopted:
+                continue
+            if i in shared:  # set_master wrote its values: they are its partition's
+                p.data = torch.empty(0, dtype=dtype, device=self.device)
                 continue
             if i in self.offloaded:
                 self.homes[i].put(i, p.detach())  # type: ignore[attr-defined]

@@ -3,11 +3,13 @@ are the step's NVMe bytes over the parameters this rank trains, on a small fp32 
 optimizer states on NVMe."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from infinity import metrics
 from infinity.cli.train import describe
+from infinity.config.training import Precision
 from infinity.swap.optimizer import AdamSettings
 from infinity.swap.params import Tier
 from infinity.train import StepStats
@@ -26,18 +28,19 @@ class Mlp(nn.Module):
         return nn.functional.mse_loss(self.net(x), y)
 
 
-def mlp_engine(tmp_path, sub_group_size: int = 2 * WIDTH * WIDTH) -> Engine:
+def mlp_engine(tmp_path, sub_group_size: int = 2 * WIDTH * WIDTH, optimizer_path=None,
+               precision: Precision = Precision.FP32) -> Engine:
     settings = EngineSettings(param_tier=Tier.NVME, optimizer_tier=Tier.NVME, param_nvme_path=str(tmp_path),
-                              optimizer_nvme_path=str(tmp_path), adam=AdamSettings(), sub_group_size=sub_group_size,
-                              optimizer_buffer_count=4)
+                              optimizer_nvme_path=str(optimizer_path or tmp_path), adam=AdamSettings(),
+                              sub_group_size=sub_group_size, optimizer_buffer_count=4, precision=precision)
     return Engine(Mlp(), settings)
 
 
-def reports(engine: Engine, steps: int) -> list:
+def reports(engine: Engine, steps: int, dtype: torch.dtype = torch.float32) -> list:
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(steps):
-        loss = engine(torch.randn(8, WIDTH, generator=g), torch.randn(8, WIDTH, generator=g))
+        loss = engine(torch.randn(8, WIDTH, generator=g).to(dtype), torch.randn(8, WIDTH, generator=g).to(dtype))
         engine.backward(loss)
         engine.step()
         out.append(engine.step_report())
@@ -75,14 +78,38 @@ def steady_step(tmp_path, sub_group_size: int):
 
 def test_the_first_sub_groups_gradient_never_goes_to_nvme(tmp_path):
     """[Note: the first sub-group's gradient stays in host memory] (swap/optimizer.py): with one sub-group a
-    steady fp32 step writes the moments, the master and the parameter (16 B per parameter) and no gradient;
-    with four, the gradients of the last three go to NVMe and back (4 B written and read per parameter of
-    them: 3 B per parameter of the model), and the parameter reads are the same."""
+    steady fp32 step writes the moments and the master, which is the parameter's partition too (12 B per
+    parameter: [Note: a partition inside another] in memory/views.py), and no gradient; with four, the
+    gradients of the last three go to NVMe and back (4 B written and read per parameter of them: 3 B per
+    parameter of the model), and the parameter reads are the same."""
     one = steady_step(tmp_path / "one", 10**9)
     four = steady_step(tmp_path / "four", WIDTH * WIDTH)
-    assert one.bytes_written_per_param == 16.0
+    assert one.bytes_written_per_param == 12.0
     assert four.bytes_written_per_param - one.bytes_written_per_param == 3.0
     assert four.bytes_read_per_param - one.bytes_read_per_param == 3.0
+
+
+@pytest.mark.parametrize("case", ["one path", "two paths", "bf16"])
+def test_a_parameters_partition_is_its_master_range_where_both_are_fp32_on_one_path(tmp_path, case):
+    """[Note: a partition inside another] (memory/views.py): with fp32 parameters and the optimizer on one
+    nvme_path, each parameter's partition is its range of the master file, so the master's write is its write
+    (12 B written per parameter).  On two paths (two memory managers) or with bf16 parameters the parameter
+    keeps a file of its own and is written besides: 4 B more in fp32, 2 B in bf16."""
+    other = tmp_path / "optimizer"
+    other.mkdir()
+    engine = mlp_engine(tmp_path, 10**9, optimizer_path=other if case == "two paths" else None,
+                        precision=Precision.BF16 if case == "bf16" else Precision.FP32)
+    try:
+        steady = reports(engine, 3, torch.bfloat16 if case == "bf16" else torch.float32)[-1]
+        home = engine.run.homes[0]
+        bases = {home.manager.base_of(home.key(i)) for i in range(LAYERS)}
+    finally:
+        engine.close()
+    if case == "one path":
+        assert bases == {"optimizer/0/master"} and steady.bytes_written_per_param == 12.0
+    else:
+        assert bases == {None}
+        assert steady.bytes_written_per_param == (16.0 if case == "two paths" else 14.0)
 
 
 def test_infinity_train_step_records_carry_the_figures():

@@ -33,8 +33,9 @@ def config(path, precision: str, sub_group_size: int) -> dict:
 def engine_and_estimate(tmp_path, cfg):
     torch.manual_seed(0)
     model = Gpt(SPEC)
+    # built outside zero.Init: the engine writes the parameters itself (fp32 ones into their master ranges)
     row = next(r for r in estimate(count_module(model), Cluster(), Config.load(cfg)).rows
-               if (r.option.offload_param, r.option.offload_optimizer, r.option.zero_init) == (NVME, NVME, ZeroInit.ON))
+               if (r.option.offload_param, r.option.offload_optimizer, r.option.zero_init) == (NVME, NVME, ZeroInit.OFF))
     engine, *_ = infinity.initialize(model=model, config=cfg)
     try:
         return engine.memory_report(), row.need

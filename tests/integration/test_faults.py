@@ -30,15 +30,22 @@ def batches():
     return make_batches()
 
 
-def settings(nvme_path, backend: Backend = Backend.AUTO, **extra) -> EngineSettings:
+def settings(nvme_path, backend: Backend = Backend.AUTO, optimizer_path=None, **extra) -> EngineSettings:
     return EngineSettings(param_tier=Tier.NVME, optimizer_tier=Tier.NVME, param_nvme_path=str(nvme_path),
-                          optimizer_nvme_path=str(nvme_path), adam=ADAM, gradient_clipping=1.0,
+                          optimizer_nvme_path=str(optimizer_path or nvme_path), adam=ADAM, gradient_clipping=1.0,
                           sub_group_size=20_000, aio=AioConfig(backend=backend), **extra)
 
 
+def own_param_file(nvme_path, backend: Backend = Backend.AUTO, **extra) -> EngineSettings:
+    """The optimizer under a folder of its own, so that the parameters keep a swap file of their own and the
+    step writes it (on one path their partitions are ranges of the master file: memory/views.py)."""
+    (nvme_path / "optimizer").mkdir(exist_ok=True)
+    return settings(nvme_path, backend, optimizer_path=nvme_path / "optimizer", **extra)
+
+
 def swap_file(engine: Engine, region: str) -> str:
-    (manager,) = engine.run.managers
-    return str(manager.store.folder / f"{region}.swp")
+    (path,) = [p for m in engine.run.managers if (p := m.store.folder / f"{region}.swp").exists()]
+    return str(path)
 
 
 def assert_refuses_everything(engine: Engine, batches, cause: str) -> None:
@@ -89,7 +96,7 @@ def fill(folder) -> None:
 def test_disk_full_mid_step_is_a_typed_error_and_latches(small_fs, batches, backend, region, max_in_cpu):
     """param: the step's writes of new weights hit the hole (inside the optimizer pipeline: write_part,
     or write_kept for host-kept copies, completed at a flush); grad: backward's gradient writes do."""
-    engine = Engine(fresh_model(), settings(small_fs, backend, param_max_in_cpu=max_in_cpu))
+    engine = Engine(fresh_model(), own_param_file(small_fs, backend, param_max_in_cpu=max_in_cpu))
     try:
         train(engine, batches[:1])
         assert (engine.run.homes[0].kept == engine.run.offloaded) == bool(max_in_cpu)  # type: ignore[attr-defined]
@@ -117,9 +124,10 @@ def test_disk_full_mid_step_is_a_typed_error_and_latches(small_fs, batches, back
 @pytest.mark.parametrize("region", ["exp_avg", "param"])
 def test_truncated_swap_file_is_a_short_read_and_latches(tmp_path, batches, region):
     (tmp_path / "keep.bin").write_bytes(SENTINEL)
-    engine = Engine(fresh_model(), settings(tmp_path))
+    engine = Engine(fresh_model(), own_param_file(tmp_path) if region == "param" else settings(tmp_path))
     try:
         train(engine, batches[:1])
+        engine.run.optimizer.settle()  # the step's state writes left in flight land before the cut, not after
         path = swap_file(engine, region)
         os.truncate(path, 0)
         with pytest.raises(ShortTransferError) as err:

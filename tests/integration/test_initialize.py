@@ -169,6 +169,9 @@ def test_zero_init_model_trains_like_plain_pytorch(tmp_path, batches):
         model = Gpt(SPEC)
     engine, *_ = infinity.initialize(model=model, config=cfg)
     try:
+        home = next(h for i, h in enumerate(engine.run.homes) if i in engine.run.offloaded)
+        # zero.Init's partitions moved into their master ranges ([Note: a partition inside another])
+        assert all(home.manager.base_of(home.key(i)) is not None for i in engine.run.offloaded)
         losses = train(engine, batches)
         weights = final_weights(engine)
     finally:

@@ -1,0 +1,56 @@
+"""Partitions whose bytes are a range of another partition's extent (views of a base), and who is whose.
+
+[Note: a partition inside another]
+In an fp32 run with parameters and optimizer on the same nvme_path, a parameter's partition and its fp32
+master weights hold the same values.  Two copies would cost 4 bytes per parameter written at every step
+(and the space), so the parameter's partition is a view: its extent is its slice of the optimizer's master
+extent (slices start on 4096-byte boundaries and their padding is zeros, swap/layout.py), and the master
+write of the step is the parameter's write.  The memory manager keeps the two consistent by four rules:
+
+1. A view's transfers go to its range of the base's file, and its checksums are the base's: the base's
+   recorded ranges are cut at every view's bounds (integrity.py `cut`), so a read of a view finds its
+   range recorded whole and is checked like any other.
+2. While the base holds a host copy (a completed read, new values, a write in flight: always at least as
+   new as its file), a view's read copies its range from there instead of reading the drive.  After an
+   optimizer step that leaves the master's write in flight, the next forward's parameters come from that
+   buffer: no request, and no wait for the write.
+3. Base and views are one family for ordering: a read or copy of any of them first completes the pending
+   writes of all of them (`family`); a view's own write (GatheredParameters, a checkpoint) waits for the
+   base's transfer in flight and goes into the base's host copy too, so that copy stays the newest.
+4. When the base's owner (the optimizer) wrote new values, a view's host copies take them without a
+   write (MemoryManager.updated): a kept copy (max_in_cpu) and a held one (AfterWrite.HOLD).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+
+@dataclass
+class Views:
+    """Which partitions are views of which base (one level: a view has no views)."""
+
+    _of: dict[str, str] = field(default_factory=dict)  # view -> base
+    _views: dict[str, list[str]] = field(default_factory=dict)  # base -> views
+
+    def add(self, view: str, base: str) -> None:
+        self._of[view] = base
+        self._views.setdefault(base, []).append(view)
+
+    def base_of(self, key: str) -> str | None:
+        return self._of.get(key)
+
+    def views_of(self, base: str) -> list[str]:
+        return self._views.get(base, [])
+
+    def family(self, keys: Iterable[str]) -> set[str]:
+        """keys with their bases and the bases' views (a base with its views)."""
+        out = set(keys)
+        if not self._of:
+            return out
+        for k in list(out):
+            base = self._of.get(k, k)
+            if base in self._views:
+                out.add(base)
+                out.update(self._views[base])
+        return out
