@@ -30,7 +30,9 @@ partition's bytes never come from the zeroing once the file could hold anything 
 [Note: why this module is over 400 lines]  It is the one place that drives the state table: the compute
 tier (compute_tier.py), pending writes (writes.py) and the per-partition entry (entry.py) live apart, but
 every verb that moves a partition between states stays here, so that no other module reads a state to
-choose what to do next.
+choose what to do next.  Views (a partition that is a range of another's extent: views.py keeps who is
+whose and states the rules) are kept consistent here for the same reason: their reads and writes are
+these verbs' own, with the base's state deciding.
 
 Any error in a transfer, at submit or at completion, latches: from then on every call that moves
 bytes raises EngineFailed naming the first error (`fail` latches one from outside, such as an
