@@ -117,6 +117,8 @@ class MemoryManager:
                 raise InfinityError(f"partition {key!r} ({e.record.numel} elements, {e.record.state.value}) "
                                     f"cannot move into {base!r} now")
             self.checksums.forget(key)
+            if self.store.give_back(e.extent):  # its own extent is read no more: the drive gets it back
+                self.ledger.add("nvme", -e.extent.nbytes)
             e.extent, e.pool = extent, pool
         else:
             e = self._entries[key] = Entry(Record(key, numel, size), extent, dtype, pool, kind="param")
