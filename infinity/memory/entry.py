@@ -42,3 +42,6 @@ class Entry:
     written: bool = False  # bytes went into its extent ([Note: an extent never written reads as zeros])
     base: str | None = None  # its bytes are part of this partition's extent ([Note: a partition inside another])
     base_offset: int = 0  # where they start in the base's extent
+    follows: str | None = None  # its values are this partition's range, converted ([Note: a follower])
+    follows_offset: int = 0  # where that range starts, in bytes of the followed partition
+    diverged: bool = False  # it holds values of its own since the followed partition's last were given it

@@ -56,7 +56,7 @@ from infinity.memory.host_buffer import HostBuffer
 from infinity.memory.integrity import Checksums, Integrity, joined
 from infinity.memory.nvme_store import ALIGNMENT, Extent, NvmeStore, whole_blocks
 from infinity.memory.record import Record, State
-from infinity.memory.policy import AfterWrite, CacheBudget, ComputeCopy, CopyAhead, HostCache
+from infinity.memory.policy import AfterWrite, CacheBudget, ComputeCopy, CopyAhead, HostCache, Origin
 from infinity.memory.pool import BufferPool
 from infinity.memory.report import TierLedger
 from infinity.memory.stream import Chain, FileEnd, Piece, Seen, SwapRange, copy
@@ -126,6 +126,17 @@ class MemoryManager:
         self._views.add(key, base)
         self.checksums.cut(base, (byte_offset, byte_offset + nbytes))
         return e.record
+
+    def follow(self, key: str, source: str, byte_offset: int) -> None:
+        """key's values are source's elements from byte_offset on, converted to key's dtype ([Note: a
+        follower] in views.py): while source holds a complete host copy and key has no values of its own,
+        key's reads convert from that copy instead of reading key's extent, which is still written."""
+        e, src = self._entry(key), self._entry(source)
+        size = src.record.element_size
+        if src.base is not None or byte_offset % size or byte_offset + e.record.numel * size > src.extent.nbytes:
+            raise InfinityError(f"partition {key!r} ({e.record.numel} elements) cannot follow bytes from "
+                                f"{byte_offset} of {source!r} ({src.extent.nbytes} bytes)")
+        e.follows, e.follows_offset = source, byte_offset
 
     def extent(self, key: str) -> Extent:
         """Where key's bytes lie (for a view, its range of the base's file)."""
@@ -239,7 +250,8 @@ class MemoryManager:
             return False
         return self.compute.start(e, self.host_view(key))
 
-    def write(self, key: str, values: torch.Tensor, after: AfterWrite, dtype: torch.dtype) -> None:
+    def write(self, key: str, values: torch.Tensor, after: AfterWrite, dtype: torch.dtype,
+              origin: Origin = Origin.OWN) -> None:
         """New values for key (converted to dtype as they are copied).  A kept copy, or one to hold
         (AfterWrite.HOLD) that fits a buffer, is updated and written through (`_write_held`); other values
         go straight to NVMe through a staging buffer of key's pool (`write_part`).  `flush` completes it."""
@@ -248,6 +260,7 @@ class MemoryManager:
             self._write_held(e, values)
         else:
             self.write_part(key, 0, values, staging=e.pool, dtype=dtype)
+        e.diverged = origin is Origin.OWN  # [Note: a follower]: the step's values follow again, others do not
 
     def updated(self, key: str, values: torch.Tensor, after: AfterWrite) -> None:
         """key is a view whose base's owner has written values (key's, padded or not) into the base
@@ -329,6 +342,7 @@ class MemoryManager:
         """Marks the host copy as newer than NVMe; with values, first copies them into a borrowed buffer."""
         e = self._entry(key)
         self.compute.forget_arriving(e)
+        e.diverged = True  # new values of its own ([Note: a follower]); `write` says when they are the source's
         if values is not None and e.slot is None:
             e.slot = self._borrow(e, timeout)
         e.record.move_to(State.HOST_DIRTY)
@@ -384,6 +398,7 @@ class MemoryManager:
         if nbytes > length or byte_offset % ALIGNMENT:
             raise InfinityError(f"write_part of {nbytes} bytes at {byte_offset} does not fit partition {key!r}")
         flat = values.detach().reshape(-1)
+        e.diverged = True  # values of its own ([Note: a follower]); `write` says when they are the source's
         if e.base is not None:
             self._into_base(e, byte_offset, flat.to(stored))
         slot = None
@@ -426,6 +441,7 @@ class MemoryManager:
             for piece in pieces:
                 if isinstance(piece, SwapRange):
                     self._origin(self._entry(piece.key)).written = True
+                    self._entry(piece.key).diverged = True  # a checkpoint's values: its own
             record = self.checksums.recorder(self._positions(pieces, chain))
             copy(self.handle, FileEnd(source, source_offset), chain, chain.nbytes, staging, _both(record, seen))
             family = self._views.family(r.key for r in pieces if isinstance(r, SwapRange))
@@ -534,13 +550,19 @@ class MemoryManager:
         return e.base, self._entries[e.base].extent, e.base_offset + byte_offset
 
     def _base_copy(self, e: Entry) -> torch.Tensor | None:
-        """e's bytes in its base's host copy, when the base holds one that is complete (rule 2)."""
-        if e.base is None:
+        """e's values in its base's host copy, or its followed partition's while it has none of its own, when
+        that holds one that is complete (rule 2; [Note: a follower]): a view's whole blocks, a follower's
+        elements in the followed partition's dtype."""
+        source = e.base if e.base is not None else (e.follows if not e.diverged else None)
+        if source is None:
             return None
-        b = self._entries[e.base]
+        b = self._entries[source]
         if b.slot is None or b.record.state is State.READING:
             return None
-        return self._host_bytes(b)[e.base_offset:e.base_offset + e.extent.capacity].view(e.dtype)
+        if e.base is not None:
+            return self._host_bytes(b)[e.base_offset:e.base_offset + e.extent.capacity].view(e.dtype)
+        nbytes = e.record.numel * b.record.element_size
+        return self._host_bytes(b)[e.follows_offset:e.follows_offset + nbytes].view(b.dtype)
 
     def _fill(self, e: Entry, values: torch.Tensor) -> int:
         """values (e's elements, then padding or nothing) into e's host copy, its padding zeroed; the bytes."""

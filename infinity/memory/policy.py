@@ -28,6 +28,13 @@ class AfterWrite(enum.Enum):
     HOLD = "hold"  # the host copy stays, as a completed read would: the next step's first modules find it
 
 
+class Origin(enum.Enum):
+    """Where a partition's new values come from, for one that follows another ([Note: a follower] in views.py)."""
+
+    OWN = "own"  # values of its own (initial values, GatheredParameters, a checkpoint): it stops following
+    FOLLOWED = "followed"  # the followed partition's values, converted (the optimizer's step): it follows again
+
+
 @dataclass(frozen=True)
 class HostCache:
     """[Note: max_in_cpu]  Up to max_elements elements of a set of partitions keep a host copy: on its first

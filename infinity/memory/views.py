@@ -19,6 +19,16 @@ write of the step is the parameter's write.  The memory manager keeps the two co
    base's transfer in flight and goes into the base's host copy too, so that copy stays the newest.
 4. When the base's owner (the optimizer) wrote new values, a view's host copies take them without a
    write (MemoryManager.updated): a kept copy (max_in_cpu) and a held one (AfterWrite.HOLD).
+
+[Note: a follower]
+With bf16 or fp16 parameters the partition cannot be the master's range (another dtype), so it keeps its
+own extent and is written at every step as before; but it follows the master (MemoryManager.follow):
+its values are the master's range converted, exactly as the step wrote them.  So while the master holds a
+complete host copy (the step's buffer, its write left in flight under the next forward), a read of the
+parameter converts from there instead of reading its file, as rule 2 does for a view: the forward's
+parameter reads leave the drive.  A follower's values of its own (initial values, GatheredParameters, a
+checkpoint: every write but the step's, `Origin.OWN`) may differ from the master's host copy, so from such
+a write until the step's next one (`Origin.FOLLOWED`) it reads its own file only (`Entry.diverged`).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from infinity.memory.manager import MemoryManager
-from infinity.memory.policy import AfterWrite, HostCache
+from infinity.memory.policy import AfterWrite, HostCache, Origin
 from infinity.memory.pool import BufferPool
 from infinity.memory.record import Record
 from infinity.memory.stream import HostPart, Part, SwapPart
@@ -143,9 +143,10 @@ class NvmeHome(ParamHome):
                  shapes: dict[int, torch.Size], dtype: torch.dtype, adopted: dict[int, str] | None = None,
                  max_in_cpu: int = 0, masters: dict[int, tuple[str, int]] | None = None):
         """adopted: partitions already in manager (written by zero.Init), by index.  masters: where in the
-        manager each fp32 parameter's master weights lie (key, byte offset), for those whose partition is that
+        manager each parameter's fp32 master weights lie (key, byte offset).  In fp32 the partition is that
         range ([Note: a partition inside another] in memory/views.py): new ones are made so here, adopted
-        ones by `share_masters`, once the master holds their values."""
+        ones by `share_masters`, once the master holds their values.  In half precision the partition keeps
+        its own extent and follows the master ([Note: a follower] there)."""
         self.manager, self.pool, self.dtype = manager, pool, dtype
         adopted = adopted or {}
         self._keys = {i: adopted.get(i, f"param/{names[i]}") for i in names}
@@ -155,21 +156,28 @@ class NvmeHome(ParamHome):
             numel = int(torch.Size(shapes[i]).numel())
             if i in adopted:
                 manager.use_pool(k, pool)
-            elif i in self._masters:
+            elif i in self._masters and dtype == torch.float32:
                 manager.share(k, *self._masters[i], numel, dtype, pool)
             else:
                 manager.add(k, numel, dtype, region="param", pool=pool)
+            if i in self._masters and dtype != torch.float32:
+                manager.follow(k, *self._masters[i])
         self._adopted = set(adopted)
         manager.cache_host_copies(self._keys.values(), HostCache(max_in_cpu))
 
     @property
     def shared(self) -> set[int]:
-        """The parameters whose partition is their range of the optimizer's master weights."""
-        return set(self._masters)
+        """The parameters whose partition is their range of the optimizer's master weights (fp32)."""
+        return set(self._masters) if self.dtype == torch.float32 else set()
+
+    @property
+    def following(self) -> set[int]:
+        """The parameters whose partition follows their master weights (half precision)."""
+        return set(self._masters) if self.dtype != torch.float32 else set()
 
     def share_masters(self) -> None:
         """Adopted partitions (zero.Init's) move into their master ranges, which now hold the same values."""
-        for i in sorted(self._adopted & self._masters.keys()):
+        for i in sorted(self._adopted & self.shared):
             self.manager.share(self._keys[i], *self._masters[i], int(torch.Size(self._shapes[i]).numel()),
                                self.dtype, self.pool)
 
@@ -227,12 +235,14 @@ class NvmeHome(ParamHome):
             param.data = empty  # not a view of the buffer outside
             param.data = self.manager.keep(k).view(self._shapes[index])
 
-    def write(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP) -> set[str]:
+    def write(self, index: int, values: torch.Tensor, after: AfterWrite = AfterWrite.DROP,
+              origin: Origin = Origin.OWN) -> set[str]:
         """[Note: AfterWrite.HOLD]  The engine holds the new values of the next step's first partitions in
         staging buffers (converted as they are copied, then written through), so those modules find them
-        in host memory instead of waiting for reads that can only start after the optimizer step."""
+        in host memory instead of waiting for reads that can only start after the optimizer step.  origin
+        Origin.FOLLOWED: the values are the master's, which a following partition may read instead."""
         k = self._keys[index]
         numel = int(torch.Size(self._shapes[index]).numel())
         part = values if self.dtype == torch.float32 else values[:numel]  # fp32 keeps its padding: whole blocks
-        self.manager.write(k, part, after, self.dtype)
+        self.manager.write(k, part, after, self.dtype, origin)
         return {k}

@@ -21,6 +21,7 @@ from infinity.swap.layout import Slice, plan_groups
 from infinity.swap.optimizer import HostOptimizer, NvmeOptimizer
 from infinity.zero.param_groups import OptimizerSetup, optimizer_setup
 from infinity.schedule import persistent_set
+from infinity.memory.policy import Origin
 from infinity.swap.params import AfterWrite, ComputeHome, HostHome, NvmeHome, ParamHome, Tier
 from infinity.zero.coordinator import Coordinator
 from infinity.zero.init import placed
@@ -176,8 +177,11 @@ class Run:
 
     def _write_param(self, s: Any, values: torch.Tensor) -> set[str]:
         after = AfterWrite.HOLD if s.index in self._hold else AfterWrite.DROP
-        if self._nvme_home is not None and s.index in self._nvme_home.shared:  # the master write is its write
-            return self._nvme_home.updated(s.index, values, after)
+        home = self._nvme_home
+        if home is not None and s.index in home.shared:  # the master write is its write
+            return home.updated(s.index, values, after)
+        if home is not None and s.index in home.following:  # the master's values: it may read them from there
+            return home.write(s.index, values, after, Origin.FOLLOWED)
         return self.homes[s.index].write(s.index, values, after)
 
     def finish_step(self, global_steps: int, started: float, waited: float) -> StepReport:
@@ -379,20 +383,20 @@ class Run:
             manager = self._manager(str(s.param_nvme_path), PARAM_PATH)
             home = self._nvme_home = NvmeHome(manager, self._param_pool, {i: self.names[i] for i in offloaded},
                                               shapes, dtype, adopted=self._adopted, max_in_cpu=s.param_max_in_cpu,
-                                              masters=self._master_ranges(manager, offloaded, shapes, dtype))
+                                              masters=self._master_ranges(manager, offloaded, shapes))
         if offloaded and sharded:
             home = ShardedHome(home, {i: self.shards[i] for i in offloaded}, self.ranks, dtype, self.device)
         for i in offloaded:
             homes[i] = home
         return homes, offloaded
 
-    def _master_ranges(self, manager: MemoryManager, offloaded: set[int], shapes: dict[int, torch.Size],
-                       dtype: torch.dtype) -> dict[int, tuple[str, int]]:
-        """Where each offloaded fp32 parameter's master weights lie, when they are in the parameters' own
-        memory manager: its partition is then that range ([Note: a partition inside another] in
-        memory/views.py).  Empty with half-precision parameters or the optimizer elsewhere."""
+    def _master_ranges(self, manager: MemoryManager, offloaded: set[int],
+                       shapes: dict[int, torch.Size]) -> dict[int, tuple[str, int]]:
+        """Where each offloaded parameter's master weights lie, when they are in the parameters' own memory
+        manager: an fp32 partition is then that range ([Note: a partition inside another] in memory/views.py),
+        a half-precision one follows it ([Note: a follower] there).  Empty with the optimizer elsewhere."""
         opt = self.optimizer
-        if dtype != torch.float32 or not isinstance(opt, NvmeOptimizer) or opt.manager is not manager:
+        if not isinstance(opt, NvmeOptimizer) or opt.manager is not manager:
             return {}
         return {i: opt.master_range(self._slice[i]) for i in sorted(offloaded)
                 if i in self._slice and self._slice[i].numel == shapes[i].numel()}

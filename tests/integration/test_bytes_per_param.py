@@ -103,6 +103,7 @@ def test_a_parameters_partition_is_its_master_range_where_both_are_fp32_on_one_p
         steady = reports(engine, 3, torch.bfloat16 if case == "bf16" else torch.float32)[-1]
         home = engine.run.homes[0]
         bases = {home.manager.base_of(home.key(i)) for i in range(LAYERS)}
+        following = home.following
     finally:
         engine.close()
     if case == "one path":
@@ -110,6 +111,8 @@ def test_a_parameters_partition_is_its_master_range_where_both_are_fp32_on_one_p
     else:
         assert bases == {None}
         assert steady.bytes_written_per_param == (16.0 if case == "two paths" else 14.0)
+        # bf16 on one path follows the master ([Note: a follower]): the forward converts from its buffer
+        assert following == (set(range(LAYERS)) if case == "bf16" else set())
 
 
 def test_infinity_train_step_records_carry_the_figures():

@@ -2,7 +2,8 @@
 O_DIRECT files with checksums on: a view reads its range of the base's file, checked; while the base holds a
 host copy the view copies from it and asks the drive for nothing; a view's own write reaches the base's
 file and its host copy; `updated` gives a view a held copy without a write; a partition with an extent of
-its own moves into the base; ranges that do not fit are refused by name."""
+its own moves into the base; ranges that do not fit are refused by name.  [Note: a follower]: a bf16
+partition that follows the base converts from the base's host copy while it has no values of its own."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ from infinity.errors import EngineFailed, InfinityError, SwapChecksumError
 from infinity.io import DirectPolicy, open_handle
 from infinity.memory.manager import MemoryManager
 from infinity.memory.nvme_store import NvmeStore
-from infinity.memory.policy import AfterWrite
+from infinity.memory.policy import AfterWrite, Origin
 from infinity.memory.pool import BufferPool
 from infinity.memory.record import State
 
@@ -140,3 +141,28 @@ def test_a_range_that_does_not_fit_is_refused_by_name(tmp_path, offset, numel, w
             manager.share("bad", "base", offset, numel, torch.float32, pool)
         with pytest.raises(InfinityError, match="cannot be bytes"):
             manager.share("bad", "v0", 0, 10, torch.float32, pool)  # a view has no views
+
+
+def test_a_follower_converts_from_the_followed_host_copy_until_it_has_values_of_its_own(tmp_path):
+    with family(tmp_path) as (manager, handle):
+        pool = manager._entry("v0").pool
+        manager.add("half", 1000, torch.bfloat16, region="param", pool=pool)
+        manager.store.reserve()
+        manager.follow("half", "base", 0)
+        new = padded_values(0.5)
+        manager.write("half", new[:1000], AfterWrite.DROP, torch.bfloat16, Origin.FOLLOWED)  # the step's write
+        manager.flush()
+        manager.stage("base", new)
+        manager.start_write("base")  # in flight, its buffer held, as after a step
+        read_bytes = handle.stats.bytes_read
+        assert torch.equal(read(manager, "half"), new[:1000].to(torch.bfloat16))
+        assert handle.stats.bytes_read == read_bytes  # converted from the base's buffer, not read
+        own = torch.full((1000,), 2.0)
+        manager.write("half", own, AfterWrite.DROP, torch.bfloat16)  # values of its own (GatheredParameters)
+        manager.flush()
+        assert torch.equal(read(manager, "half"), own.to(torch.bfloat16))  # from its file, not the base's copy
+        assert handle.stats.bytes_read > read_bytes
+        manager.finish_write("base")
+        manager.drop("base")
+        with pytest.raises(InfinityError, match="'half' .* cannot follow bytes from 10240 of 'base'"):
+            manager.follow("half", "base", 10240)  # its 1000 elements would run past the end
