@@ -152,28 +152,21 @@ class NvmeHome(ParamHome):
         self._keys = {i: adopted.get(i, f"param/{names[i]}") for i in names}
         self._shapes = shapes
         self._masters = masters or {}
+        fp32 = dtype == torch.float32
+        self.shared = frozenset(self._masters) if fp32 else frozenset()  # partitions that are master ranges
+        self.following = frozenset() if fp32 else frozenset(self._masters)  # partitions that follow them
         for i, k in self._keys.items():
             numel = int(torch.Size(shapes[i]).numel())
             if i in adopted:
                 manager.use_pool(k, pool)
-            elif i in self._masters and dtype == torch.float32:
+            elif i in self.shared:
                 manager.share(k, *self._masters[i], numel, dtype, pool)
             else:
                 manager.add(k, numel, dtype, region="param", pool=pool)
-            if i in self._masters and dtype != torch.float32:
+            if i in self.following:
                 manager.follow(k, *self._masters[i])
         self._adopted = set(adopted)
         manager.cache_host_copies(self._keys.values(), HostCache(max_in_cpu))
-
-    @property
-    def shared(self) -> set[int]:
-        """The parameters whose partition is their range of the optimizer's master weights (fp32)."""
-        return set(self._masters) if self.dtype == torch.float32 else set()
-
-    @property
-    def following(self) -> set[int]:
-        """The parameters whose partition follows their master weights (half precision)."""
-        return set(self._masters) if self.dtype != torch.float32 else set()
 
     def share_masters(self) -> None:
         """Adopted partitions (zero.Init's) move into their master ranges, which now hold the same values."""
