@@ -415,7 +415,7 @@ class MemoryManager:
     def flush(self, keys: set[str] | None = None) -> None:
         """Waits for write_part transfers and write-throughs (of keys and of their family, views.py; or all),
         giving back their buffers."""
-        self._writes.flush(self._views.family(keys) if keys is not None else None)
+        self._writes.flush(self._family(keys) if keys is not None else None)
 
     # ---- checkpoints: ranges of extents to or from another file -------------------
     def copy_out(self, pieces: Sequence[Piece], target: AioFile, target_offset: int,
@@ -444,7 +444,7 @@ class MemoryManager:
                     self._entry(piece.key).diverged = True  # a checkpoint's values: its own
             record = self.checksums.recorder(self._positions(pieces, chain))
             copy(self.handle, FileEnd(source, source_offset), chain, chain.nbytes, staging, _both(record, seen))
-            family = self._views.family(r.key for r in pieces if isinstance(r, SwapRange))
+            family = self._family({r.key for r in pieces if isinstance(r, SwapRange)})
             for e in (self._entries[k] for k in sorted(family)):
                 if e.slot is not None and e.record.state is not State.READING:
                     data = self._host_bytes(e)
@@ -535,6 +535,17 @@ class MemoryManager:
         return joined(transfer, crc)
 
     # ---- [Note: a partition inside another] (views.py) ----------------------------
+    def _family(self, keys: set[str]) -> set[str]:
+        """keys with what overlaps their bytes (rule 3): a view's base, a base's views."""
+        out = set(keys)
+        for k in keys:
+            e = self._entries.get(k)
+            if e is not None and e.base is not None:
+                out.add(e.base)
+            else:
+                out.update(self._views.views_of(k))
+        return out
+
     def _origin(self, e: Entry) -> Entry:
         """The entry whose extent holds e's bytes: its base, or itself."""
         return self._entries[e.base] if e.base is not None else e

@@ -14,9 +14,10 @@ write of the step is the parameter's write.  The memory manager keeps the two co
    new as its file), a view's read copies its range from there instead of reading the drive.  After an
    optimizer step that leaves the master's write in flight, the next forward's parameters come from that
    buffer: no request, and no wait for the write.
-3. Base and views are one family for ordering: a read or copy of any of them first completes the pending
-   writes of all of them (`family`); a view's own write (GatheredParameters, a checkpoint) waits for the
-   base's transfer in flight and goes into the base's host copy too, so that copy stays the newest.
+3. Base and views are one family for ordering: a read or copy of a view first completes its own pending
+   writes and its base's, one of the base all of theirs (MemoryManager._family).  A view's own write
+   (GatheredParameters) waits for the base's transfer in flight and goes into the base's host copy too,
+   so that copy stays the newest; a checkpoint's copy into either reads the family's host copies back.
 4. When the base's owner (the optimizer) wrote new values, a view's host copies take them without a
    write (MemoryManager.updated): a kept copy (max_in_cpu) and a held one (AfterWrite.HOLD).
 
@@ -33,34 +34,16 @@ a write until the step's next one (`Origin.FOLLOWED`) it reads its own file only
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
 
 
 @dataclass
 class Views:
-    """Which partitions are views of which base (one level: a view has no views)."""
+    """Each base's views (one level: a view has no views; a view's own base is its Entry.base)."""
 
-    _of: dict[str, str] = field(default_factory=dict)  # view -> base
     _views: dict[str, list[str]] = field(default_factory=dict)  # base -> views
 
     def add(self, view: str, base: str) -> None:
-        self._of[view] = base
         self._views.setdefault(base, []).append(view)
-
-    def base_of(self, key: str) -> str | None:
-        return self._of.get(key)
 
     def views_of(self, base: str) -> list[str]:
         return self._views.get(base, [])
-
-    def family(self, keys: Iterable[str]) -> set[str]:
-        """keys with their bases and the bases' views (a base with its views)."""
-        out = set(keys)
-        if not self._of:
-            return out
-        for k in list(out):
-            base = self._of.get(k, k)
-            if base in self._views:
-                out.add(base)
-                out.update(self._views[base])
-        return out
