@@ -23,6 +23,7 @@ copy's own thread, chunk by chunk.  The cost on a training step is measured by b
 """
 from __future__ import annotations
 
+import bisect
 import enum
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,7 +93,11 @@ class Checksums:
     def cut(self, key: str, bounds: Iterable[int]) -> None:
         """Writes into key's extent record one range per piece between bounds (a view's start and end, memory/
         views.py), so that a read of just one piece finds its range recorded whole."""
-        self._cuts[key] = sorted(set(self._cuts.get(key, [])) | set(bounds))
+        cuts = self._cuts.setdefault(key, [])
+        for b in bounds:  # kept sorted as they come (one view at a time, thousands of them at start-up)
+            at = bisect.bisect_left(cuts, b)
+            if at == len(cuts) or cuts[at] != b:
+                cuts.insert(at, b)
 
     def forget(self, key: str) -> None:
         """key's extent is no longer read (its partition moved into another's): its records go."""
@@ -120,7 +125,8 @@ class Checksums:
         if not self.enabled:
             return
         real = max(0, min(data.numel(), extent.nbytes - byte_offset))
-        pieces = [p for p in self._cuts.get(key, ()) if byte_offset < p < byte_offset + real]
+        cuts = self._cuts.get(key, [])
+        pieces = cuts[bisect.bisect_right(cuts, byte_offset):bisect.bisect_left(cuts, byte_offset + real)]
         edges = [byte_offset] + pieces + [byte_offset + real]
         written = [Written(a, b - a, crc_of(data[a - byte_offset:b - byte_offset])) for a, b in zip(edges, edges[1:])]
         with self._lock:
