@@ -2,13 +2,16 @@
 buffered one for unaligned tails, on the same file."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import enum
 import errno
+import functools
 import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 from infinity.errors import AioError, CapacityError, NvmePathError
 from infinity.io.align import logical_block_size
@@ -85,6 +88,22 @@ def open_file(path: str | os.PathLike[str], access: Access = Access.READ_WRITE) 
             raise AioError(err.errno or errno.EIO, "open (O_DIRECT)", path, 0, 0) from None
         direct = -1
     return AioFile(path, access, buffered, direct, logical_block_size(buffered))  # the name may be gone
+
+
+_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02  # fallocate(2)'s FALLOC_FL_KEEP_SIZE and FALLOC_FL_PUNCH_HOLE
+
+
+@functools.cache
+def _fallocate() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return libc.fallocate
+
+
+def punch_hole(fd: int, offset: int, length: int) -> int:
+    """Frees the blocks of [offset, offset + length) of fd's file, its size kept, as `fallocate --punch-hole`
+    does (reads of the range then return zeros); 0, or the errno (EOPNOTSUPP where the file system cannot)."""
+    return 0 if _fallocate()(fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length) == 0 else ctypes.get_errno()
 
 
 def _open_fix(err: int | None, access: Access, path: str) -> str:

@@ -25,7 +25,6 @@ with ENOENT at best and, with O_CREAT, write into a new empty file whose holes r
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
@@ -38,7 +37,7 @@ from pathlib import Path
 from infinity import metrics
 from infinity.errors import CapacityError, InfinityError, NvmePathError
 from infinity.io.align import DEFAULT_ALIGNMENT, round_up
-from infinity.io.files import Access, AioFile, check_nvme_path, open_file
+from infinity.io.files import Access, AioFile, check_nvme_path, open_file, punch_hole
 from infinity.io.lock import Liveness, RunLock, claim
 
 log = logging.getLogger("infinity.memory")
@@ -48,7 +47,6 @@ SWAP_DIR = "infinity-swap"
 LOCK_FILE = "lock"
 _TRIES = 16  # new run folders lost in a row to other runs' clean-up before giving up
 RUN_PREFIX, NEW_PREFIX = "run-", ".new-run-"  # a run's folder, and the same while it is being made
-_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02  # fallocate(2)'s FALLOC_FL_KEEP_SIZE and FALLOC_FL_PUNCH_HOLE
 _LEGACY_RUN = re.compile(r"run-(\d+)$")  # run-<pid>: the folders of an infinity without run locks
 
 
@@ -158,14 +156,10 @@ class NvmeStore:
         memory/views.py) by punching a hole in its file, as `fallocate --punch-hole` does; the file keeps its
         size and the other extents their blocks.  False where the file system cannot punch holes (the
         space then stays taken until the run closes)."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-        fd = self.file(extent).buffered_fd
-        if libc.fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, extent.offset, extent.capacity) != 0:
-            log.debug("could not free %d bytes of %s: %s", extent.capacity, extent.path,
-                      os.strerror(ctypes.get_errno()))
-            return False
-        return True
+        err = punch_hole(self.file(extent).buffered_fd, extent.offset, extent.capacity)
+        if err:
+            log.debug("could not free %d bytes of %s: %s", extent.capacity, extent.path, os.strerror(err))
+        return not err
 
     def close(self) -> None:
         """Closes and removes this run's swap files (already removed ones are fine)."""

@@ -4,7 +4,6 @@ run's folder is touched.  Or, where the run can go on correctly (its swap files 
 does, with the same losses as plain PyTorch."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -14,6 +13,7 @@ import torch
 
 from infinity.config.aio import AioConfig, Backend
 from infinity.errors import AioError, EngineFailed, ShortTransferError
+from infinity.io import files
 from infinity.swap import optimizer as optimizer_module
 from infinity.swap.params import Tier
 from infinity.zero import Engine, EngineSettings, UsageError
@@ -21,7 +21,6 @@ from infinity.zero import Engine, EngineSettings, UsageError
 from tmpfs import size_limited_tmpfs
 from training_reference import ADAM, SPEC, fresh_model, make_batches, plain_torch_run, train
 
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 SENTINEL = b"a user's file next to the swap files" * 100
 
 
@@ -67,12 +66,10 @@ def small_fs(tmp_path):
 
 def punch_hole(path: str) -> None:
     """Frees a file's blocks as `fallocate --punch-hole` does (size kept): what "freeing space" does."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     fd = os.open(path, os.O_RDWR)
     try:
-        if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, os.fstat(fd).st_size) != 0:
-            err = ctypes.get_errno()
+        err = files.punch_hole(fd, 0, os.fstat(fd).st_size)
+        if err:
             pytest.skip(f"this file system cannot punch holes ({os.strerror(err)})")
     finally:
         os.close(fd)
